@@ -1,0 +1,1 @@
+"""fedjax-poison: a vectorized simulator of data poisoning in federated learning."""
