@@ -1,0 +1,246 @@
+"""The round: one jitted, pure function from server state to server state.
+
+    select -> gather on device -> poison (masked flip) -> vmapped local training
+    -> stacked updates [k, d] -> defense (client weights) -> weighted FedAvg
+
+Everything about a client is an index into stacked arrays; nothing is a Python object.
+Sign convention: an update is `delta = local - global`, what the server adds.
+A run advances every experiment of a sweep at once: states and scenarios carry a
+leading experiment axis [E], the client data is shared.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from fedjax_poison import attacks, client, defenses, selection
+from fedjax_poison.models import HEAD
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class ServerState:
+    """The global model and everything the server remembers, for one experiment."""
+
+    params: PyTree
+    batch_stats: PyTree
+    round: jax.Array  # [] int32, rounds completed
+    defense_state: PyTree
+    blocked: jax.Array  # [N] bool, excluded from selection by the defense
+    participations: jax.Array  # [N] int32, rounds each client has trained in
+
+
+@flax.struct.dataclass
+class Scenario:
+    """One experiment's ground truth and schedule; a sweep stacks these on a leading [E] axis."""
+
+    seed: jax.Array  # [] int32: selections, batch orders and augmentation derive from it
+    malicious: jax.Array  # [N] bool
+    flip: jax.Array  # [C] int32, the label each class becomes on a poisoning client
+    schedule: jax.Array  # [] int32, index into selection.SCHEDULES
+    breakpoint: jax.Array  # [] int32
+    alpha: jax.Array  # [2] float32, availability before / from the breakpoint
+    poison_window: jax.Array  # [3] int32: first round, end round (exclusive), every n-th
+
+
+class ClientData(NamedTuple):
+    """All clients' examples on device: x [N, n, H, W, C] uint8, y [N, n] int32, count [N]."""
+
+    x: jax.Array
+    y: jax.Array
+    count: jax.Array
+
+
+class RoundRecord(NamedTuple):
+    """What one round did, for reports and detection metrics (all [k] unless noted)."""
+
+    selected: jax.Array  # int32 client ids
+    malicious: jax.Array  # bool, ground truth of the selected clients
+    poisoned: jax.Array  # bool, trained on flipped labels this round
+    loss: jax.Array  # float32 local training loss
+    weights: jax.Array  # float32 share in the aggregate
+    flags: jax.Array  # bool, judged malicious by the defense
+    scores: jax.Array  # float32 suspicion scores
+
+
+class RoundSettings(NamedTuple):
+    """The static part of a round (one compile per setting)."""
+
+    clients_per_round: int
+    lr: float
+    lr_decay_factor: float
+    lr_decay_every: int
+    min_lr: float
+    lr_per_participation: bool  # the original code's quirk: the schedule counts a client's rounds
+
+
+def init_state(
+    init_variables: Callable[[jax.Array], tuple[PyTree, PyTree]],
+    defense: defenses.Defense,
+    seed: int,
+    num_clients: int,
+) -> ServerState:
+    """The server state of one experiment before round 0."""
+    params, batch_stats = init_variables(jax.random.fold_in(jax.random.key(seed), 0x1A17))
+    return ServerState(
+        params=params,
+        batch_stats=batch_stats,
+        round=jnp.zeros((), jnp.int32),
+        defense_state=defense.init(),
+        blocked=jnp.zeros(num_clients, bool),
+        participations=jnp.zeros(num_clients, jnp.int32),
+    )
+
+
+def head_kernel_rows(params: PyTree) -> jax.Array:
+    """The output layer's kernel as [..., C, F] rows, one per class."""
+    return jnp.swapaxes(params[HEAD]["kernel"], -1, -2)
+
+
+def weighted_mean(trees: PyTree, weights: jax.Array) -> PyTree:
+    """Mean over the leading [k] axis of every leaf, weighted by weights [k] (summing to 1)."""
+    return jax.tree.map(lambda t: jnp.tensordot(weights, t, axes=1), trees)
+
+
+def make_round_step(
+    local_train: Callable[..., client.ClientResult],
+    defense: defenses.Defense,
+    settings: RoundSettings,
+    root_data: ClientData | None = None,
+) -> Callable[[ServerState, Scenario, ClientData], tuple[ServerState, RoundRecord]]:
+    """Returns round_step(state, scenario, data) -> (state, record) for one experiment."""
+    k = settings.clients_per_round
+    train_all = jax.vmap(local_train, in_axes=(None, None, 0, 0, 0, 0, 0))
+
+    def round_step(state: ServerState, scenario: Scenario, data: ClientData):
+        key = jax.random.fold_in(jax.random.key(scenario.seed), state.round)
+        k_select, k_train, k_root = jax.random.split(key, 3)
+        selected = selection.select_clients(
+            k_select,
+            state.round,
+            scenario.malicious,
+            ~state.blocked,
+            scenario.schedule,
+            scenario.breakpoint,
+            scenario.alpha,
+            k,
+        )  # [k]
+        x, y, count = data.x[selected], data.y[selected], data.count[selected]
+        malicious = scenario.malicious[selected]
+        poisoned = malicious & attacks.poisoning_now(state.round, *scenario.poison_window)
+        y = attacks.poison_labels(y, scenario.flip, poisoned)
+
+        if settings.lr_per_participation:
+            step = state.participations[selected]  # [k]
+        else:
+            step = jnp.full((k,), state.round)
+        lr = client.lr_at(
+            step, settings.lr, settings.lr_decay_factor, settings.lr_decay_every, settings.min_lr
+        )
+        keys = jax.vmap(lambda c: jax.random.fold_in(k_train, c))(selected)
+        trained = train_all(state.params, state.batch_stats, x, y, count, lr, keys)
+
+        flat_global, unravel = ravel_pytree(state.params)
+        updates = jax.vmap(lambda p: ravel_pytree(p)[0])(trained.params) - flat_global  # [k, d]
+        view = defenses.RoundView(
+            updates=updates,
+            head_rows=head_kernel_rows(trained.params) - head_kernel_rows(state.params)[None],
+            global_head=head_kernel_rows(state.params),
+            client_ids=selected,
+            round=state.round,
+            root_update=root_update(state, k_root)
+            if defense.needs_root
+            else jnp.zeros_like(flat_global),
+        )
+        verdict, defense_state = defense.apply(view, state.defense_state)
+
+        blocked = state.blocked.at[selected].max(verdict.block)
+        # A defense may never shrink the pool below one round's worth of clients.
+        blocked = jnp.where((~blocked).sum() >= k, blocked, state.blocked)
+        new_state = ServerState(
+            params=unravel(flat_global + verdict.delta),
+            batch_stats=weighted_mean(trained.batch_stats, verdict.weights),
+            round=state.round + 1,
+            defense_state=defense_state,
+            blocked=blocked,
+            participations=state.participations.at[selected].add(1),
+        )
+        record = RoundRecord(
+            selected,
+            malicious,
+            poisoned,
+            trained.loss,
+            verdict.weights,
+            verdict.flags,
+            verdict.scores,
+        )
+        return new_state, record
+
+    def root_update(state: ServerState, key: jax.Array) -> jax.Array:
+        lr = client.lr_at(
+            state.round,
+            settings.lr,
+            settings.lr_decay_factor,
+            settings.lr_decay_every,
+            settings.min_lr,
+        )
+        result = local_train(
+            state.params,
+            state.batch_stats,
+            root_data.x[0],
+            root_data.y[0],
+            root_data.count[0],
+            lr,
+            key,
+        )
+        return ravel_pytree(result.params)[0] - ravel_pytree(state.params)[0]
+
+    return round_step
+
+
+def empty_records(num_rounds: int, k: int) -> RoundRecord:
+    """Zeroed record buffers [num_rounds, k] to fill round by round."""
+    zeros = lambda dtype: jnp.zeros((num_rounds, k), dtype)
+    return RoundRecord(
+        zeros(jnp.int32),
+        zeros(bool),
+        zeros(bool),
+        zeros(jnp.float32),
+        zeros(jnp.float32),
+        zeros(bool),
+        zeros(jnp.float32),
+    )
+
+
+def make_advance(
+    round_step: Callable[..., tuple[ServerState, RoundRecord]],
+    evaluate: Callable[..., jax.Array],
+    max_rounds: int,
+    clients_per_round: int,
+) -> Callable[..., tuple[ServerState, RoundRecord, jax.Array]]:
+    """Returns advance(states [E], scenarios [E], data, test, num_rounds) for all experiments.
+
+    Runs `num_rounds` (a traced value <= max_rounds, so every chunk of a run shares one
+    compile) rounds of every experiment, then evaluates each on the test set. Returns the
+    new states, the records [E, max_rounds, ...] (rows past num_rounds are zeros) and the
+    confusion matrices [E, C, C].
+    """
+
+    def advance_one(state, scenario, data, test, num_rounds):
+        def body(i, carry):
+            state, records = carry
+            state, record = round_step(state, scenario, data)
+            records = jax.tree.map(lambda buf, r: buf.at[i].set(r), records, record)
+            return state, records
+
+        records = empty_records(max_rounds, clients_per_round)
+        state, records = jax.lax.fori_loop(0, num_rounds, body, (state, records))
+        confusion = evaluate(state.params, state.batch_stats, *test)
+        return state, records, confusion
+
+    return jax.vmap(advance_one, in_axes=(0, 0, None, None, None))
