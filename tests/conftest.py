@@ -1,4 +1,5 @@
 """Test-wide JAX settings: strict rank promotion, several CPU devices for sharding tests."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
