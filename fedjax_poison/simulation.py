@@ -146,7 +146,8 @@ def make_round_step(
         trained = train_all(state.params, state.batch_stats, x, y, count, lr, keys)
 
         flat_global, unravel = ravel_pytree(state.params)
-        updates = jax.vmap(lambda p: ravel_pytree(p)[0])(trained.params) - flat_global  # [k, d]
+        flat_local = jax.vmap(lambda p: ravel_pytree(p)[0])(trained.params)  # [k, d]
+        updates = flat_local - flat_global[None]
         view = defenses.RoundView(
             updates=updates,
             head_rows=head_kernel_rows(trained.params) - head_kernel_rows(state.params)[None],

@@ -1,0 +1,135 @@
+"""The round and the run loop on small synthetic problems: compile once, vmap clients, outputs."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_poison import client, configuration, simulation, train
+
+METRIC_KEYS = {
+    "round",
+    "accuracy",
+    "recall",
+    "precision",
+    "source_recall",
+    "attack_success_rate",
+    "malicious_selected",
+}
+
+
+def tiny_config(**overrides):
+    c = configuration.smoke(configuration.paper_config("fashion_mnist"))
+    c.data.synthetic_train, c.data.synthetic_test = 480, 200
+    c.num_clients, c.clients_per_round, c.num_rounds, c.eval_every = 8, 3, 5, 2
+    c.eval_batch_size = 100
+    for key, value in overrides.items():
+        target = c
+        *path, last = key.split(".")
+        for p in path:
+            target = target[p]
+        target[last] = value
+    return c
+
+
+def test_fedavg_of_two_toy_clients_by_hand():
+    trees = {"w": jnp.array([[1.0, 2.0], [3.0, 6.0]]), "b": jnp.array([0.0, 4.0])}
+    mean = simulation.weighted_mean(trees, jnp.array([0.5, 0.5]))
+    assert mean["w"].tolist() == [2.0, 4.0] and float(mean["b"]) == 2.0
+    skewed = simulation.weighted_mean(trees, jnp.array([0.75, 0.25]))
+    assert skewed["w"].tolist() == [1.5, 3.0]
+
+
+def test_one_compile_per_run_and_no_python_loop_over_clients(tmp_path, monkeypatch):
+    traces = {"round": 0, "local_train": 0}
+    make_round, make_local = simulation.make_round_step, client.make_local_train
+
+    def counting_round(*args, **kwargs):
+        step = make_round(*args, **kwargs)
+
+        def counted(*a):
+            traces["round"] += 1
+            return step(*a)
+
+        return counted
+
+    def counting_local(*args, **kwargs):
+        local = make_local(*args, **kwargs)
+
+        def counted(*a):
+            traces["local_train"] += 1
+            return local(*a)
+
+        return counted
+
+    monkeypatch.setattr(simulation, "make_round_step", counting_round)
+    monkeypatch.setattr(client, "make_local_train", counting_local)
+    # 7 rounds in chunks of 3, 3, 1: still one trace of the round.
+    train.train_and_evaluate(tiny_config(num_rounds=7, eval_every=3), str(tmp_path))
+    assert traces == {"round": 1, "local_train": 1}  # k clients, one vmapped trace
+
+
+def test_run_writes_every_output(tmp_path):
+    c = tiny_config(**{"attack.malicious_fraction": 0.5})
+    summary = train.train_and_evaluate(c, str(tmp_path))
+    for name in ("config.json", "metrics.jsonl", "summary.json", "curves.png", "malicious.json"):
+        assert os.path.getsize(tmp_path / name) > 0, name
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["round"] for r in rows] == [2, 4, 5]
+    assert METRIC_KEYS <= set(rows[0])
+    assert len(rows[0]["recall"]) == 10 and 0 <= rows[-1]["accuracy"] <= 1
+    assert summary["final"][0]["accuracy"] == rows[-1]["accuracy"]
+    for key in ("compile_s", "rounds_per_s", "examples_per_s"):
+        assert summary[key] > 0
+    malicious = json.load(open(tmp_path / "malicious.json"))[0]["malicious_clients"]
+    assert len(malicious) == 4  # half of 8 clients
+    assert json.load(open(tmp_path / "config.json"))["attack"]["malicious_fraction"] == 0.5
+
+
+def test_same_seed_same_metrics(tmp_path):
+    c = tiny_config(**{"attack.malicious_fraction": 0.25})
+    train.train_and_evaluate(c, str(tmp_path / "a"))
+    train.train_and_evaluate(c, str(tmp_path / "b"))
+    assert open(tmp_path / "a/metrics.jsonl").read() == open(tmp_path / "b/metrics.jsonl").read()
+
+
+def test_sweep_equals_each_experiment_alone(tmp_path):
+    base = tiny_config(num_rounds=4)
+    sweep = tiny_config(num_rounds=4)
+    sweep.sweep.malicious_fraction = (0.0, 0.5)
+    sweep.sweep.seed = (1, 2)
+    rows = train.train_and_evaluate(sweep, str(tmp_path / "sweep"))["final"]
+    assert len(rows) == 4
+    for row in rows:
+        alone = tiny_config(
+            num_rounds=4,
+            seed=row["seed"],
+            **{"attack.malicious_fraction": row["malicious_fraction"]},
+        )
+        single = train.train_and_evaluate(alone, str(tmp_path / f"e{row['experiment']}"))["final"][
+            0
+        ]
+        assert single["malicious_selected"] == row["malicious_selected"]
+        np.testing.assert_allclose(single["recall"], row["recall"], atol=0.02)
+        assert abs(single["accuracy"] - row["accuracy"]) < 0.01
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("clients_per_round", 99, "clients_per_round must be <= num_clients"),
+        ("attack.malicious_fraction", 1.5, "attack.malicious_fraction must be in"),
+        ("attack.flips", "6:6", "attack.flips must flip a class to a different class"),
+        ("attack.flips", "6:10", "attack.flips classes must be in"),
+        ("data.source", "web", "data.source must be one of"),
+        ("num_rounds", 0, "num_rounds must be a positive integer"),
+        ("batch_size", -4, "batch_size must be a positive integer"),
+        ("dataset", "mnist", "dataset must be one of"),
+    ],
+)
+def test_bad_config_stops_with_the_field_named(field, value, message, tmp_path):
+    with pytest.raises(configuration.ConfigError, match=message):
+        train.train_and_evaluate(tiny_config(**{field: value}), str(tmp_path))
