@@ -150,85 +150,120 @@ def setup(c: ml_collections.ConfigDict) -> Setup:
     )
 
 
-def evaluation_rows(s: Setup, round_done: int, confusion, records) -> list[dict]:
-    """One metrics row per experiment for the evaluation after `round_done` rounds."""
+def evaluation_rows(s: Setup, members, round_done: int, confusion, records, detected) -> list:
+    """One metrics row per experiment of a group, for the evaluation after `round_done` rounds.
+
+    members: the group's experiment indices; confusion [G, C, C]; records [G, rounds, k];
+    detected [G, 4]: the run's cumulative (tp, fp, fn, tn) of the defense's flags.
+    """
     rows = []
-    for e, exp in enumerate(s.experiments):
+    for g, e in enumerate(members):
+        if members.index(e) != g:  # padding of the last group
+            continue
+        exp = s.experiments[e]
         row = {"round": round_done}
         if len(s.experiments) > 1:
             row["experiment"] = e
-            row.update(exp.axes)
-        row.update(metrics.summarize(confusion[e], exp.flips))
-        last = records.malicious[e, -1]
-        row["malicious_selected"] = int(last.sum())
-        row["poisoned_selected"] = int(records.poisoned[e, -1].sum())
-        row["loss"] = float(records.loss[e, -1].mean())
+            row.update({k: list(v) if isinstance(v, tuple) else v for k, v in exp.axes.items()})
+        row.update(metrics.summarize(confusion[g], exp.flips))
+        row["malicious_selected"] = int(records.malicious[g, -1].sum())
+        row["poisoned_selected"] = int(records.poisoned[g, -1].sum())
+        row["loss"] = float(records.loss[g, -1].mean())
         if s.defense.flags_clients:
-            row["flagged"] = int(records.flags[e, -1].sum())
+            tp, fp, fn, tn = (int(v) for v in detected[g])
+            row["flagged"] = int(records.flags[g, -1].sum())
+            row["detection"] = {"tp": tp, "fp": fp, "fn": fn, "tn": tn}
+            row["detection_precision"] = tp / max(tp + fp, 1)
+            row["detection_recall"] = tp / max(tp + fn, 1)
         rows.append(row)
     return rows
+
+
+def experiment_groups(num_experiments: int, max_parallel: int) -> list[list[int]]:
+    """Experiment indices in groups of at most max_parallel (0 = all), padded to equal size.
+
+    Padding repeats the group's last experiment; its duplicate rows are dropped, and equal
+    sizes keep every group on the one compiled program.
+    """
+    size = max_parallel or num_experiments
+    size = min(size, num_experiments)
+    groups = [
+        list(range(i, min(i + size, num_experiments))) for i in range(0, num_experiments, size)
+    ]
+    return [g + [g[-1]] * (size - len(g)) for g in groups]
+
+
+def _write_run_files(c: ml_collections.ConfigDict, s: Setup, workdir: str) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    report.write_json(os.path.join(workdir, "config.json"), c.to_dict())
+    malicious = np.asarray(s.scenarios.malicious)
+    report.write_json(
+        os.path.join(workdir, "malicious.json"),
+        [
+            {"experiment": e, **exp.axes, "malicious_clients": np.flatnonzero(m).tolist()}
+            for e, (exp, m) in enumerate(zip(s.experiments, malicious))
+        ],
+    )
 
 
 def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs every experiment of the config for c.num_rounds rounds; writes the workdir files."""
     s = setup(c)
-    os.makedirs(workdir, exist_ok=True)
-    report.write_json(os.path.join(workdir, "config.json"), c.to_dict())
-    report.write_json(
-        os.path.join(workdir, "malicious.json"),
-        [
-            {"experiment": e, **exp.axes, "malicious_clients": np.flatnonzero(m).tolist()}
-            for e, (exp, m) in enumerate(zip(s.experiments, np.asarray(s.scenarios.malicious)))
-        ],
-    )
+    _write_run_files(c, s, workdir)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     report.write_text(metrics_path, "")
+    groups = experiment_groups(len(s.experiments), c.sweep.max_parallel)
+    seeds = np.asarray([e.seed for e in s.experiments], np.int32)
+    pick = lambda tree, members: jax.tree.map(lambda a: a[np.asarray(members)], tree)
 
-    seeds = jnp.asarray([e.seed for e in s.experiments], jnp.int32)
-    states = s.init_states(seeds)
     t0 = time.perf_counter()
+    states = s.init_states(jnp.asarray(seeds[groups[0]]))
     compiled = s.advance.lower(
-        states, s.scenarios, s.client_data, s.test, jnp.int32(c.eval_every)
+        states, pick(s.scenarios, groups[0]), s.client_data, s.test, jnp.int32(c.eval_every)
     ).compile()
     compile_s = time.perf_counter() - t0
 
-    rows, detection, round_done, train_s = [], 0, 0, 0.0
-    while round_done < c.num_rounds:
-        todo = min(c.eval_every, c.num_rounds - round_done)
-        t = time.perf_counter()
-        states, records, confusion = compiled(
-            states, s.scenarios, s.client_data, s.test, jnp.int32(todo)
-        )
-        records, confusion = jax.device_get((records, confusion))
-        train_s += time.perf_counter() - t
-        records = jax.tree.map(lambda r, n=todo: r[:, :n], records)
-        round_done += todo
-        detection = (
-            detection
-            + defenses.detection_counts(jnp.asarray(records.flags), jnp.asarray(records.malicious))
-            if s.defense.flags_clients
-            else 0
-        )
-        new_rows = evaluation_rows(s, round_done, confusion, records)
-        report.append_lines(metrics_path, new_rows)
-        rows.extend(new_rows)
-        logging.info(
-            report.format_progress(round_done, c.num_rounds, round_done / train_s, new_rows[0])
-        )
+    rows, train_s, total = [], 0.0, len(groups) * c.num_rounds
+    for index, members in enumerate(groups):
+        states = s.init_states(jnp.asarray(seeds[members]))
+        scenarios = pick(s.scenarios, members)
+        detected = np.zeros((len(members), 4), np.int64)
+        round_done = 0
+        while round_done < c.num_rounds:
+            todo = min(c.eval_every, c.num_rounds - round_done)
+            t = time.perf_counter()
+            states, records, confusion = compiled(
+                states, scenarios, s.client_data, s.test, jnp.int32(todo)
+            )
+            records, confusion = jax.device_get((records, confusion))
+            train_s += time.perf_counter() - t
+            records = jax.tree.map(lambda r, n=todo: r[:, :n], records)
+            round_done += todo
+            if s.defense.flags_clients:
+                detected += np.asarray(
+                    jax.vmap(defenses.detection_counts)(
+                        records.flags.reshape(len(members), -1),
+                        records.malicious.reshape(len(members), -1),
+                    )
+                )
+            new_rows = evaluation_rows(s, members, round_done, confusion, records, detected)
+            report.append_lines(metrics_path, new_rows)
+            rows.extend(new_rows)
+            done = index * c.num_rounds + round_done
+            logging.info(report.format_progress(done, total, done / train_s, new_rows[0]))
 
     summary = {
         "num_rounds": c.num_rounds,
         "num_experiments": len(s.experiments),
         "compile_s": compile_s,
         "train_and_eval_s": train_s,
-        "rounds_per_s": c.num_rounds / train_s,
-        "examples_per_s": c.num_rounds * s.examples_per_round * len(s.experiments) / train_s,
+        "rounds_per_s": total / train_s,
+        "examples_per_s": total * len(groups[0]) * s.examples_per_round / train_s,
         "final": [r for r in rows if r["round"] == c.num_rounds],
     }
     if s.defense.flags_clients:
-        tp, fp, fn, _ = np.asarray(detection).reshape(-1, 4).sum(0)
-        summary["detection_precision"] = float(tp / max(tp + fp, 1))
-        summary["detection_recall"] = float(tp / max(tp + fn, 1))
+        for key in ("detection_precision", "detection_recall"):
+            summary[key] = float(np.mean([r[key] for r in summary["final"]]))
     report.write_json(os.path.join(workdir, "summary.json"), summary)
     report.plot_curves(
         rows,

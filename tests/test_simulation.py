@@ -133,3 +133,24 @@ def test_sweep_equals_each_experiment_alone(tmp_path):
 def test_bad_config_stops_with_the_field_named(field, value, message, tmp_path):
     with pytest.raises(configuration.ConfigError, match=message):
         train.train_and_evaluate(tiny_config(**{field: value}), str(tmp_path))
+
+
+def test_experiment_groups_pad_the_last_group():
+    assert train.experiment_groups(5, 2) == [[0, 1], [2, 3], [4, 4]]
+    assert train.experiment_groups(3, 0) == [[0, 1, 2]]
+
+
+def test_chunked_sweep_matches_the_whole_sweep(tmp_path):
+    whole = tiny_config(num_rounds=3)
+    whole.sweep.malicious_fraction = (0.0, 0.25, 0.5)
+    chunked = tiny_config(num_rounds=3)
+    chunked.sweep.malicious_fraction = (0.0, 0.25, 0.5)
+    chunked.sweep.max_parallel = 2
+    a = train.train_and_evaluate(whole, str(tmp_path / "a"))["final"]
+    b = train.train_and_evaluate(chunked, str(tmp_path / "b"))["final"]
+    assert [r["experiment"] for r in b] == [0, 1, 2]
+    for ra, rb in zip(a, b):
+        assert ra["malicious_selected"] == rb["malicious_selected"]
+        assert abs(ra["accuracy"] - rb["accuracy"]) < 0.01
+    lines = open(tmp_path / "b/metrics.jsonl").read().splitlines()
+    assert len(lines) == 3 * 2  # evaluations after rounds 2 and 3, no duplicated padding rows
