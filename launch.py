@@ -11,7 +11,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fedjax_poison import configuration, data, train
+from fedjax_poison import checkpoint, configuration, data, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (a get_config).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the run writes its files.")
@@ -24,7 +24,12 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     try:
         summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (configuration.ConfigError, data.DataError) as e:
+    except (
+        configuration.ConfigError,
+        data.DataError,
+        checkpoint.CheckpointError,
+        train.DivergenceError,
+    ) as e:
         sys.exit(f"error: {e}")
     for row in summary["final"]:
         logging.info(

@@ -4,7 +4,12 @@ Every field is checked before anything is loaded or compiled; a bad value stops 
 one line naming the field and what is allowed.
 """
 
+import math
+import numbers
+import re
+
 import ml_collections
+import numpy as np
 
 from fedjax_poison import attacks, data, defenses, models, selection
 
@@ -76,7 +81,10 @@ def paper_config(dataset: str) -> ml_collections.ConfigDict:
     c.seed = 0
     c.eval_every = 1
     c.eval_batch_size = 1000
-    c.checkpoint_every = 0  # rounds; 0 = never
+    # Rounds between checkpoints, a multiple of eval_every; 0 = none during training. The same
+    # command resumes from the last one; the end of training is always recorded.
+    c.checkpoint_every = 0
+    c.overwrite = False  # True: replace a workdir's run of another config instead of refusing
     c.attack = ml_collections.ConfigDict(
         dict(
             malicious_fraction=0.0,
@@ -109,12 +117,63 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def _check(ok: bool, field: str, message: str, value) -> None:
     if not ok:
-        raise ConfigError(f"{field} {message}, got {value!r}")
+        raise ConfigError(f"{field} {message}, got {_show(value)}")
+
+
+def _show(value) -> str:
+    """A short one-line repr (a ConfigDict's own is multi-line YAML)."""
+    if isinstance(value, ml_collections.ConfigDict):
+        value = value.to_dict()
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_fields(c, reference: ml_collections.ConfigDict, prefix: str = "") -> None:
+    """Every field of `reference` is in c, with a value of the reference's type; no others.
+
+    Overrides on the command line are type-checked by ml_collections, but a config file or
+    a ConfigDict built from a dict can hold anything (a string, None, True for an int).
+    """
+    unknown = sorted(set(c.keys()) - set(reference.keys()))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]} is not a config field; see paper_config()")
+    for name, default in reference.items():
+        field = prefix + name
+        if name not in c:
+            raise ConfigError(f"{field} is missing; see paper_config() for its default")
+        value = c[name]
+        if isinstance(default, ml_collections.ConfigDict):
+            _check(isinstance(value, ml_collections.ConfigDict), field, "must be a block", value)
+            _check_fields(value, default, field + ".")
+        elif isinstance(default, bool):
+            _check(isinstance(value, bool), field, "must be True or False", value)
+        elif isinstance(default, int):
+            # Rounds, seeds and counts become int32 arrays on the device.
+            ok = _is_int(value) and -(2**31) <= value < 2**31
+            _check(ok, field, "must be an integer (int32)", value)
+        elif isinstance(default, float):
+            ok = _is_number(value) and math.isfinite(value)
+            _check(ok, field, "must be a finite number", value)
+        elif isinstance(default, str):
+            _check(isinstance(value, str), field, "must be a string", value)
+        elif isinstance(default, tuple):
+            _check(isinstance(value, (tuple, list)), field, "must be a tuple of values", value)
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the first field that cannot run."""
-    _check(c.dataset in data.SPECS, "dataset", f"must be one of {sorted(data.SPECS)}", c.dataset)
+    dataset = c.get("dataset")
+    ok = isinstance(dataset, str) and dataset in data.SPECS and dataset in PAPER_DEFAULTS
+    _check(ok, "dataset", f"must be one of {sorted(data.SPECS)}", dataset)
+    _check_fields(c, paper_config(c.dataset))
     spec = data.SPECS[c.dataset]
     _check(
         c.model.name in models.MODELS,
@@ -139,6 +198,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(
         c.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0", c.data.dirichlet_alpha
     )
+    for field in ("synthetic_train", "synthetic_test"):
+        value = c.data[field]
+        _check(value > 0, f"data.{field}", "must be a positive integer", value)
+    seed = c.data.partition_seed
+    _check(seed >= 0, "data.partition_seed", "must be >= 0", seed)
     for field in (
         "num_clients",
         "clients_per_round",
@@ -164,23 +228,42 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c.lr > 0, "lr", "must be > 0", c.lr)
     _check(0 <= c.momentum < 1, "momentum", "must be in [0, 1)", c.momentum)
     _check(0 < c.lr_decay_factor <= 1, "lr_decay_factor", "must be in (0, 1]", c.lr_decay_factor)
-    _check(c.checkpoint_every >= 0, "checkpoint_every", "must be >= 0", c.checkpoint_every)
+    _check(c.min_lr >= 0, "min_lr", "must be >= 0", c.min_lr)
+    _check(
+        c.checkpoint_every >= 0 and c.checkpoint_every % c.eval_every == 0,
+        "checkpoint_every",
+        f"must be 0 (none) or a multiple of eval_every ({c.eval_every}): a checkpoint is "
+        "taken after an evaluation",
+        c.checkpoint_every,
+    )
     _validate_attack(c, spec.num_classes)
     _validate_selection(c)
     _validate_sweep(c, spec.num_classes)
-    defenses.validate(
-        c.defense,
-        clients_per_round=c.clients_per_round,
-        num_clients=c.num_clients,
-        num_classes=spec.num_classes,
-    )
+    try:
+        defenses.validate(
+            c.defense,
+            clients_per_round=c.clients_per_round,
+            num_clients=c.num_clients,
+            num_classes=spec.num_classes,
+        )
+    except ConfigError:
+        raise
+    except ValueError as e:  # its messages name the defense field
+        raise ConfigError(str(e)) from None
+
+
+_FLIPS = re.compile(r"\s*(-?[0-9]+\s*:\s*-?[0-9]+\s*(,\s*-?[0-9]+\s*:\s*-?[0-9]+\s*)*)?")
 
 
 def _validate_flips(text: str, num_classes: int, field: str) -> None:
-    try:
-        flips = attacks.parse_flips(text)
-    except ValueError as e:
-        raise ConfigError(str(e).replace("attack.flips", field)) from None
+    # ASCII digits only: str.isdigit() also takes '²', which int() then refuses.
+    _check(
+        _FLIPS.fullmatch(text) is not None,
+        field,
+        "must look like '6:0' or '6:0,1:3' (source:target)",
+        text,
+    )
+    flips = attacks.parse_flips(text)
     for source, target in flips:
         _check(
             0 <= source < num_classes and 0 <= target < num_classes,
@@ -240,9 +323,14 @@ def _validate_sweep(c, num_classes: int) -> None:
             len(set(lengths.values())) <= 1, "sweep", "zip axes must have equal lengths", lengths
         )
     for f in sw.malicious_fraction:
-        _check(0 <= f <= 1, "sweep.malicious_fraction", "values must be in [0, 1]", f)
+        ok = _is_number(f) and 0 <= f <= 1
+        _check(ok, "sweep.malicious_fraction", "values must be in [0, 1]", f)
     for flips in sw.flips:
+        _check(isinstance(flips, str), "sweep.flips", "values must be strings like '6:0'", flips)
         _validate_flips(flips, num_classes, "sweep.flips")
+    for seed in sw.seed:
+        ok = _is_int(seed) and -(2**31) <= seed < 2**31
+        _check(ok, "sweep.seed", "values must be integers (int32)", seed)
     for name in sw.schedule:
         _check(
             name in selection.SCHEDULES,
@@ -253,10 +341,11 @@ def _validate_sweep(c, num_classes: int) -> None:
     for alpha in sw.alpha:
         pair = alpha if isinstance(alpha, (tuple, list)) else (alpha,)
         _check(
-            all(0 <= a <= 1 for a in pair) and len(pair) in (1, 2),
+            all(_is_number(a) and 0 <= a <= 1 for a in pair) and len(pair) in (1, 2),
             "sweep.alpha",
             "values must be alpha or (alpha_before, alpha_after) in [0, 1]",
             alpha,
         )
     for b in sw.breakpoint:
-        _check(isinstance(b, int) and b >= 0, "sweep.breakpoint", "values must be ints >= 0", b)
+        ok = _is_int(b) and 0 <= b < 2**31
+        _check(ok, "sweep.breakpoint", "values must be ints >= 0", b)

@@ -66,6 +66,7 @@ class RoundRecord(NamedTuple):
     weights: jax.Array  # float32 share in the aggregate
     flags: jax.Array  # bool, judged malicious by the defense
     scores: jax.Array  # float32 suspicion scores
+    finite: jax.Array  # [] bool: every loss and the new global model are finite (no divergence)
 
 
 class RoundSettings(NamedTuple):
@@ -163,9 +164,11 @@ def make_round_step(
         blocked = state.blocked.at[selected].max(verdict.block)
         # A defense may never shrink the pool below one round's worth of clients.
         blocked = jnp.where((~blocked).sum() >= k, blocked, state.blocked)
+        flat_params = flat_global + verdict.delta
+        batch_stats = weighted_mean(trained.batch_stats, verdict.weights)
         new_state = ServerState(
-            params=unravel(flat_global + verdict.delta),
-            batch_stats=weighted_mean(trained.batch_stats, verdict.weights),
+            params=unravel(flat_params),
+            batch_stats=batch_stats,
             round=state.round + 1,
             defense_state=defense_state,
             blocked=blocked,
@@ -179,6 +182,7 @@ def make_round_step(
             verdict.weights,
             verdict.flags,
             verdict.scores,
+            all_finite((trained.loss, flat_params, batch_stats)),
         )
         return new_state, record
 
@@ -204,8 +208,16 @@ def make_round_step(
     return round_step
 
 
+def all_finite(tree: PyTree) -> jax.Array:
+    """[] bool: no NaN or inf in any leaf (one reduction per leaf, on device)."""
+    return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
+
+
 def empty_records(num_rounds: int, k: int) -> RoundRecord:
-    """Zeroed record buffers [num_rounds, k] to fill round by round."""
+    """Record buffers [num_rounds, k] ([num_rounds] for `finite`) to fill round by round.
+
+    Zeros, except `finite`, which starts True so that unused rows never read as divergence.
+    """
     zeros = lambda dtype: jnp.zeros((num_rounds, k), dtype)
     return RoundRecord(
         zeros(jnp.int32),
@@ -215,6 +227,7 @@ def empty_records(num_rounds: int, k: int) -> RoundRecord:
         zeros(jnp.float32),
         zeros(bool),
         zeros(jnp.float32),
+        jnp.ones((num_rounds,), bool),
     )
 
 

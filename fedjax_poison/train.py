@@ -3,6 +3,7 @@
 import dataclasses
 import os
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import numpy as np
 from absl import logging
 
 from fedjax_poison import (
+    checkpoint,
     client,
     configuration,
     data,
@@ -21,6 +23,10 @@ from fedjax_poison import (
     report,
     simulation,
 )
+
+
+class DivergenceError(RuntimeError):
+    """A model went non-finite (NaN or inf); the message names the experiment and round."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,9 +199,12 @@ def experiment_groups(num_experiments: int, max_parallel: int) -> list[list[int]
     return [g + [g[-1]] * (size - len(g)) for g in groups]
 
 
-def _write_run_files(c: ml_collections.ConfigDict, s: Setup, workdir: str) -> None:
+def _write_run_files(
+    c: ml_collections.ConfigDict, s: Setup, workdir: str, resumed: bool = False
+) -> None:
     os.makedirs(workdir, exist_ok=True)
     report.write_json(os.path.join(workdir, "config.json"), c.to_dict())
+    checkpoint.write_environment(workdir, resumed)
     malicious = np.asarray(s.scenarios.malicious)
     report.write_json(
         os.path.join(workdir, "malicious.json"),
@@ -207,51 +216,33 @@ def _write_run_files(c: ml_collections.ConfigDict, s: Setup, workdir: str) -> No
 
 
 def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs every experiment of the config for c.num_rounds rounds; writes the workdir files."""
+    """Runs every experiment of the config for c.num_rounds rounds; writes the workdir files.
+
+    The same call with the same workdir resumes from the last checkpoint (see
+    c.checkpoint_every); a finished run only writes its summary and plots again.
+    """
+    configuration.validate(c)
+    checkpoint.claim_workdir(c, workdir)
     s = setup(c)
-    _write_run_files(c, s, workdir)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    report.write_text(metrics_path, "")
     groups = experiment_groups(len(s.experiments), c.sweep.max_parallel)
-    seeds = np.asarray([e.seed for e in s.experiments], np.int32)
-    pick = lambda tree, members: jax.tree.map(lambda a: a[np.asarray(members)], tree)
+    os.makedirs(workdir, exist_ok=True)
+    checkpoints = checkpoint.Checkpoints(workdir)
+    try:
+        start = checkpoints.latest()
+        _write_run_files(c, s, workdir, resumed=start is not None)
+        metrics_path = os.path.join(workdir, "metrics.jsonl")
+        checkpoint.restart_metrics(metrics_path, start, len(groups[0]))
+        if start is not None and (start.group, start.round) == (len(groups) - 1, c.num_rounds):
+            logging.info("%s holds a finished run: writing its summary again", workdir)
+            compile_s, train_s = start.compile_s, start.train_s
+        else:
+            compile_s, train_s = _train(c, s, groups, checkpoints, start, metrics_path)
+    finally:
+        checkpoints.close()
 
-    t0 = time.perf_counter()
-    states = s.init_states(jnp.asarray(seeds[groups[0]]))
-    compiled = s.advance.lower(
-        states, pick(s.scenarios, groups[0]), s.client_data, s.test, jnp.int32(c.eval_every)
-    ).compile()
-    compile_s = time.perf_counter() - t0
-
-    rows, train_s, total = [], 0.0, len(groups) * c.num_rounds
-    for index, members in enumerate(groups):
-        states = s.init_states(jnp.asarray(seeds[members]))
-        scenarios = pick(s.scenarios, members)
-        detected = np.zeros((len(members), 4), np.int64)
-        round_done = 0
-        while round_done < c.num_rounds:
-            todo = min(c.eval_every, c.num_rounds - round_done)
-            t = time.perf_counter()
-            states, records, confusion = compiled(
-                states, scenarios, s.client_data, s.test, jnp.int32(todo)
-            )
-            records, confusion = jax.device_get((records, confusion))
-            train_s += time.perf_counter() - t
-            records = jax.tree.map(lambda r, n=todo: r[:, :n], records)
-            round_done += todo
-            if s.defense.flags_clients:
-                detected += np.asarray(
-                    jax.vmap(defenses.detection_counts)(
-                        records.flags.reshape(len(members), -1),
-                        records.malicious.reshape(len(members), -1),
-                    )
-                )
-            new_rows = evaluation_rows(s, members, round_done, confusion, records, detected)
-            report.append_lines(metrics_path, new_rows)
-            rows.extend(new_rows)
-            done = index * c.num_rounds + round_done
-            logging.info(report.format_progress(done, total, done / train_s, new_rows[0]))
-
+    # Reports come from the file, the same whether the run was interrupted or not.
+    rows = report.read_lines(metrics_path)
+    total = len(groups) * c.num_rounds
     summary = {
         "num_rounds": c.num_rounds,
         "num_experiments": len(s.experiments),
@@ -261,6 +252,11 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
         "examples_per_s": total * len(groups[0]) * s.examples_per_round / train_s,
         "final": [r for r in rows if r["round"] == c.num_rounds],
     }
+    summary["diverged"] = [
+        {"experiment": r.get("experiment", 0), "round": r["diverged_round"]}
+        for r in summary["final"]
+        if r.get("diverged")
+    ]
     if s.defense.flags_clients:
         for key in ("detection_precision", "detection_recall"):
             summary[key] = float(np.mean([r[key] for r in summary["final"]]))
@@ -272,3 +268,125 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
         f"{c.dataset}: {len(s.experiments)} experiment(s)",
     )
     return summary
+
+
+class _Run(NamedTuple):
+    """What every chunk of a run's loop shares."""
+
+    c: ml_collections.ConfigDict
+    s: Setup
+    compiled: Any  # advance, compiled for one group's shapes
+    checkpoints: checkpoint.Checkpoints
+    metrics_path: str
+    num_groups: int
+
+
+def _train(c, s: Setup, groups, checkpoints, start, metrics_path) -> tuple[float, float]:
+    """Runs the groups from `start` (a checkpoint's Progress, or None) to the end.
+
+    Returns (compile_s, train_s).
+    """
+    seeds = np.asarray([e.seed for e in s.experiments], np.int32)
+    t0 = time.perf_counter()
+    like = s.init_states(jnp.asarray(seeds[groups[0]]))
+    compiled = s.advance.lower(
+        like, _pick(s.scenarios, groups[0]), s.client_data, s.test, jnp.int32(c.eval_every)
+    ).compile()
+    compile_s = time.perf_counter() - t0
+    run = _Run(c, s, compiled, checkpoints, metrics_path, len(groups))
+
+    carry = None
+    if start is None:
+        progress = checkpoint.Progress(0, 0, 0, 0.0, compile_s)
+    elif start.round < c.num_rounds:
+        carry = checkpoints.restore(start, like, c.num_rounds)
+        carry = carry._replace(states=jax.device_put(carry.states))
+        progress = start._replace(compile_s=compile_s)
+    else:  # the checkpoint ends a group: go on with the next one
+        progress = start._replace(group=start.group + 1, round=0, compile_s=compile_s)
+    if start is not None:
+        logging.info("resuming at round %d of experiment group %d", progress.round, progress.group)
+    for index in range(progress.group, len(groups)):
+        members = groups[index]
+        if carry is None:
+            carry = checkpoint.Carry(
+                s.init_states(jnp.asarray(seeds[members])),
+                np.zeros((len(members), 4), np.int64),
+                np.zeros(len(members), np.int32),
+            )
+        progress = _run_group(run, members, carry, progress._replace(group=index))
+        carry, progress = None, progress._replace(round=0)
+    return compile_s, progress.train_s
+
+
+def _run_group(run: _Run, members: list, carry: checkpoint.Carry, progress):
+    """Advances one group of experiments from progress.round to the end, chunk by chunk.
+
+    Writes each chunk's metrics rows, then checkpoints where due; returns the progress.
+    """
+    c, s = run.c, run.s
+    scenarios = _pick(s.scenarios, members)
+    while progress.round < c.num_rounds:
+        before = progress.round
+        todo = min(c.eval_every, c.num_rounds - before)
+        t = time.perf_counter()
+        states, records, confusion = run.compiled(
+            carry.states, scenarios, s.client_data, s.test, jnp.int32(todo)
+        )
+        records, confusion = jax.device_get((records, confusion))
+        elapsed = time.perf_counter() - t
+        progress = progress._replace(round=before + todo, train_s=progress.train_s + elapsed)
+        records = jax.tree.map(lambda r, n=todo: r[:, :n], records)
+        carry = _account(s, members, carry, states, records, before)
+        rows = evaluation_rows(s, members, progress.round, confusion, records, carry.detected)
+        for row in rows:
+            diverged = int(carry.diverged[members.index(row.get("experiment", members[0]))])
+            row["diverged"] = diverged > 0
+            if diverged:
+                row["diverged_round"] = diverged
+        report.append_lines(run.metrics_path, rows)
+        progress = progress._replace(lines=progress.lines + len(rows))
+        if len(s.experiments) == 1 and carry.diverged[0]:
+            raise DivergenceError(
+                f"experiment 0 diverged in round {carry.diverged[0]}: a non-finite loss or "
+                f"parameter (lower lr or momentum?); metrics up to round {progress.round} "
+                f"are in {run.metrics_path}"
+            )
+        done, total = progress.group * c.num_rounds + progress.round, run.num_groups * c.num_rounds
+        logging.info(report.format_progress(done, total, done / progress.train_s, rows[0]))
+        if _checkpoint_due(c, progress.round, progress.group == run.num_groups - 1):
+            run.checkpoints.save(progress, carry, c.num_rounds)
+    return progress
+
+
+def _pick(tree, members):
+    return jax.tree.map(lambda a: a[np.asarray(members)], tree)
+
+
+def _account(s: Setup, members, carry, states, records, round_before: int):
+    """The carry after a chunk: new states, detection counts, and divergence [G]."""
+    detected = carry.detected
+    if s.defense.flags_clients:
+        g = len(detected)
+        detected = detected + np.asarray(
+            jax.vmap(defenses.detection_counts)(
+                records.flags.reshape(g, -1), records.malicious.reshape(g, -1)
+            )
+        )
+    finite = np.asarray(records.finite)  # [G, rounds of the chunk]
+    new = ~finite.all(1) & (carry.diverged == 0)
+    for g in np.flatnonzero(new):
+        if members.index(members[g]) == g:  # not the padding of the last group
+            logging.warning(
+                "experiment %d diverged in round %d: non-finite loss or parameters",
+                members[g],
+                round_before + int(np.argmin(finite[g])) + 1,
+            )
+    diverged = np.where(new, round_before + np.argmin(finite, 1) + 1, carry.diverged)
+    return checkpoint.Carry(states, detected, diverged.astype(np.int32))
+
+
+def _checkpoint_due(c: ml_collections.ConfigDict, round_done: int, last_group: bool) -> bool:
+    if round_done == c.num_rounds and (c.checkpoint_every or last_group):
+        return True  # the end of a group, or of the run
+    return bool(c.checkpoint_every) and round_done % c.checkpoint_every == 0

@@ -3,7 +3,6 @@
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -97,7 +96,7 @@ def test_same_seed_same_metrics(tmp_path):
 
 
 def test_sweep_equals_each_experiment_alone(tmp_path):
-    base = tiny_config(num_rounds=4)
+    tiny_config(num_rounds=4)
     sweep = tiny_config(num_rounds=4)
     sweep.sweep.malicious_fraction = (0.0, 0.5)
     sweep.sweep.seed = (1, 2)
