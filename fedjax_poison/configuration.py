@@ -101,6 +101,7 @@ def paper_config(dataset: str) -> ml_collections.ConfigDict:
     c.sweep = ml_collections.ConfigDict({axis: () for axis in SWEEP_AXES})
     c.sweep.mode = "product"  # product | zip
     c.sweep.max_parallel = 0  # experiments run at once; 0 = all
+    # Devices for the experiment axis of a sweep and for the clients of a round.
     c.mesh = ml_collections.ConfigDict(dict(clients=1, experiments=1))
     return c
 
@@ -198,6 +199,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(
         c.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0", c.data.dirichlet_alpha
     )
+    for field in ("clients", "experiments"):
+        _check(c.mesh[field] > 0, f"mesh.{field}", "must be a positive integer", c.mesh[field])
     for field in ("synthetic_train", "synthetic_test"):
         value = c.data[field]
         _check(value > 0, f"data.{field}", "must be a positive integer", value)

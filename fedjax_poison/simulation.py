@@ -113,8 +113,12 @@ def make_round_step(
     defense: defenses.Defense,
     settings: RoundSettings,
     root_data: ClientData | None = None,
+    shard_clients: Callable[[PyTree], PyTree] = lambda tree: tree,
 ) -> Callable[[ServerState, Scenario, ClientData], tuple[ServerState, RoundRecord]]:
-    """Returns round_step(state, scenario, data) -> (state, record) for one experiment."""
+    """Returns round_step(state, scenario, data) -> (state, record) for one experiment.
+
+    shard_clients places arrays with a leading [k] axis (e.g. over a mesh's clients axis).
+    """
     k = settings.clients_per_round
     train_all = jax.vmap(local_train, in_axes=(None, None, 0, 0, 0, 0, 0))
 
@@ -144,6 +148,7 @@ def make_round_step(
             step, settings.lr, settings.lr_decay_factor, settings.lr_decay_every, settings.min_lr
         )
         keys = jax.vmap(lambda c: jax.random.fold_in(k_train, c))(selected)
+        x, y, count, lr, keys = shard_clients((x, y, count, lr, keys))
         trained = train_all(state.params, state.batch_stats, x, y, count, lr, keys)
 
         flat_global, unravel = ravel_pytree(state.params)
@@ -236,6 +241,7 @@ def make_advance(
     evaluate: Callable[..., jax.Array],
     max_rounds: int,
     clients_per_round: int,
+    spmd_axis_name: str | None = None,
 ) -> Callable[..., tuple[ServerState, RoundRecord, jax.Array]]:
     """Returns advance(states [E], scenarios [E], data, test, num_rounds) for all experiments.
 
@@ -257,4 +263,4 @@ def make_advance(
         confusion = evaluate(state.params, state.batch_stats, *test)
         return state, records, confusion
 
-    return jax.vmap(advance_one, in_axes=(0, 0, None, None, None))
+    return jax.vmap(advance_one, in_axes=(0, 0, None, None, None), spmd_axis_name=spmd_axis_name)

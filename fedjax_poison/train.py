@@ -21,6 +21,7 @@ from fedjax_poison import (
     metrics,
     models,
     report,
+    sharding,
     simulation,
 )
 
@@ -39,7 +40,8 @@ class Setup:
     test: tuple  # (x, y, mask) batched, on device
     advance: object  # jitted advance(states, scenarios, data, test, num_rounds)
     init_states: object  # seeds [E] -> ServerState [E]
-    scenarios: simulation.Scenario  # [E], on device
+    mesh: object  # jax.sharding.Mesh, or None on one device
+    scenarios: simulation.Scenario  # [E], host arrays (placed per group)
     defense: defenses.Defense
     examples_per_round: int
 
@@ -95,8 +97,11 @@ def setup(c: ml_collections.ConfigDict) -> Setup:
         len(dataset.y_train),
         len(dataset.y_test),
     )
+    mesh = sharding.make_mesh(c.mesh.experiments, c.mesh.clients)
+    group_size = len(experiment_groups(len(exps), c.sweep.max_parallel, c.mesh.experiments)[0])
+    sharding.check_shapes(mesh, group_size, c.clients_per_round)
     host_clients = build_client_data(c, dataset)
-    client_data = jax.device_put(simulation.ClientData(*host_clients))
+    client_data = sharding.replicated(mesh, simulation.ClientData(*host_clients))
     test = metrics.TestSet(dataset.x_test, dataset.y_test, c.eval_batch_size)
 
     model_kwargs = dict(conv_impl=conv_impl(c.model.conv_impl))
@@ -130,10 +135,13 @@ def setup(c: ml_collections.ConfigDict) -> Setup:
             c.lr_per_participation,
         ),
         root_data(c, dataset) if defense.needs_root else None,
+        sharding.client_constraint(mesh),
     )
     evaluate = metrics.make_evaluate(model, spec)
     advance = jax.jit(
-        simulation.make_advance(round_step, evaluate, c.eval_every, c.clients_per_round),
+        simulation.make_advance(
+            round_step, evaluate, c.eval_every, c.clients_per_round, sharding.spmd_axis(mesh)
+        ),
         donate_argnums=0,
     )
     init_one = lambda seed: simulation.init_state(
@@ -147,10 +155,11 @@ def setup(c: ml_collections.ConfigDict) -> Setup:
         spec=spec,
         experiments=exps,
         client_data=client_data,
-        test=(test.x, test.y, test.mask),
+        test=sharding.replicated(mesh, (test.x, test.y, test.mask)),
         advance=advance,
         init_states=jax.jit(jax.vmap(init_one)),
-        scenarios=jax.device_put(scenarios),
+        scenarios=scenarios,
+        mesh=mesh,
         defense=defense,
         examples_per_round=int(np.mean(host_clients.count)) * c.clients_per_round * c.local_epochs,
     )
@@ -185,14 +194,17 @@ def evaluation_rows(s: Setup, members, round_done: int, confusion, records, dete
     return rows
 
 
-def experiment_groups(num_experiments: int, max_parallel: int) -> list[list[int]]:
+def experiment_groups(
+    num_experiments: int, max_parallel: int, multiple: int = 1
+) -> list[list[int]]:
     """Experiment indices in groups of at most max_parallel (0 = all), padded to equal size.
 
     Padding repeats the group's last experiment; its duplicate rows are dropped, and equal
-    sizes keep every group on the one compiled program.
+    sizes keep every group on the one compiled program. Sizes round up to a multiple of
+    `multiple` (the devices of the experiment axis).
     """
-    size = max_parallel or num_experiments
-    size = min(size, num_experiments)
+    size = min(max_parallel or num_experiments, num_experiments)
+    size = -(-size // multiple) * multiple
     groups = [
         list(range(i, min(i + size, num_experiments))) for i in range(0, num_experiments, size)
     ]
@@ -224,7 +236,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
     configuration.validate(c)
     checkpoint.claim_workdir(c, workdir)
     s = setup(c)
-    groups = experiment_groups(len(s.experiments), c.sweep.max_parallel)
+    groups = experiment_groups(len(s.experiments), c.sweep.max_parallel, c.mesh.experiments)
     os.makedirs(workdir, exist_ok=True)
     checkpoints = checkpoint.Checkpoints(workdir)
     try:
@@ -288,9 +300,13 @@ def _train(c, s: Setup, groups, checkpoints, start, metrics_path) -> tuple[float
     """
     seeds = np.asarray([e.seed for e in s.experiments], np.int32)
     t0 = time.perf_counter()
-    like = s.init_states(jnp.asarray(seeds[groups[0]]))
+    like = _place(s, s.init_states(jnp.asarray(seeds[groups[0]])))
     compiled = s.advance.lower(
-        like, _pick(s.scenarios, groups[0]), s.client_data, s.test, jnp.int32(c.eval_every)
+        like,
+        _place(s, _pick(s.scenarios, groups[0])),
+        s.client_data,
+        s.test,
+        jnp.int32(c.eval_every),
     ).compile()
     compile_s = time.perf_counter() - t0
     run = _Run(c, s, compiled, checkpoints, metrics_path, len(groups))
@@ -300,7 +316,7 @@ def _train(c, s: Setup, groups, checkpoints, start, metrics_path) -> tuple[float
         progress = checkpoint.Progress(0, 0, 0, 0.0, compile_s)
     elif start.round < c.num_rounds:
         carry = checkpoints.restore(start, like, c.num_rounds)
-        carry = carry._replace(states=jax.device_put(carry.states))
+        carry = carry._replace(states=_place(s, carry.states))
         progress = start._replace(compile_s=compile_s)
     else:  # the checkpoint ends a group: go on with the next one
         progress = start._replace(group=start.group + 1, round=0, compile_s=compile_s)
@@ -310,7 +326,7 @@ def _train(c, s: Setup, groups, checkpoints, start, metrics_path) -> tuple[float
         members = groups[index]
         if carry is None:
             carry = checkpoint.Carry(
-                s.init_states(jnp.asarray(seeds[members])),
+                _place(s, s.init_states(jnp.asarray(seeds[members]))),
                 np.zeros((len(members), 4), np.int64),
                 np.zeros(len(members), np.int32),
             )
@@ -325,7 +341,7 @@ def _run_group(run: _Run, members: list, carry: checkpoint.Carry, progress):
     Writes each chunk's metrics rows, then checkpoints where due; returns the progress.
     """
     c, s = run.c, run.s
-    scenarios = _pick(s.scenarios, members)
+    scenarios = _place(s, _pick(s.scenarios, members))
     while progress.round < c.num_rounds:
         before = progress.round
         todo = min(c.eval_every, c.num_rounds - before)
@@ -357,6 +373,11 @@ def _run_group(run: _Run, members: list, carry: checkpoint.Carry, progress):
         if _checkpoint_due(c, progress.round, progress.group == run.num_groups - 1):
             run.checkpoints.save(progress, carry, c.num_rounds)
     return progress
+
+
+def _place(s: Setup, tree):
+    """Puts a group's [G] pytree on the device(s), split over the experiment axis."""
+    return sharding.by_experiment(s.mesh, tree)
 
 
 def _pick(tree, members):
