@@ -23,6 +23,7 @@ from fedjax_poison import (
     report,
     sharding,
     simulation,
+    tables,
 )
 
 
@@ -260,8 +261,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
         "num_experiments": len(s.experiments),
         "compile_s": compile_s,
         "train_and_eval_s": train_s,
-        "rounds_per_s": total / train_s,
-        "examples_per_s": total * len(groups[0]) * s.examples_per_round / train_s,
+        "rounds_per_s": total / train_s,  # rounds of a whole experiment group
+        "experiment_rounds_per_s": c.num_rounds * len(s.experiments) / train_s,
+        "examples_per_s": c.num_rounds * len(s.experiments) * s.examples_per_round / train_s,
         "final": [r for r in rows if r["round"] == c.num_rounds],
     }
     summary["diverged"] = [
@@ -279,6 +281,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
         os.path.join(workdir, "curves.png"),
         f"{c.dataset}: {len(s.experiments)} experiment(s)",
     )
+    tables.write_sweep_report(workdir, rows, s.experiments, c)
     return summary
 
 

@@ -20,7 +20,13 @@ from test_simulation import tiny_config
 from fedjax_poison import checkpoint, configuration, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING = ("compile_s", "train_and_eval_s", "rounds_per_s", "examples_per_s")
+TIMING = (
+    "compile_s",
+    "train_and_eval_s",
+    "rounds_per_s",
+    "experiment_rounds_per_s",
+    "examples_per_s",
+)
 TINY = [
     "--config=configs/fashion_mnist.py:smoke",
     "--config.data.synthetic_train=480",
