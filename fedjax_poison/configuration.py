@@ -83,6 +83,7 @@ def paper_config(dataset: str) -> ml_collections.ConfigDict:
     c.eval_batch_size = 1000
     # Rounds between checkpoints, a multiple of eval_every; 0 = none during training. The same
     # command resumes from the last one; the end of training is always recorded.
+    c.save_features = False  # features/*.npz: per (round, client) rows for the PCA analysis
     c.checkpoint_every = 0
     c.overwrite = False  # True: replace a workdir's run of another config instead of refusing
     c.attack = ml_collections.ConfigDict(

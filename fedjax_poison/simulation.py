@@ -67,6 +67,12 @@ class RoundRecord(NamedTuple):
     flags: jax.Array  # bool, judged malicious by the defense
     scores: jax.Array  # float32 suspicion scores
     finite: jax.Array  # [] bool: every loss and the new global model are finite (no divergence)
+    # For the offline PCA analysis (settings.record_features), else [k, 0] and zeros: each
+    # client's change of the attacked class's output row over its whole update's norm, and
+    # that row's cosine with the global row. Chosen by the flip table: analysis only, never
+    # shown to the defense.
+    features: jax.Array  # [k, F] float32
+    feature_sign: jax.Array  # [k] float32
 
 
 class RoundSettings(NamedTuple):
@@ -78,6 +84,7 @@ class RoundSettings(NamedTuple):
     lr_decay_every: int
     min_lr: float
     lr_per_participation: bool  # the original code's quirk: the schedule counts a client's rounds
+    record_features: bool = False  # fill RoundRecord.features
 
 
 def init_state(
@@ -188,6 +195,7 @@ def make_round_step(
             verdict.flags,
             verdict.scores,
             all_finite((trained.loss, flat_params, batch_stats)),
+            *attacked_row_features(view, scenario.flip, settings.record_features),
         )
         return new_state, record
 
@@ -213,12 +221,26 @@ def make_round_step(
     return round_step
 
 
+def attacked_row_features(view: defenses.RoundView, flip: jax.Array, record: bool):
+    """(features [k, F], sign [k]) of the first flipped class's output row, or empties."""
+    k = view.updates.shape[0]
+    if not record:
+        return jnp.zeros((k, 0), jnp.float32), jnp.zeros((k,), jnp.float32)
+    source = jnp.argmax(flip != jnp.arange(flip.shape[0]))  # 0 when nothing is flipped
+    rows = view.head_rows[:, source]  # [k, F]
+    norm = lambda x: jnp.sqrt(jnp.sum(x * x, axis=-1))
+    features = rows / jnp.maximum(norm(view.updates), 1e-30)[:, None]
+    global_row = view.global_head[source]
+    sign = (rows @ global_row) / jnp.maximum(norm(rows) * norm(global_row), 1e-30)
+    return features, sign
+
+
 def all_finite(tree: PyTree) -> jax.Array:
     """[] bool: no NaN or inf in any leaf (one reduction per leaf, on device)."""
     return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
 
 
-def empty_records(num_rounds: int, k: int) -> RoundRecord:
+def empty_records(num_rounds: int, k: int, feature_dim: int = 0) -> RoundRecord:
     """Record buffers [num_rounds, k] ([num_rounds] for `finite`) to fill round by round.
 
     Zeros, except `finite`, which starts True so that unused rows never read as divergence.
@@ -233,6 +255,8 @@ def empty_records(num_rounds: int, k: int) -> RoundRecord:
         zeros(bool),
         zeros(jnp.float32),
         jnp.ones((num_rounds,), bool),
+        jnp.zeros((num_rounds, k, feature_dim), jnp.float32),
+        zeros(jnp.float32),
     )
 
 
@@ -242,6 +266,7 @@ def make_advance(
     max_rounds: int,
     clients_per_round: int,
     spmd_axis_name: str | None = None,
+    feature_dim: int = 0,
 ) -> Callable[..., tuple[ServerState, RoundRecord, jax.Array]]:
     """Returns advance(states [E], scenarios [E], data, test, num_rounds) for all experiments.
 
@@ -258,7 +283,7 @@ def make_advance(
             records = jax.tree.map(lambda buf, r: buf.at[i].set(r), records, record)
             return state, records
 
-        records = empty_records(max_rounds, clients_per_round)
+        records = empty_records(max_rounds, clients_per_round, feature_dim)
         state, records = jax.lax.fori_loop(0, num_rounds, body, (state, records))
         confusion = evaluate(state.params, state.batch_stats, *test)
         return state, records, confusion

@@ -134,6 +134,7 @@ def setup(c: ml_collections.ConfigDict) -> Setup:
             c.lr_decay_every,
             c.min_lr,
             c.lr_per_participation,
+            c.save_features,
         ),
         root_data(c, dataset) if defense.needs_root else None,
         sharding.client_constraint(mesh),
@@ -141,7 +142,12 @@ def setup(c: ml_collections.ConfigDict) -> Setup:
     evaluate = metrics.make_evaluate(model, spec)
     advance = jax.jit(
         simulation.make_advance(
-            round_step, evaluate, c.eval_every, c.clients_per_round, sharding.spmd_axis(mesh)
+            round_step,
+            evaluate,
+            c.eval_every,
+            c.clients_per_round,
+            sharding.spmd_axis(mesh),
+            head.shape[0] if c.save_features else 0,
         ),
         donate_argnums=0,
     )
@@ -357,6 +363,8 @@ def _run_group(run: _Run, members: list, carry: checkpoint.Carry, progress):
         progress = progress._replace(round=before + todo, train_s=progress.train_s + elapsed)
         records = jax.tree.map(lambda r, n=todo: r[:, :n], records)
         carry = _account(s, members, carry, states, records, before)
+        if c.save_features:
+            _save_features(os.path.dirname(run.metrics_path), members, before, records)
         rows = evaluation_rows(s, members, progress.round, confusion, records, carry.detected)
         for row in rows:
             diverged = int(carry.diverged[members.index(row.get("experiment", members[0]))])
@@ -376,6 +384,30 @@ def _run_group(run: _Run, members: list, carry: checkpoint.Carry, progress):
         if _checkpoint_due(c, progress.round, progress.group == run.num_groups - 1):
             run.checkpoints.save(progress, carry, c.num_rounds)
     return progress
+
+
+def _save_features(workdir: str, members: list, round_before: int, records) -> None:
+    """Writes one chunk's per-(round, client) feature rows to features/r{round}_e{first}.npz.
+
+    A resumed run writes a chunk again with the same content, so no clean-up is needed.
+    """
+    keep = [g for g, e in enumerate(members) if members.index(e) == g]
+    folder = os.path.join(workdir, "features")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"r{round_before:05d}_e{members[0]:04d}.npz")
+    rounds = round_before + np.arange(records.selected.shape[1])
+    tmp = path + ".tmp.npz"
+    np.savez(
+        tmp,
+        experiment=np.asarray(members)[keep],  # [G]
+        round=rounds,  # [R], 0-based
+        client=records.selected[keep],  # [G, R, k]
+        malicious=records.malicious[keep],
+        flagged=records.flags[keep],
+        features=records.features[keep],  # [G, R, k, F]
+        sign=records.feature_sign[keep],
+    )
+    os.replace(tmp, path)
 
 
 def _place(s: Setup, tree):

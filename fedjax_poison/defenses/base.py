@@ -1,0 +1,137 @@
+"""What every defense sees and returns, the shared aggregation helpers, detection metrics.
+
+Sign convention: an update is `delta = local - global`, what the server adds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+MODES = ("detect", "filter", "block")
+
+
+class RoundView(NamedTuple):
+    """What the server sees of one round. Never the malicious mask or the flip table."""
+
+    updates: jax.Array  # [k, d] float32, flattened client deltas (local - global)
+    head_rows: jax.Array  # [k, C, F] change of the output kernel, transposed: row c -> logit c
+    global_head: jax.Array  # [C, F] global output kernel (transposed) before the round
+    client_ids: jax.Array  # [k] int32, which of the N clients these are
+    round: jax.Array  # [] int32, 0-based round index (traced)
+    root_update: jax.Array  # [d] the server's update on its clean root set; zeros if unused
+
+
+class Verdict(NamedTuple):
+    """A defense's decision for one round."""
+
+    delta: jax.Array  # [d] aggregate update the server adds to the global params
+    weights: jax.Array  # [k] >= 0, sum 1: each client's share (also for BatchNorm statistics)
+    flags: jax.Array  # [k] bool, True = judged malicious
+    scores: jax.Array  # [k] float32, higher = more suspicious; zeros where the rule has none
+    block: jax.Array  # [k] bool, exclude this client from all later rounds
+
+
+class Defense(NamedTuple):
+    """A rule as a pair of pure functions, like an optax transformation."""
+
+    init: Callable[[], PyTree]  # the rule's memory: fixed-shape arrays, () if none
+    apply: Callable[[RoundView, PyTree], tuple[Verdict, PyTree]]  # pure, jittable
+    needs_root: bool  # the round must compute root_update (FLTrust)
+    flags_clients: bool  # flags are meaningful (detection precision/recall)
+
+
+def no_memory() -> tuple:
+    return ()
+
+
+def uniform(k: int) -> jax.Array:
+    return jnp.full((k,), 1.0 / k, jnp.float32)
+
+
+def weighted_mean(updates: jax.Array, keep: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean of `updates` [k, d] weighted by `keep` [k] >= 0 -> (delta [d], weights [k]).
+
+    If every weight is zero the round adds nothing (delta 0) and the weights fall back to
+    uniform, so that averaging BatchNorm statistics stays defined.
+    """
+    keep = keep.astype(jnp.float32)
+    total = keep.sum()
+    ok = total > 0
+    weights = jnp.where(ok, keep / jnp.where(ok, total, 1.0), uniform(updates.shape[0]))
+    delta = jnp.where(ok, weights @ updates, jnp.zeros_like(updates[0]))
+    return delta, weights
+
+
+def make_verdict(delta, weights, *, flags=None, scores=None, block=None) -> Verdict:
+    """A Verdict with the unset fields filled: no flags, zero scores, no block."""
+    k = weights.shape[0]
+    none = jnp.zeros((k,), bool)
+    return Verdict(
+        delta=delta,
+        weights=weights.astype(jnp.float32),
+        flags=none if flags is None else flags.astype(bool),
+        scores=jnp.zeros((k,), jnp.float32) if scores is None else scores.astype(jnp.float32),
+        block=none if block is None else block.astype(bool),
+    )
+
+
+def flagging_verdict(updates, flags, scores, mode: str, aggregate, block=None) -> Verdict:
+    """Verdict of a rule that flags clients.
+
+    mode 'detect': report flags and scores, aggregate with plain FedAvg.
+    mode 'filter' / 'block': aggregate with the rule's own `aggregate` = (delta, weights).
+    """
+    if mode == "detect":
+        k = updates.shape[0]
+        delta, weights = updates.mean(axis=0), uniform(k)
+    else:
+        delta, weights = aggregate
+    return make_verdict(delta, weights, flags=flags, scores=scores, block=block)
+
+
+def row_norms(x: jax.Array) -> jax.Array:
+    """Euclidean norm over the last axis."""
+    return jnp.sqrt(jnp.sum(x * x, axis=-1))
+
+
+def cosine_matrix(x: jax.Array) -> jax.Array:
+    """Pairwise cosine similarity of the rows of x [m, p] -> [m, m]; zero rows give 0."""
+    n = row_norms(x)
+    unit = x / jnp.where(n > 0, n, 1.0)[:, None]
+    return unit @ unit.T
+
+
+def sq_distances(x: jax.Array) -> jax.Array:
+    """Pairwise squared Euclidean distances of the rows of x [m, p] -> [m, m]."""
+    diff = x[:, None, :] - x[None, :, :]
+    return jnp.sum(diff * diff, axis=-1)
+
+
+def detection_counts(flags: jax.Array, is_malicious: jax.Array) -> jax.Array:
+    """Confusion counts of flags against the truth -> [4] int32 (tp, fp, fn, tn)."""
+    f, m = flags.astype(bool), is_malicious.astype(bool)
+    counts = [f & m, f & ~m, ~f & m, ~f & ~m]
+    return jnp.stack([c.sum() for c in counts]).astype(jnp.int32)
+
+
+def auc(scores: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+    """Area under the ROC curve of `scores` [m] for `labels` [m] (True = positive).
+
+    Rank-based (Mann-Whitney U, ties count one half); entries with valid=False are ignored.
+    NaN when the valid entries hold no positive or no negative.
+    """
+    scores = scores.astype(jnp.float32)
+    ordered = jnp.sort(jnp.where(valid, scores, jnp.inf))
+    below = jnp.searchsorted(ordered, scores, side="left")
+    upto = jnp.searchsorted(ordered, scores, side="right")
+    midrank = (below + upto + 1).astype(jnp.float32) / 2  # 1-based, ties averaged
+    pos, neg = labels & valid, ~labels & valid
+    n_pos, n_neg = pos.sum().astype(jnp.float32), neg.sum().astype(jnp.float32)
+    u = jnp.sum(jnp.where(pos, midrank, 0.0)) - n_pos * (n_pos + 1) / 2
+    defined = (n_pos > 0) & (n_neg > 0)
+    return jnp.where(defined, u / jnp.where(defined, n_pos * n_neg, 1.0), jnp.nan)

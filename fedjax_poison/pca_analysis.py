@@ -1,0 +1,162 @@
+"""The paper's offline defense analysis, automated: PCA scatter, clusters, verdicts, scores.
+
+    python -m fedjax_poison.pca_analysis --workdir=runs/fmnist [--experiment=0] [--rounds=10:200]
+
+Reads the feature rows a run with `save_features=True` left in `workdir/features/`
+(each selected client's change of the attacked class's output row, per round), pools
+the rounds of the window, and writes `pca_scatter.png` (honest vs malicious marked, as
+in the paper's figure), `pca_verdicts.csv` (one line per client) and `pca_analysis.json`
+(cluster purity, precision and recall of the verdicts per row and per client). The
+clustering and the choice of the malicious cluster are the PCA defense's own.
+"""
+
+import glob
+import os
+
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from fedjax_poison import report
+from fedjax_poison.defenses import source_pca
+
+
+def load_features(workdir: str, experiment: int = 0) -> dict:
+    """Rows of one experiment pooled over rounds and clients: each value [m] or [m, F]."""
+    paths = sorted(glob.glob(os.path.join(workdir, "features", "r*_e*.npz")))
+    if not paths:
+        raise FileNotFoundError(
+            f"no features in {workdir}/features: run with --config.save_features=True"
+        )
+    parts = []
+    for path in paths:
+        with np.load(path) as f:
+            hit = np.flatnonzero(f["experiment"] == experiment)
+            if hit.size:
+                g, k = hit[0], f["client"].shape[-1]
+                parts.append(
+                    {
+                        "round": np.repeat(f["round"], k),
+                        "client": f["client"][g].ravel(),
+                        "malicious": f["malicious"][g].ravel(),
+                        "flagged": f["flagged"][g].ravel(),
+                        "sign": f["sign"][g].ravel(),
+                        "features": f["features"][g].reshape(-1, f["features"].shape[-1]),
+                    }
+                )
+    if not parts:
+        raise ValueError(f"experiment {experiment} has no features in {workdir}/features")
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def precision_recall(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    tp = int(np.sum(predicted & truth))
+    return tp / max(int(predicted.sum()), 1), tp / max(int(truth.sum()), 1)
+
+
+def analyze(rows: dict, first_round: int, last_round: int, iters: int = 20) -> dict:
+    """Clusters the window's rows in 2-D PCA and scores the verdicts against the truth."""
+    keep = (rows["round"] >= first_round) & (rows["round"] <= last_round)
+    if not keep.any():
+        raise ValueError(f"no rows in rounds {first_round}..{last_round}")
+    x = jnp.asarray(rows["features"][keep])
+    valid = jnp.ones(x.shape[0], bool)
+    points, in1, separation = source_pca.cluster_rows(x, valid, iters)
+    malicious, _, _ = source_pca.judge(points, in1, valid, jnp.asarray(rows["sign"][keep]))
+    truth, predicted = rows["malicious"][keep], np.asarray(malicious)
+    in1 = np.asarray(in1)
+    purity = max(np.mean(in1 == truth), np.mean(in1 != truth))
+    clients = np.unique(rows["client"][keep])
+    per_client = np.array([predicted[rows["client"][keep] == c].mean() > 0.5 for c in clients])
+    client_truth = np.array([truth[rows["client"][keep] == c][0] for c in clients])
+    row_p, row_r = precision_recall(predicted, truth)
+    client_p, client_r = precision_recall(per_client, client_truth)
+    return {
+        "rounds": [first_round, last_round],
+        "rows": int(keep.sum()),
+        "silhouette": float(separation),
+        "cluster_purity": float(purity),
+        "row_precision": row_p,
+        "row_recall": row_r,
+        "client_precision": client_p,
+        "client_recall": client_r,
+        "points": np.asarray(points),
+        "truth": truth,
+        "predicted": predicted,
+        "clients": clients,
+        "client_verdict": per_client,
+        "client_truth": client_truth,
+    }
+
+
+def plot_scatter(result: dict, path: str, title: str) -> None:
+    """The paper's figure: the 2-D PCA of the rows, honest and malicious marked."""
+    plt = report.plt
+    fig, ax = plt.subplots(figsize=(6, 5))
+    p, truth, predicted = result["points"], result["truth"], result["predicted"]
+    for mask, label, color in ((~truth, "honest", "tab:blue"), (truth, "malicious", "tab:red")):
+        ax.scatter(p[mask, 0], p[mask, 1], s=14, c=color, alpha=0.7, label=label)
+    ax.scatter(
+        p[predicted, 0],
+        p[predicted, 1],
+        s=60,
+        facecolors="none",
+        edgecolors="k",
+        linewidths=0.8,
+        label="flagged",
+    )
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.legend()
+    ax.set_title(
+        f"{title}\npurity {result['cluster_purity']:.2f}, precision {result['row_precision']:.2f},"
+        f" recall {result['row_recall']:.2f}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_analysis(workdir: str, experiment: int, first_round: int, last_round: int) -> dict:
+    """Runs the analysis for one experiment of a run and writes its three files."""
+    rows = load_features(workdir, experiment)
+    last_round = min(last_round, int(rows["round"].max()))
+    result = analyze(rows, first_round, last_round)
+    suffix = f"_e{experiment}" if experiment else ""
+    plot_scatter(
+        result,
+        os.path.join(workdir, f"pca_scatter{suffix}.png"),
+        f"rounds {first_round}-{last_round}, {result['rows']} rows",
+    )
+    lines = ["client,malicious,flagged"] + [
+        f"{c},{int(t)},{int(v)}"
+        for c, t, v in zip(result["clients"], result["client_truth"], result["client_verdict"])
+    ]
+    report.write_text(os.path.join(workdir, f"pca_verdicts{suffix}.csv"), "\n".join(lines) + "\n")
+    scores = {k: v for k, v in result.items() if not isinstance(v, np.ndarray)}
+    report.write_json(os.path.join(workdir, f"pca_analysis{suffix}.json"), scores)
+    return scores
+
+
+def _cli() -> None:
+    """Command line (flags are defined only when this module is the program)."""
+    workdir = flags.DEFINE_string("workdir", None, "A run's workdir (with features/).")
+    experiment = flags.DEFINE_integer("experiment", 0, "Which experiment of a sweep.")
+    window = flags.DEFINE_string("rounds", "10:199", "first:last round of the window (0-based).")
+    flags.mark_flags_as_required(["workdir"])
+
+    def main(argv):
+        del argv
+        first, _, last = window.value.partition(":")
+        scores = write_analysis(workdir.value, experiment.value, int(first), int(last or 10**9))
+        print(
+            " ".join(
+                f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in scores.items()
+            )
+        )
+
+    app.run(main)
+
+
+if __name__ == "__main__":
+    _cli()

@@ -1,0 +1,289 @@
+"""The paper's PCA defense made automatic: flags on synthetic rounds with known truth."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_poison import defenses
+from fedjax_poison.defenses import cluster, source_pca
+
+K, N, C = 5, 50, 10
+
+
+def pca_config(**overrides):
+    cfg = defenses.default_config()
+    cfg.name = "pca"
+    cfg.update(overrides)
+    return cfg
+
+
+def build(cfg, head_features, num_params):
+    return defenses.make_defense(
+        cfg,
+        num_clients=N,
+        clients_per_round=K,
+        num_params=num_params,
+        num_classes=C,
+        head_features=head_features,
+    )
+
+
+def softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+class HeadWorld:
+    """FedAvg of a linear softmax head on fixed per-class features, some clients flipping
+    labels src -> tgt. Updates are the head change plus a 'body' part the flip does not
+    touch (as the convolutional layers of the real models), both scaled by the lr."""
+
+    def __init__(self, seed, frac, *, src=6, tgt=0, signed=False, features=32, n=600, body=200):
+        self.rng = np.random.default_rng(seed)
+        r = self.rng
+        mu = r.normal(size=(C, features))
+        mu[tgt] = 0.7 * mu[src] + 0.7 * r.normal(size=features)  # a confusable pair
+        self.y = r.integers(0, C, size=(N, n))
+        h = mu[self.y] + r.normal(size=(N, n, features))
+        self.h = h if signed else np.maximum(h, 0.0)  # post-ReLU features are >= 0
+        self.malicious = np.zeros(N, bool)
+        self.malicious[r.permutation(N)[: round(frac * N)]] = True
+        self.src, self.tgt, self.body = src, tgt, body
+        self.history = []  # client ids of each round
+        self.head = np.zeros((C, features))
+        for _ in range(20):  # a head that already classifies, as at round 10 of the paper
+            self.head += 0.5 * self.gradients(np.arange(N)[None], flip=False)[0]
+
+    def gradients(self, clients, flip=True):
+        """Mean negative CE gradient of the head for each group of clients -> [g, C, F]."""
+        y = self.y[clients].reshape(clients.shape[0], -1)
+        if flip:
+            poisoned = self.malicious[clients][:, :, None] & (self.y[clients] == self.src)
+            y = np.where(poisoned.reshape(y.shape), self.tgt, y)
+        h = self.h[clients].reshape(clients.shape[0], -1, self.h.shape[-1])
+        p = softmax(np.einsum("gnf,cf->gnc", h, self.head))
+        return np.einsum("gnc,gnf->gcf", np.eye(C)[y] - p, h) / y.shape[1]
+
+    def round(self, t, lr=0.1):
+        sel = self.rng.choice(N, K, replace=False)
+        self.history.append(sel)
+        rows = lr * self.gradients(sel[:, None])  # one full-batch step each: [k, C, F]
+        body = lr * self.rng.normal(size=(K, self.body))
+        updates = np.concatenate([rows.reshape(K, -1), body], axis=1)
+        view = defenses.RoundView(
+            updates=jnp.asarray(updates, jnp.float32),
+            head_rows=jnp.asarray(rows, jnp.float32),
+            global_head=jnp.asarray(self.head, jnp.float32),
+            client_ids=jnp.asarray(sel, jnp.int32),
+            round=jnp.int32(t),
+            root_update=jnp.zeros(updates.shape[1], jnp.float32),
+        )
+        return view, self.malicious[sel]
+
+    def step(self, delta):
+        self.head += np.asarray(delta[: self.head.size]).reshape(self.head.shape)
+
+
+def precision_recall(flags, truth):
+    tp, fp, fn, _ = np.asarray(defenses.detection_counts(jnp.asarray(flags), jnp.asarray(truth)))
+    return tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+
+
+_COMPILED = {}
+
+
+def simulate(world, cfg, rounds=40, lr=lambda t: 0.1):
+    """Run the defense for `rounds` rounds -> (flags, truth, blocks), each [rounds, k]."""
+    key = (tuple(sorted(cfg.items())), world.h.shape[-1], world.head.size + world.body)
+    if key not in _COMPILED:
+        defense = build(cfg, key[1], key[2])
+        _COMPILED[key] = (defense.init, jax.jit(defense.apply))
+    init, apply = _COMPILED[key]
+    memory = init()
+    flags, truth, blocks = [], [], []
+    for t in range(rounds):
+        view, malicious = world.round(t, lr(t))
+        verdict, memory = apply(view, memory)
+        world.step(verdict.delta)
+        flags.append(np.asarray(verdict.flags))
+        blocks.append(np.asarray(verdict.block))
+        truth.append(malicious)
+    return np.array(flags), np.array(truth), np.array(blocks)
+
+
+def after_warmup(flags, truth, start=10):
+    return flags[start:], truth[start:]
+
+
+@pytest.mark.parametrize("frac", [0.1, 0.3, 0.5, 0.6])
+def test_flags_label_flippers_after_warmup(frac):
+    # 0.6: the malicious cluster is the larger one; the sign, not the size, decides.
+    for seed in range(2):
+        flags, truth, _ = simulate(HeadWorld(seed, frac), pca_config(source_class=6))
+        precision, recall = precision_recall(*after_warmup(flags, truth))
+        assert precision >= 0.9 and recall >= 0.9, (seed, precision, recall)
+
+
+@pytest.mark.parametrize("source_class", [6, -1])
+def test_no_mass_false_positives_without_attack(source_class):
+    for seed in range(3):
+        flags, _, _ = simulate(HeadWorld(seed, 0.0), pca_config(source_class=source_class))
+        assert flags.mean() <= 0.02, (seed, flags.sum())
+
+
+def test_no_flags_before_start_round():
+    flags, truth, _ = simulate(HeadWorld(0, 0.6), pca_config(source_class=6), rounds=12)
+    assert truth[:10].any() and not flags[:10].any()
+    assert flags[10:].any()
+
+
+@pytest.mark.parametrize("frac", [0.3, 0.6])
+def test_signed_features_in_detect_mode(frac):
+    # CIFAR-10's head input is a dense layer's output (any sign); detect mode lets the
+    # attack reach the global model, and the global source row still orients the clusters.
+    world = HeadWorld(1, frac, signed=True)
+    flags, truth, _ = simulate(world, pca_config(source_class=6, mode="detect"))
+    precision, recall = precision_recall(*after_warmup(flags, truth))
+    assert precision >= 0.9 and recall >= 0.9, (precision, recall)
+
+
+@pytest.mark.parametrize("frac", [0.3, 0.5])
+def test_unknown_source_finds_the_attacked_class(frac):
+    world = HeadWorld(2, frac, src=1, tgt=3)
+    flags, truth, _ = simulate(world, pca_config(source_class=-1))
+    precision, recall = precision_recall(*after_warmup(flags, truth))
+    assert precision >= 0.9 and recall >= 0.9, (precision, recall)
+
+
+def test_rows_scaled_by_update_norm_survive_lr_decay():
+    # lr x0.1 every 10 rounds: one window holds rows of two scales.
+    def step_decay(t):
+        return 0.1 * 0.1 ** (t // 10)
+
+    flags, truth, _ = simulate(HeadWorld(0, 0.3), pca_config(source_class=6), lr=step_decay)
+    precision, recall = precision_recall(*after_warmup(flags, truth))
+    assert precision >= 0.9 and recall >= 0.9, (precision, recall)
+
+
+def test_block_mode_blocks_only_the_flagged_malicious():
+    world = HeadWorld(3, 0.3)
+    cfg = pca_config(source_class=6, mode="block", block_after=2)
+    flags, truth, blocks = simulate(world, cfg, rounds=60)
+    blocked = np.zeros(N, bool)
+    selected_late = np.zeros(N, int)
+    for t in range(60):
+        ids = world.history[t]
+        blocked[ids[blocks[t]]] = True
+        selected_late[ids] += t >= 10
+    assert blocked.any()
+    assert not (blocked & ~world.malicious).any()
+    # every malicious client selected at least 3 times after warm-up is blocked by then
+    assert (blocked | ~world.malicious | (selected_late < 3)).all()
+
+
+def test_same_inputs_same_verdicts():
+    runs = [simulate(HeadWorld(5, 0.3), pca_config(source_class=-1)) for _ in range(2)]
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    defense = build(pca_config(source_class=6), 32, 10 * 32 + 200)
+    view, _ = HeadWorld(5, 0.3).round(12)
+    a, _ = jax.jit(defense.apply)(view, defense.init())
+    b, _ = jax.jit(defense.apply)(view, defense.init())
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def synthetic_rows(rng, malicious, direction, *, honest=1.0, bad=-0.5, noise=0.2):
+    """Rows as the sign argument predicts: honest = positive multiple of the source
+    direction + noise; malicious = a negative (or smaller) multiple + noise."""
+    scale = np.where(malicious, bad, honest)[:, None] * rng.uniform(0.8, 1.2, (len(malicious), 1))
+    return scale * direction[None, :] + noise * rng.normal(size=(len(malicious), len(direction)))
+
+
+@pytest.mark.parametrize("frac, bad", [(0.1, -0.5), (0.3, -0.5), (0.5, 0.0), (0.6, -0.5)])
+def test_synthetic_source_rows(frac, bad):
+    rng = np.random.default_rng(7)
+    features, s = 16, 2
+    direction = np.abs(rng.normal(size=features))
+    malicious = np.zeros(N, bool)
+    malicious[rng.permutation(N)[: round(frac * N)]] = True
+    global_head = rng.normal(size=(C, features))
+    global_head[s] = direction
+    defense = build(pca_config(source_class=s), features, 8)
+    apply, memory = jax.jit(defense.apply), defense.init()
+    flags, truth = [], []
+    for t in range(30):
+        ids = rng.choice(N, K, replace=False)
+        rows = rng.normal(scale=0.3, size=(K, C, features))
+        rows[:, s] = synthetic_rows(rng, malicious[ids], direction, bad=bad)
+        view = defenses.RoundView(
+            updates=jnp.ones((K, 8)),
+            head_rows=jnp.asarray(rows, jnp.float32),
+            global_head=jnp.asarray(global_head, jnp.float32),
+            client_ids=jnp.asarray(ids, jnp.int32),
+            round=jnp.int32(t),
+            root_update=jnp.zeros(8),
+        )
+        verdict, memory = apply(view, memory)
+        flags.append(np.asarray(verdict.flags))
+        truth.append(malicious[ids])
+    precision, recall = precision_recall(*after_warmup(np.array(flags), np.array(truth)))
+    assert precision >= 0.9 and recall >= 0.9, (precision, recall)
+
+
+def test_larger_cluster_flagged_when_it_contradicts_the_source_row():
+    # One round, window 1: three clients move against the global source row, two along it.
+    direction = jnp.array([1.0, 2.0, 0.0, 1.0])
+    signs = jnp.array([-1.0, 1.0, -1.0, 1.0, -1.0])
+    rows = jnp.zeros((K, C, 4)).at[:, 0].set(signs[:, None] * direction[None, :])
+    view = defenses.RoundView(
+        updates=jnp.ones((K, 3)),
+        head_rows=rows,
+        global_head=jnp.zeros((C, 4)).at[0].set(direction),
+        client_ids=jnp.arange(K, dtype=jnp.int32),
+        round=jnp.int32(0),
+        root_update=jnp.zeros(3),
+    )
+    defense = build(pca_config(source_class=0, window=1, start_round=0), 4, 3)
+    verdict, _ = defense.apply(view, defense.init())
+    np.testing.assert_array_equal(verdict.flags, signs < 0)
+    np.testing.assert_allclose(verdict.weights, jnp.array([0, 0.5, 0, 0.5, 0]))
+    np.testing.assert_allclose(verdict.delta, jnp.ones(3), rtol=1e-6)
+    assert (verdict.scores[signs < 0] > 0).all() and (verdict.scores[signs > 0] < 0).all()
+
+
+def test_embed_matches_standardized_pca():
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.random.default_rng(0).normal(size=(12, 6)) * np.arange(1, 7)
+    valid = np.array([True] * 9 + [False] * 3)
+    got = np.asarray(source_pca.embed(jnp.asarray(x, jnp.float32), jnp.asarray(valid)))
+    want = PCA(2).fit_transform(StandardScaler().fit_transform(x[valid]))
+    signs = np.sign(np.sum(got[valid] * want, axis=0))  # components are defined up to sign
+    np.testing.assert_allclose(got[valid] * signs, want, atol=1e-4)
+    np.testing.assert_array_equal(got[~valid], 0.0)
+
+
+def test_silhouette_matches_sklearn():
+    from sklearn.metrics import silhouette_score
+
+    rng = np.random.default_rng(1)
+    points = np.concatenate([rng.normal(size=(7, 2)), rng.normal(3.0, 1.0, size=(5, 2))])
+    assign = np.arange(12) >= 7
+    valid = np.ones(12, bool)
+    got = cluster.silhouette(jnp.asarray(points), jnp.asarray(valid), jnp.asarray(assign))
+    np.testing.assert_allclose(got, silhouette_score(points, assign), rtol=1e-5)
+    # masked points are ignored
+    padded = np.concatenate([points, 100 * np.ones((3, 2))])
+    got = cluster.silhouette(
+        jnp.asarray(padded), jnp.asarray(np.arange(15) < 12), jnp.asarray(np.arange(15) >= 7)
+    )
+    np.testing.assert_allclose(got, silhouette_score(points, assign), rtol=1e-5)
+
+
+def test_two_means_on_a_line():
+    points = jnp.array([[0.0], [1.0], [2.0], [10.0], [11.0], [50.0]])
+    valid = jnp.array([True] * 5 + [False])  # the far point is padding
+    assign = cluster.two_means(points, valid, jnp.array([[0.0], [1.0]]), iters=10)
+    np.testing.assert_array_equal(assign[:5], [False, False, False, True, True])
