@@ -303,8 +303,9 @@ def test_auc_matches_sklearn():
         ({"source_class": 10}, 5, "defense.source_class must be in [0, 10)"),
         ({"window": 0}, 5, "defense.window must be >= 1"),
         ({"row_scale": "max"}, 5, "defense.row_scale must be one of"),
-        ({"min_separation": 2.0}, 5, "defense.min_separation must be in [-1, 1]"),
+        ({"min_separation": -1.0}, 5, "defense.min_separation must be >= 0"),
         ({"cc_tau": -1.0}, 5, "defense.cc_tau must be >= 0"),
+        ({"min_separation": float("inf")}, 5, "defense.min_separation must be a finite number"),
     ],
 )
 def test_validate_names_the_field(overrides, k, message):

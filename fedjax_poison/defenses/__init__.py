@@ -15,6 +15,7 @@ centered_clipping) always aggregate by their rule, in 'detect' as in 'filter'.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping
 
 import ml_collections
@@ -82,7 +83,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.source_class = -1  # the attacked class if the server knows it; -1: the best separated
     c.window = 10  # rounds of rows clustered together (W*k rows)
     c.start_round = 10  # no flags before this round (the paper's code uses rounds 10..199)
-    c.min_separation = 0.65  # mean silhouette the two clusters need, else nobody is flagged
+    # Gap between the two clusters' mean signs (cosine with the global row), in pooled
+    # within-cluster standard deviations, needed to flag anyone (measured on Fashion-MNIST
+    # windows: at most 0.8 (1.6 with source_class -1) with no attacker, median 5 with 10-50%).
+    c.min_separation = 3.0
     # Rows of different rounds differ in scale (lr schedule): 'update' divides each row by
     # its client's whole-update norm, which the flip barely moves; 'row': unit rows; 'none'.
     c.row_scale = "update"
@@ -123,6 +127,8 @@ def _check(ok: bool, field: str, need: str, got) -> None:
 
 def _check_ranges(cfg) -> None:
     """Field ranges that do not depend on the round's size."""
+    for field in ("trim_ratio", "min_separation", "gm_eps", "clip_norm", "cc_tau"):
+        _check(math.isfinite(cfg[field]), field, "a finite number", cfg[field])
     _check(0 <= cfg.trim_ratio < 0.5, "trim_ratio", "in [0, 0.5)", cfg.trim_ratio)
     _check(cfg.trim >= -1, "trim", ">= 0 (or -1 for trim_ratio)", cfg.trim)
     _check(cfg.num_byzantine >= 0, "num_byzantine", ">= 0", cfg.num_byzantine)
@@ -135,7 +141,7 @@ def _check_ranges(cfg) -> None:
     for field in ("window", "kmeans_iters", "block_after", "gm_iters", "cc_iters", "root_size"):
         _check(cfg[field] >= 1, field, ">= 1", cfg[field])
     _check(cfg.start_round >= 0, "start_round", ">= 0", cfg.start_round)
-    _check(-1 <= cfg.min_separation <= 1, "min_separation", "in [-1, 1]", cfg.min_separation)
+    _check(cfg.min_separation >= 0, "min_separation", ">= 0", cfg.min_separation)
     _check(cfg.row_scale in ROW_SCALES, "row_scale", f"one of {list(ROW_SCALES)}", cfg.row_scale)
     _check(cfg.gm_eps > 0, "gm_eps", "> 0", cfg.gm_eps)
     _check(cfg.clip_norm >= 0, "clip_norm", ">= 0 (0: median norm)", cfg.clip_norm)
