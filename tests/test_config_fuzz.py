@@ -208,7 +208,7 @@ def out_of_range(draw):
                 ("lr_decay_factor", st.one_of(st.floats(max_value=0), st.floats(min_value=1.01))),
                 ("data.dirichlet_alpha", st.floats(max_value=0)),
                 ("defense.trim_ratio", st.one_of(st.floats(max_value=-0.01), st.floats(0.5))),
-                ("defense.min_separation", st.one_of(st.floats(max_value=-1.01), st.floats(1.01))),
+                ("defense.min_separation", st.floats(max_value=-1e-9)),
                 ("selection.alpha_after", st.floats(1.01).filter(lambda a: a != -1)),
                 ("defense.source_class", st.integers(10, 2**31 - 1)),
             ]
