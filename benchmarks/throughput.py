@@ -65,7 +65,9 @@ def parse_args(argv=None):
         "--peer", default=os.path.join(REPO, "..", "shared", "peer", "torch_reference.py")
     )
     p.add_argument("--torch-python", default=os.path.expanduser("~/venv-torch/bin/python"))
-    p.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    p.add_argument(
+        "--torch-threads", default=f"1,{os.cpu_count()}", help="one PyTorch row per value"
+    )
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "out"))
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat, no PyTorch")
     a = p.parse_args(argv)
@@ -226,7 +228,7 @@ class Centralized:
         return timed(self.train, *self.args)[1]
 
 
-def run_torch(a, k: int) -> dict | None:
+def run_torch(a, k: int, threads: int) -> dict | None:
     """The PyTorch reference's per-round times, or None (with the reason printed)."""
     if a.quick or a.dataset != "fashion_mnist":
         return None
@@ -235,7 +237,7 @@ def run_torch(a, k: int) -> dict | None:
         return None
     cmd = [a.torch_python, os.path.abspath(a.peer), "--rounds", str(a.repeats + 1)]
     cmd += ["--per-round", str(k), "--batch", str(a.batch), "--clients", str(a.num_clients)]
-    cmd += ["--threads", str(a.torch_threads)]
+    cmd += ["--threads", str(threads)]
     proc = subprocess.run(
         cmd, cwd=os.path.dirname(os.path.abspath(a.peer)), capture_output=True, text=True
     )
@@ -282,12 +284,12 @@ def main_table(a, flops) -> list[dict]:
         summarize("per-client loop + FedAvg", *times["loop"], examples, flops, loop.compile_s),
         summarize("centralized, batch k*B", *times["central"], examples, flops, central.compile_s),
     ]
-    torch = run_torch(a, a.clients_per_round)
-    if torch:
-        name = f"PyTorch {torch['version']} loop ({a.torch_threads} threads)"
-        rows.append(
-            summarize(name, torch["rounds_s"], torch["evals_s"], torch["examples"], flops, np.nan)
-        )
+    for threads in [int(v) for v in str(a.torch_threads).split(",") if v]:
+        torch = run_torch(a, k, threads)
+        if torch:
+            name = f"PyTorch {torch['version']} loop, {threads} thread(s)"
+            times = (torch["rounds_s"], torch["evals_s"], torch["examples"])
+            rows.append(summarize(name, *times, flops, np.nan))
     for row in rows:
         row["vs_ours"] = rows[0]["round_s_median"] / row["round_s_median"]
     return rows
@@ -377,7 +379,8 @@ def main(argv=None):
     print(
         f"{a.dataset} ({a.data}), k={a.clients_per_round} clients x n={a.examples_per_client}"
         f" examples, B={a.batch}; {flops / 1e6:.1f} MFLOP per training example; "
-        f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} cores"
+        f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
     rows = main_table(a, flops)
     table = format_table(rows)
@@ -415,7 +418,7 @@ def main(argv=None):
             "experiment-rounds per second",
             f"{a.dataset}: one program for E experiments",
         )
-    print(f"wrote {a.out}")
+    print(f"wrote {a.out} (load average now {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.flatten_util import ravel_pytree
 
 from fedjax_poison import data as data_lib
 
@@ -74,6 +73,7 @@ def make_local_train(
     model: nn.Module, spec: data_lib.DatasetSpec, settings: TrainSettings
 ) -> Callable[..., ClientResult]:
     """Returns local_train(params, batch_stats, x [n,H,W,C] u8, y [n], count, lr, key)."""
+    tx_for = lambda lr: optax.sgd(lr, momentum=settings.momentum or None)
 
     def loss_fn(params, batch_stats, x, y, mask):
         logits, updates = model.apply(
@@ -88,39 +88,36 @@ def make_local_train(
         return loss, updates["batch_stats"]
 
     def local_train(params, batch_stats, x, y, count, lr, key) -> ClientResult:
-        # SGD with momentum (optax.sgd's arithmetic) on the parameters flattened into one
-        # vector [d]: a few fused element-wise ops per step instead of several per leaf.
-        flat, unravel = ravel_pytree(params)
+        tx = tx_for(lr)
         k_order, k_aug = jax.random.split(key)
         order, valid = batch_order(k_order, count, x.shape[0], settings)
 
         def step(carry, inputs):
-            flat, batch_stats, trace, loss_sum = carry
+            params, batch_stats, opt_state, loss_sum = carry
             idx, mask, step_key = inputs
             xb = data_lib.normalize(x[idx], spec)  # [B, H, W, C] float32
             if settings.augment:
                 xb = augment_batch(step_key, xb)
             fmask = mask.astype(jnp.float32)
             (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                unravel(flat), batch_stats, xb, y[idx], fmask
+                params, batch_stats, xb, y[idx], fmask
             )
-            grad = ravel_pytree(grads)[0]
-            new_trace = grad + settings.momentum * trace if settings.momentum else grad
+            updates, new_opt = tx.update(grads, opt_state, params)
             # A batch made only of padding must leave the client untouched.
             any_real = mask.any()
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(any_real, a, b), new, old)
             carry = (
-                keep(flat + (-lr) * new_trace, flat),
+                keep(optax.apply_updates(params, updates), params),
                 keep(new_stats, batch_stats),
-                keep(new_trace, trace),
+                keep(new_opt, opt_state),
                 loss_sum + loss * fmask.sum(),
             )
             return carry, None
 
         step_keys = jax.random.split(k_aug, order.shape[0])
-        init = (flat, batch_stats, jnp.zeros_like(flat), jnp.zeros((), jnp.float32))
-        (flat, batch_stats, _, loss_sum), _ = jax.lax.scan(step, init, (order, valid, step_keys))
+        init = (params, batch_stats, tx.init(params), jnp.zeros((), jnp.float32))
+        (params, batch_stats, _, loss_sum), _ = jax.lax.scan(step, init, (order, valid, step_keys))
         mean_loss = loss_sum / jnp.maximum(count * settings.local_epochs, 1)
-        return ClientResult(unravel(flat), batch_stats, mean_loss)
+        return ClientResult(params, batch_stats, mean_loss)
 
     return local_train
