@@ -3,7 +3,7 @@
     python launch.py --config=configs/fashion_mnist.py --workdir=runs/fmnist \
         --config.attack.malicious_fraction=0.5
 
-About 4 minutes on a 2-core CPU (200 rounds incl. evaluation every round).
+About 10 to 20 minutes on a 2-core CPU (200 rounds, evaluation every round).
 `configs/fashion_mnist.py:smoke` runs on synthetic data in well under a minute.
 """
 
