@@ -68,3 +68,23 @@ def test_local_training_lowers_the_loss_and_padding_changes_nothing():
         jax.tree.leaves((ra.params, ra.batch_stats)), jax.tree.leaves((rb.params, rb.batch_stats))
     ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_vmapped_clients_in_chunks_equal_one_client_at_a_time():
+    # 7 clients of batch 4 on CPU train in chunks of 5 and 2: each client's result must be
+    # the one it gets alone.
+    model = models.make_model("fashion_mnist_cnn")
+    params, stats = models.init_variables(model, jax.random.key(0), (28, 28, 1))
+    local_train = client.make_local_train(model, SPEC, settings())
+    x, y = _tiny_problem(7 * 16)
+    xs, ys = x.reshape(7, 16, 28, 28, 1), y.reshape(7, 16)
+    counts = jnp.array([16, 12, 16, 9, 16, 16, 3], jnp.int32)
+    keys = jax.random.split(jax.random.key(5), 7)
+    together = jax.jit(jax.vmap(local_train, in_axes=(None, None, 0, 0, 0, None, 0)))(
+        params, stats, xs, ys, counts, 0.01, keys
+    )
+    alone_fn = jax.jit(local_train)
+    for i in range(7):
+        alone = alone_fn(params, stats, xs[i], ys[i], counts[i], 0.01, keys[i])
+        for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(together)):
+            np.testing.assert_allclose(b[i], a, rtol=2e-4, atol=2e-5)
