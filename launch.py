@@ -11,7 +11,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fedjax_poison import checkpoint, configuration, data, train
+from fedjax_poison import checkpoint, configuration, data, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (a get_config).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the run writes its files.")
@@ -22,8 +22,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    c = _CONFIG.value
     try:
-        summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        configuration.validate(c)
+        d = c.distributed
+        sharding.initialize_distributed(d.coordinator, d.num_processes, d.process_id)
+        summary = train.train_and_evaluate(c, _WORKDIR.value)
     except (
         configuration.ConfigError,
         data.DataError,
@@ -31,6 +35,8 @@ def main(argv):
         train.DivergenceError,
     ) as e:
         sys.exit(f"error: {e}")
+    if summary is None:  # not the primary process of a multi-host run
+        return
     for row in summary["final"]:
         logging.info(
             "final: %s", {k: v for k, v in row.items() if k not in ("recall", "precision")}

@@ -54,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--clients-per-round", type=int, default=5, help="k")
     p.add_argument("--batch", type=int, default=None, help="B (default: the paper's, 4 or 10)")
     p.add_argument("--num-clients", type=int, default=50, help="N")
+    p.add_argument("--conv-impl", default="auto", choices=("auto", "im2col", "xla"))
     p.add_argument("--examples-per-client", type=int, default=None, help="n (synthetic data)")
     p.add_argument("--test-size", type=int, default=10_000, help="test examples (synthetic)")
     p.add_argument("--repeats", type=int, default=5)
@@ -90,6 +91,7 @@ def make_config(a, k: int, num_experiments: int = 1):
     c.data.synthetic_train = c.num_clients * a.examples_per_client
     c.data.synthetic_test = a.test_size
     c.clients_per_round, c.batch_size = k, a.batch
+    c.model.conv_impl = a.conv_impl
     c.eval_every, c.num_rounds = 1, 1
     c.eval_batch_size = min(c.eval_batch_size, a.test_size)
     if num_experiments > 1:
@@ -179,9 +181,12 @@ class Loop:
         self.k, self.lr, self.data = c.clients_per_round, c.lr, data_on_device
         self.rng = np.random.default_rng(0)
         self.params, self.stats = models.init_variables(model, jax.random.key(0), spec.image_shape)
-        self.local = jax.jit(client.make_local_train(model, spec, settings))
+        options = train.compiler_options()
+        self.local = jax.jit(
+            client.make_local_train(model, spec, settings), compiler_options=options
+        )
         self.average = jax.jit(lambda trees: jax.tree.map(lambda t: t.mean(0), trees))
-        self.evaluate = jax.jit(metrics.make_evaluate(model, spec))
+        self.evaluate = jax.jit(metrics.make_evaluate(model, spec), compiler_options=options)
         self.evaluated = False
         t = time.perf_counter()
         self.local = self.local.lower(*self._args(0, jax.random.key(0))).compile()
@@ -219,7 +224,10 @@ class Centralized:
         count = jnp.int32(int(np.asarray(data_on_device.count[:k]).sum()))
         self.args = (params, stats, x, y, count, jnp.float32(c.lr), jax.random.key(0))
         t = time.perf_counter()
-        self.train = jax.jit(client.make_local_train(model, spec, settings))
+        options = train.compiler_options()
+        self.train = jax.jit(
+            client.make_local_train(model, spec, settings), compiler_options=options
+        )
         self.train = self.train.lower(*self.args).compile()
         self.compile_s = time.perf_counter() - t
         self.round()

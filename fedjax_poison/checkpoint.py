@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from fedjax_poison import report
+from fedjax_poison import report, sharding
 from fedjax_poison.configuration import ConfigError
 
 CHECKPOINTS = "checkpoints"  # folder in the workdir
@@ -69,14 +69,16 @@ class Carry(NamedTuple):
     diverged: np.ndarray  # [G] int32, round of the first non-finite value, 0 = none
 
 
-def claim_workdir(c: ml_collections.ConfigDict, workdir: str) -> None:
+def claim_workdir(c: ml_collections.ConfigDict, workdir: str, clear: bool = True) -> None:
     """Refuses a workdir that holds a run of another config, unless c.overwrite replaces it.
 
-    A workdir of the same config (up to RESUMABLE_FIELDS) is kept, to be resumed.
+    A workdir of the same config (up to RESUMABLE_FIELDS) is kept, to be resumed. With
+    clear=False (the other processes of a multi-host run) nothing is deleted.
     """
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        _clear(workdir)  # stray files of an unknown run are never resumed
+        if clear:
+            _clear(workdir)  # stray files of an unknown run are never resumed
         return
     try:
         with open(path) as f:
@@ -96,8 +98,9 @@ def claim_workdir(c: ml_collections.ConfigDict, workdir: str) -> None:
             f"workdir {workdir} holds a run of another config ({field} is {was!r} there, "
             f"{now!r} now): use another --workdir, or --config.overwrite=True to replace it"
         )
-    logging.warning("overwrite: replacing the run in %s (%s was %r)", workdir, field, was)
-    _clear(workdir)
+    if clear:
+        logging.warning("overwrite: replacing the run in %s (%s was %r)", workdir, field, was)
+        _clear(workdir)
 
 
 def _first_difference(old, new, prefix: str = ""):
@@ -230,7 +233,7 @@ class Checkpoints:
 
     def save(self, progress: Progress, carry: Carry, num_rounds: int) -> None:
         """Saves synchronously and atomically; the oldest of more than `keep` is deleted."""
-        states = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(carry.states))]
+        states = [np.asarray(x) for x in jax.tree.leaves(sharding.to_host(carry.states))]
         arrays = Carry(states, np.asarray(carry.detected), np.asarray(carry.diverged))
         self.manager.save(
             progress.group * num_rounds + progress.round,

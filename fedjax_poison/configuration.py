@@ -104,6 +104,8 @@ def paper_config(dataset: str) -> ml_collections.ConfigDict:
     c.sweep.max_parallel = 0  # experiments run at once; 0 = all
     # Devices for the experiment axis of a sweep and for the clients of a round.
     c.mesh = ml_collections.ConfigDict(dict(clients=1, experiments=1))
+    # Several hosts: coordinator "host:port" (or "auto" on TPU pods and SLURM); see BUILD.md.
+    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0))
     return c
 
 
@@ -202,6 +204,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     )
     for field in ("clients", "experiments"):
         _check(c.mesh[field] > 0, f"mesh.{field}", "must be a positive integer", c.mesh[field])
+    _validate_distributed(c.distributed)
     for field in ("synthetic_train", "synthetic_test"):
         value = c.data[field]
         _check(value > 0, f"data.{field}", "must be a positive integer", value)
@@ -257,6 +260,22 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 
 _FLIPS = re.compile(r"\s*(-?[0-9]+\s*:\s*-?[0-9]+\s*(,\s*-?[0-9]+\s*:\s*-?[0-9]+\s*)*)?")
+
+
+def _validate_distributed(d) -> None:
+    _check(d.num_processes >= 1, "distributed.num_processes", "must be >= 1", d.num_processes)
+    ok = 0 <= d.process_id < d.num_processes
+    _check(ok, "distributed.process_id", f"must be in [0, {d.num_processes})", d.process_id)
+    host, _, port = d.coordinator.rpartition(":")
+    ok = d.coordinator in ("", "auto") or (bool(host) and port.isascii() and port.isdigit())
+    _check(ok, "distributed.coordinator", 'must be "host:port", "auto" or ""', d.coordinator)
+    explicit = d.coordinator not in ("", "auto")
+    _check(
+        explicit or d.num_processes == 1,
+        "distributed.num_processes",
+        'needs distributed.coordinator="host:port"',
+        d.num_processes,
+    )
 
 
 def _validate_flips(text: str, num_classes: int, field: str) -> None:

@@ -4,12 +4,19 @@ The experiment axis [E] of states and scenarios is split over `mesh.experiments`
 devices; inside a round, the k selected clients' data and training are split over
 `mesh.clients` devices. The client data and the test set are replicated. The results
 equal a one-device run within float tolerance.
+
+Several hosts (processes) form one mesh over all their devices once
+`initialize_distributed` has run. Each process builds only the shards of a global array
+that live on its own devices (`make_array_from_callback`), reads results back with
+`to_host`, and only the primary process writes files.
 """
 
 import os
 from collections.abc import Callable
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 EXPERIMENTS, CLIENTS = "experiments", "clients"
@@ -58,16 +65,46 @@ def check_shapes(mesh: Mesh | None, group_size: int, clients_per_round: int) -> 
 
 def by_experiment(mesh: Mesh | None, tree):
     """Places a pytree with a leading [E] axis split over the experiments axis."""
-    if mesh is None:
-        return jax.device_put(tree)
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec(EXPERIMENTS)))
+    return _place(mesh, tree, PartitionSpec(EXPERIMENTS))
 
 
 def replicated(mesh: Mesh | None, tree):
     """Places a pytree whole on every device of the mesh."""
+    return _place(mesh, tree, PartitionSpec())
+
+
+def _place(mesh: Mesh | None, tree, spec: PartitionSpec):
+    """tree's leaves (host or local device arrays, equal on every process) as global arrays.
+
+    Each process copies only the slices its own devices hold.
+    """
     if mesh is None:
         return jax.device_put(tree)
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    sharding = NamedSharding(mesh, spec)
+
+    def place(leaf):
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(place, tree)
+
+
+def to_host(tree):
+    """tree's arrays as numpy, whole on every process (gathered from the other hosts)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def is_primary() -> bool:
+    """Whether this process writes the run's files (process 0 of a multi-host run)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process of a multi-host run got here."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def client_constraint(mesh: Mesh | None) -> Callable:
@@ -84,16 +121,23 @@ def spmd_axis(mesh: Mesh | None) -> str | None:
 
 
 def initialize_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
-    """Joins a multi-host run; arguments from the config or, when empty, the environment.
+    """Joins a multi-host run (config `distributed.*`); must run before any device is used.
 
-    The environment variables are jax's own (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
-    JAX_PROCESS_ID); on TPU pods and SLURM, jax finds everything itself.
+    coordinator "host:port" with num_processes and process_id: that cluster. "auto": jax
+    detects the cluster (TPU pods, SLURM, Open MPI). "": one host, unless jax's own
+    environment variables (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) say
+    otherwise.
     """
+    if jax.distributed.is_initialized():
+        return
+    if coordinator == "auto":
+        jax.distributed.initialize()
+        return
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
-    if not coordinator and num_processes <= 1 and "SLURM_JOB_ID" not in os.environ:
+    if not coordinator:
         return
     jax.distributed.initialize(
-        coordinator_address=coordinator or None,
+        coordinator_address=coordinator,
         num_processes=num_processes if num_processes > 1 else None,
         process_id=process_id if num_processes > 1 else None,
     )
