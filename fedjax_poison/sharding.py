@@ -48,7 +48,7 @@ def make_mesh(experiments: int, clients: int) -> Mesh | None:
 
 
 def check_shapes(mesh: Mesh | None, group_size: int, clients_per_round: int) -> None:
-    """Both sharded axes must divide evenly over their devices."""
+    """The experiments must divide evenly over their devices; the clients are padded."""
     if mesh is None:
         return
     if group_size % mesh.shape[EXPERIMENTS]:
@@ -56,9 +56,9 @@ def check_shapes(mesh: Mesh | None, group_size: int, clients_per_round: int) -> 
             f"mesh.experiments={mesh.shape[EXPERIMENTS]} must divide the experiments run at "
             f"once ({group_size}; see sweep.max_parallel)"
         )
-    if clients_per_round % mesh.shape[CLIENTS]:
+    if mesh.shape[CLIENTS] > clients_per_round:
         raise MeshError(
-            f"mesh.clients={mesh.shape[CLIENTS]} must divide clients_per_round "
+            f"mesh.clients={mesh.shape[CLIENTS]} must be at most clients_per_round "
             f"({clients_per_round})"
         )
 
@@ -107,8 +107,13 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def client_groups(mesh: Mesh | None) -> int:
+    """How many devices share the clients of a round (and the test set)."""
+    return 1 if mesh is None else mesh.shape[CLIENTS]
+
+
 def client_constraint(mesh: Mesh | None) -> Callable:
-    """Returns f(tree) that splits arrays with a leading [k] axis over the clients axis."""
+    """Returns f(tree) that splits arrays with a leading [groups] axis over the clients axis."""
     if mesh is None or mesh.shape[CLIENTS] == 1:
         return lambda tree: tree
     sharding = NamedSharding(mesh, PartitionSpec(CLIENTS))

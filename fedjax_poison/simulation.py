@@ -85,6 +85,7 @@ class RoundSettings(NamedTuple):
     min_lr: float
     lr_per_participation: bool  # the original code's quirk: the schedule counts a client's rounds
     record_features: bool = False  # fill RoundRecord.features
+    client_groups: int = 1  # devices of the clients axis; each trains ceil(k / groups) clients
 
 
 def init_state(
@@ -124,10 +125,26 @@ def make_round_step(
 ) -> Callable[[ServerState, Scenario, ClientData], tuple[ServerState, RoundRecord]]:
     """Returns round_step(state, scenario, data) -> (state, record) for one experiment.
 
-    shard_clients places arrays with a leading [k] axis (e.g. over a mesh's clients axis).
+    With settings.client_groups = G > 1, the k clients train as [G, ceil(k / G)] and
+    shard_clients places the leading [G] axis (over a mesh's clients axis): each device
+    trains its own clients. Slots beyond k train on nothing (count 0) and are dropped.
     """
-    k = settings.clients_per_round
-    train_all = jax.vmap(local_train, in_axes=(None, None, 0, 0, 0, 0, 0))
+    k, groups = settings.clients_per_round, settings.client_groups
+    slots = -(-k // groups) * groups
+    in_axes = (None, None, 0, 0, 0, 0, 0)
+    train_all = jax.vmap(local_train, in_axes=in_axes)
+
+    def train_in_groups(params, batch_stats, x, y, count, lr, keys) -> client.ClientResult:
+        """train_all over [k] clients, as [G, slots / G] with the [G] axis sharded."""
+        if groups == 1:
+            return train_all(params, batch_stats, *shard_clients((x, y, count, lr, keys)))
+        pad = lambda a: jnp.concatenate([a, a[: slots - k]]) if slots > k else a
+        x, y, lr, keys = (pad(a) for a in (x, y, lr, keys))
+        count = jnp.concatenate([count, jnp.zeros(slots - k, count.dtype)])  # [slots]
+        split = lambda a: a.reshape(groups, slots // groups, *a.shape[1:])
+        grouped = shard_clients(tuple(split(a) for a in (x, y, count, lr, keys)))
+        trained = jax.vmap(train_all, in_axes=in_axes)(params, batch_stats, *grouped)
+        return jax.tree.map(lambda a: a.reshape(slots, *a.shape[2:])[:k], trained)
 
     def round_step(state: ServerState, scenario: Scenario, data: ClientData):
         key = jax.random.fold_in(jax.random.key(scenario.seed), state.round)
@@ -155,8 +172,7 @@ def make_round_step(
             step, settings.lr, settings.lr_decay_factor, settings.lr_decay_every, settings.min_lr
         )
         keys = jax.vmap(lambda c: jax.random.fold_in(k_train, c))(selected)
-        x, y, count, lr, keys = shard_clients((x, y, count, lr, keys))
-        trained = train_all(state.params, state.batch_stats, x, y, count, lr, keys)
+        trained = train_in_groups(state.params, state.batch_stats, x, y, count, lr, keys)
 
         flat_global, unravel = ravel_pytree(state.params)
         flat_local = jax.vmap(lambda p: ravel_pytree(p)[0])(trained.params)  # [k, d]

@@ -146,11 +146,14 @@ def setup(c: ml_collections.ConfigDict) -> Setup:
             c.min_lr,
             c.lr_per_participation,
             c.save_features,
+            sharding.client_groups(mesh),
         ),
         root_data(c, dataset) if defense.needs_root else None,
         sharding.client_constraint(mesh),
     )
-    evaluate = metrics.make_evaluate(model, spec)
+    evaluate = metrics.make_evaluate(
+        model, spec, sharding.client_groups(mesh), sharding.client_constraint(mesh)
+    )
     advance = jax.jit(
         simulation.make_advance(
             round_step,

@@ -13,8 +13,9 @@ def test_mesh_shapes_and_errors():
     assert dict(mesh.shape) == {"experiments": 2, "clients": 2}
     with pytest.raises(sharding.MeshError, match="needs 64 devices"):
         sharding.make_mesh(8, 8)
-    with pytest.raises(sharding.MeshError, match="must divide clients_per_round"):
-        sharding.check_shapes(mesh, 4, 5)
+    with pytest.raises(sharding.MeshError, match="must be at most clients_per_round"):
+        sharding.check_shapes(mesh, 4, 1)
+    sharding.check_shapes(mesh, 4, 5)  # 5 clients train as 2 x 3 slots
     with pytest.raises(sharding.MeshError, match="mesh.experiments=2 must divide"):
         sharding.check_shapes(mesh, 3, 4)
 
@@ -27,20 +28,22 @@ def test_experiment_axis_is_split_over_devices():
     np.testing.assert_array_equal(jax.device_get(x), np.arange(8.0).reshape(4, 2))
 
 
-def test_sharded_sweep_equals_one_device(tmp_path):
+@pytest.mark.parametrize("experiments, clients, k", [(2, 2, 4), (1, 2, 3)])
+def test_sharded_sweep_equals_one_device(tmp_path, experiments, clients, k):
+    # (1, 2, 3): three clients of a round on two devices, as 2 x 2 slots, one of them empty.
     from test_simulation import tiny_config
 
     from fedjax_poison import train
 
     def sweep(**mesh):
-        c = tiny_config(num_rounds=3, clients_per_round=4)
+        c = tiny_config(num_rounds=3, clients_per_round=k)
         c.sweep.seed = (0, 1)
         c.attack.malicious_fraction = 0.25
         c.mesh.update(mesh)
         return train.train_and_evaluate(c, str(tmp_path / "_".join(map(str, mesh.values()))))
 
     one = sweep(experiments=1, clients=1)["final"]
-    many = sweep(experiments=2, clients=2)["final"]
+    many = sweep(experiments=experiments, clients=clients)["final"]
     for a, b in zip(one, many, strict=True):
         assert a["malicious_selected"] == b["malicious_selected"]
         np.testing.assert_allclose(a["recall"], b["recall"], atol=0.02)
