@@ -35,6 +35,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# On CPU, one jax device per core, for the rows that split a round over a mesh (the other
+# rows use one device, as a run does by default). No effect on GPU and TPU.
+_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES_FLAG}={os.cpu_count()}"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -70,6 +75,12 @@ def parse_args(argv=None):
         "--torch-threads", default=f"1,{os.cpu_count()}", help="one PyTorch row per value"
     )
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "out"))
+    p.add_argument(
+        "--mesh-rows",
+        type=int,
+        default=1,
+        help="1: also measure ours over all devices (on CPU, one per core); 0: skip",
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat, no PyTorch")
     a = p.parse_args(argv)
     defaults = configuration.PAPER_DEFAULTS[a.dataset]
@@ -83,9 +94,15 @@ def parse_args(argv=None):
     return a
 
 
-def make_config(a, k: int, num_experiments: int = 1):
-    """The paper's config at k clients a round of n examples each, evaluated every round."""
+def make_config(a, k: int, num_experiments: int = 1, devices: int = 1):
+    """The paper's config at k clients a round of n examples each, evaluated every round.
+
+    With devices > 1: one experiment splits its clients over them (mesh.clients), a sweep
+    its experiments (mesh.experiments).
+    """
     c = configuration.paper_config(a.dataset)
+    if devices > 1:
+        c.mesh["clients" if num_experiments == 1 else "experiments"] = devices
     c.data.source = a.data
     c.num_clients = max(a.num_clients, k)
     c.data.synthetic_train = c.num_clients * a.examples_per_client
@@ -120,12 +137,12 @@ def train_flops_per_example(model_name: str, params) -> float:
 _BUILT = {}
 
 
-def built(kind, a, k: int, num_experiments: int = 1):
-    """One Vectorized / Loop per (kind, k, E): the table and the curves share compiles."""
-    key = (kind, k, num_experiments)
+def built(kind, a, k: int, num_experiments: int = 1, devices: int = 1):
+    """One Vectorized / Loop per (kind, k, E, devices): the table and the curves share compiles."""
+    key = (kind, k, num_experiments, devices)
     if key not in _BUILT:
         if kind == "ours":
-            _BUILT[key] = Vectorized(make_config(a, k, num_experiments))
+            _BUILT[key] = Vectorized(make_config(a, k, num_experiments, devices))
         else:
             ours = built("ours", a, k)
             c = make_config(a, k)
@@ -278,17 +295,26 @@ def summarize(name, rounds, evals, examples, flops, compile_s):
 
 
 def main_table(a, flops) -> list[dict]:
-    k = a.clients_per_round
+    k, devices = a.clients_per_round, mesh_devices(a)
     ours, loop, central = (built(kind, a, k) for kind in ("ours", "loop", "central"))
+    spread = built("ours", a, k, 1, devices) if devices > 1 else None
     examples = ours.s.examples_per_round
-    times = {"ours": ([], []), "loop": ([], []), "central": ([], [])}
+    times = {"ours": ([], []), "spread": ([], []), "loop": ([], []), "central": ([], [])}
     for _ in range(a.repeats):  # alternating, so that load from elsewhere hits all alike
         r, e = ours.measure(1)
         times["ours"][0].extend(r), times["ours"][1].extend(e)
+        if spread:
+            r, e = spread.measure(1)
+            times["spread"][0].extend(r), times["spread"][1].extend(e)
         times["loop"][0].append(loop.round()), times["loop"][1].append(loop.eval(ours.s.test))
         times["central"][0].append(central.round())
     rows = [
-        summarize("vectorized round (vmap, ours)", *times["ours"], examples, flops, ours.compile_s),
+        summarize("vectorized round (vmap, ours)", *times["ours"], examples, flops, ours.compile_s)
+    ]
+    if spread:
+        name = f"ours, clients over {devices} {jax.default_backend()} devices (mesh.clients)"
+        rows.append(summarize(name, *times["spread"], examples, flops, spread.compile_s))
+    rows += [
         summarize("per-client loop + FedAvg", *times["loop"], examples, flops, loop.compile_s),
         summarize("centralized, batch k*B", *times["central"], examples, flops, central.compile_s),
     ]
@@ -321,27 +347,41 @@ def _maybe(value, fmt):
     return "-" if value != value or value is None else format(value, fmt)  # NaN: not measured
 
 
+def mesh_devices(a) -> int:
+    """Devices for the mesh rows: all of them (on CPU, one per core), at most k."""
+    return min(len(jax.devices()), a.clients_per_round) if a.mesh_rows else 1
+
+
 def curve_k(a, flops) -> list[dict]:
     rows = []
+    devices = mesh_devices(a)
     for k in [int(v) for v in a.curve_k.split(",")]:
         ours, loop = built("ours", a, k), built("loop", a, k)
+        spread = built("ours", a, k, 1, devices) if devices > 1 else None
         examples = ours.s.examples_per_round
-        r_ours, r_loop = [], []
+        times = {"ours": [], "loop": [], "mesh": []}
         for _ in range(a.curve_repeats):
-            r_ours.extend(ours.measure(1)[0])
-            r_loop.append(loop.round())
+            times["ours"].extend(ours.measure(1)[0])
+            times["loop"].append(loop.round())
+            if spread:
+                times["mesh"].extend(spread.measure(1)[0])
         row = {"k": k, "examples_per_round": examples}
-        for name, times in (("ours", r_ours), ("loop", r_loop)):
-            row[f"{name}_round_s"] = statistics.median(times)
-            row[f"{name}_examples_per_s"] = examples / row[f"{name}_round_s"]
+        for name, t in times.items():
+            if t:
+                row[f"{name}_round_s"] = statistics.median(t)
+                row[f"{name}_examples_per_s"] = examples / row[f"{name}_round_s"]
         row["ours_gflop_per_s"] = row["ours_examples_per_s"] * flops / 1e9
-        print(f"  k={k}: ours {row['ours_round_s']:.3f} s, loop {row['loop_round_s']:.3f} s")
+        line = f"  k={k}: ours {row['ours_round_s']:.3f} s, loop {row['loop_round_s']:.3f} s"
+        if spread:
+            line += f", ours over {devices} devices {row['mesh_round_s']:.3f} s"
+        print(line)
         rows.append(row)
     return rows
 
 
 def curve_e(a) -> list[dict]:
     rows = []
+    devices = len(jax.devices()) if a.mesh_rows else 1
     for e in [int(v) for v in a.curve_e.split(",")]:
         ours = built("ours", a, a.clients_per_round, e)
         rounds, evals = ours.measure(a.curve_repeats)
@@ -349,7 +389,16 @@ def curve_e(a) -> list[dict]:
         row["eval_s"] = statistics.median(evals)
         row["experiment_rounds_per_s"] = e / row["round_s"]
         row["with_eval_per_s"] = e / (row["round_s"] + row["eval_s"])
-        print(f"  E={e}: {row['round_s']:.3f} s a round, {row['experiment_rounds_per_s']:.2f}/s")
+        line = f"  E={e}: {row['round_s']:.3f} s a round, {row['experiment_rounds_per_s']:.2f}/s"
+        if devices > 1 and e % devices == 0:
+            spread = built("ours", a, a.clients_per_round, e, devices)
+            rounds, evals = spread.measure(a.curve_repeats)
+            row["mesh_with_eval_per_s"] = e / (statistics.median(rounds) + statistics.median(evals))
+            line += f"; with evaluation {row['with_eval_per_s']:.2f}/s on one device, "
+            line += f"{row['mesh_with_eval_per_s']:.2f}/s over {devices} (mesh.experiments)"
+        else:
+            row["mesh_with_eval_per_s"] = float("nan")
+        print(line)
         rows.append(row)
     return rows
 
@@ -403,6 +452,8 @@ def main(argv=None):
         x = [r["k"] for r in ks]
         series = {"vectorized (ours)": [r["ours_round_s"] for r in ks]}
         series["per-client loop"] = [r["loop_round_s"] for r in ks]
+        if "mesh_round_s" in ks[0]:
+            series[f"ours over {mesh_devices(a)} devices"] = [r["mesh_round_s"] for r in ks]
         plot(
             os.path.join(a.out, "scaling_k.png"),
             x,
@@ -418,6 +469,8 @@ def main(argv=None):
         x = [r["experiments"] for r in es]
         series = {"training + FedAvg": [r["experiment_rounds_per_s"] for r in es]}
         series["with evaluation"] = [r["with_eval_per_s"] for r in es]
+        if any(r["mesh_with_eval_per_s"] == r["mesh_with_eval_per_s"] for r in es):
+            series["with evaluation, over all devices"] = [r["mesh_with_eval_per_s"] for r in es]
         plot(
             os.path.join(a.out, "sweep_e.png"),
             x,
