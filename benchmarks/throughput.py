@@ -45,7 +45,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedjax_poison import client, configuration, data, metrics, models, train  # noqa: E402
+from fedjax_poison import (  # noqa: E402
+    client,
+    configuration,
+    data,
+    metrics,
+    models,
+    sharding,
+    train,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Output size of each convolution, in the order of the model's Conv_i layers.
@@ -163,8 +171,9 @@ class Vectorized:
     def __init__(self, c):
         self.s = train.setup(c)
         seeds = jnp.asarray([e.seed for e in self.s.experiments], jnp.int32)
-        self.states = self.s.init_states(seeds)
-        self.scenarios = jax.device_put(self.s.scenarios)
+        # Placed as train.py places a group: split over the mesh's experiment axis.
+        self.states = sharding.by_experiment(self.s.mesh, self.s.init_states(seeds))
+        self.scenarios = sharding.by_experiment(self.s.mesh, self.s.scenarios)
         t = time.perf_counter()
         self.compiled = self.s.advance.lower(
             self.states, self.scenarios, self.s.client_data, self.s.test, jnp.int32(1)
