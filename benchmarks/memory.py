@@ -69,25 +69,24 @@ def report(dataset: str, ks, es) -> None:
     print(f"{dataset} on {jax.default_backend()} ({jax.devices()[0].device_kind}):")
     print("| k | E | data MiB | inputs MiB | temporaries MiB | outputs MiB | total MiB |")
     print("|---|---|---|---|---|---|---|")
-    by_k, by_e = [], []
-    for k, e in [(k, 1) for k in ks] + [(5, e) for e in es if e > 1]:
+    points = sorted({(k, 1) for k in ks} | {(5, e) for e in es} | {(5, 1)})
+    totals = {}
+    for k, e in points:
         f = footprint(dataset, k, e)
-        (by_k if e == 1 else by_e).append((k if e == 1 else e, f["total"]))
+        totals[k, e] = f["total"]
         mib = {key: value / 2**20 for key, value in f.items()}
         print(
             f"| {k} | {e} | {mib['data']:.1f} | {mib['inputs']:.1f} | {mib['temporaries']:.1f} "
             f"| {mib['outputs']:.1f} | {mib['total']:.1f} |"
         )
-    if by_e:
-        by_e = [(1, dict(by_k).get(5, by_k[0][1]))] + by_e
-    per_client = slope(*zip(*by_k))
-    line = f"per extra client of a round: {per_client / 2**20:.2f} MiB"
-    line += f" ({GIB / per_client:,.0f} clients per GiB)"
-    if by_e:
-        per_experiment = slope(*zip(*by_e))
-        line += f"; per extra experiment (k=5): {per_experiment / 2**20:.2f} MiB"
-        line += f" ({GIB / per_experiment:,.0f} experiments per GiB)"
-    print(line)
+    per_client = slope(*zip(*[(k, t) for (k, e), t in totals.items() if e == 1]))
+    per_experiment = slope(*zip(*[(e, t) for (k, e), t in totals.items() if k == 5]))
+    print(
+        f"per extra client of a round: {per_client / 2**20:.2f} MiB "
+        f"({GIB / max(per_client, 1.0):,.0f} clients per GiB); per extra experiment (k=5): "
+        f"{per_experiment / 2**20:.2f} MiB "
+        f"({GIB / max(per_experiment, 1.0):,.0f} experiments per GiB)"
+    )
 
 
 def main(argv=None):

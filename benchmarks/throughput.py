@@ -85,9 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "out"))
     p.add_argument(
         "--mesh-rows",
-        type=int,
-        default=1,
-        help="1: also measure ours over all devices (on CPU, one per core); 0: skip",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure ours over all devices (on CPU, one per core)",
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat, no PyTorch")
     a = p.parse_args(argv)

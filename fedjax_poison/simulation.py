@@ -137,7 +137,7 @@ def make_round_step(
     def train_in_groups(params, batch_stats, x, y, count, lr, keys) -> client.ClientResult:
         """train_all over [k] clients, as [G, slots / G] with the [G] axis sharded."""
         if groups == 1:
-            return train_all(params, batch_stats, *shard_clients((x, y, count, lr, keys)))
+            return train_all(params, batch_stats, x, y, count, lr, keys)
         pad = lambda a: jnp.concatenate([a, a[: slots - k]]) if slots > k else a
         x, y, lr, keys = (pad(a) for a in (x, y, lr, keys))
         count = jnp.concatenate([count, jnp.zeros(slots - k, count.dtype)])  # [slots]

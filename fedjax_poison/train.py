@@ -373,6 +373,7 @@ def _run_group(run: _Run, members: list, carry: checkpoint.Carry, progress):
     Writes each chunk's metrics rows, then checkpoints where due; returns the progress.
     """
     c, s = run.c, run.s
+    primary = sharding.is_primary()
     scenarios = _place(s, _pick(s.scenarios, members))
     while progress.round < c.num_rounds:
         before = progress.round
@@ -386,7 +387,6 @@ def _run_group(run: _Run, members: list, carry: checkpoint.Carry, progress):
         progress = progress._replace(round=before + todo, train_s=progress.train_s + elapsed)
         records = jax.tree.map(lambda r, n=todo: r[:, :n], records)
         carry = _account(s, members, carry, states, records, before)
-        primary = sharding.is_primary()
         if c.save_features and primary:
             _save_features(os.path.dirname(run.metrics_path), members, before, records)
         rows = evaluation_rows(s, members, progress.round, confusion, records, carry.detected)
