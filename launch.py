@@ -25,6 +25,7 @@ def main(argv):
     c = _CONFIG.value
     try:
         configuration.validate(c)
+        sharding.use_cpu_devices(c.mesh.cpu_devices)
         d = c.distributed
         sharding.initialize_distributed(d.coordinator, d.num_processes, d.process_id)
         summary = train.train_and_evaluate(c, _WORKDIR.value)

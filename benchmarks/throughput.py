@@ -8,7 +8,9 @@
 Measured side by side in one process, on the same clients (k a round, n examples and
 batch B each), for one experiment:
   1. vectorized round: `train.setup(config)`'s compiled `advance`, the real code path
-     (selection, gather, vmapped local training, FedAvg; evaluation timed apart);
+     (selection, gather, vmapped local training, FedAvg; evaluation timed apart), as a run
+     places it by default: the round's clients over every device (on CPU, one per core),
+     and again on one device (mesh.clients=1);
   2. per-client loop: a jitted one-client `local_train` called k times from Python, then a
      jitted FedAvg (how FedJAX's default backend and most simulators run a round);
   3. centralized: the same model trained on all k*n examples at batch k*B for the same
@@ -35,11 +37,6 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# On CPU, one jax device per core, for the rows that split a round over a mesh (the other
-# rows use one device, as a run does by default). No effect on GPU and TPU.
-_DEVICES_FLAG = "--xla_force_host_platform_device_count"
-if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES_FLAG}={os.cpu_count()}"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -84,10 +81,10 @@ def parse_args(argv=None):
     )
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "out"))
     p.add_argument(
-        "--mesh-rows",
+        "--one-device-rows",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also measure ours over all devices (on CPU, one per core)",
+        help="also measure ours on one device, where a run uses several",
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat, no PyTorch")
     a = p.parse_args(argv)
@@ -102,15 +99,17 @@ def parse_args(argv=None):
     return a
 
 
-def make_config(a, k: int, num_experiments: int = 1, devices: int = 1):
+ONE_DEVICE = (("clients", 1),)
+
+
+def make_config(a, k: int, num_experiments: int = 1, mesh: tuple = ()):
     """The paper's config at k clients a round of n examples each, evaluated every round.
 
-    With devices > 1: one experiment splits its clients over them (mesh.clients), a sweep
-    its experiments (mesh.experiments).
+    mesh: (field, value) pairs of the mesh block; () keeps the default (mesh.clients=0,
+    every device, on CPU one per core).
     """
     c = configuration.paper_config(a.dataset)
-    if devices > 1:
-        c.mesh["clients" if num_experiments == 1 else "experiments"] = devices
+    c.mesh.update(dict(mesh))
     c.data.source = a.data
     c.num_clients = max(a.num_clients, k)
     c.data.synthetic_train = c.num_clients * a.examples_per_client
@@ -145,18 +144,22 @@ def train_flops_per_example(model_name: str, params) -> float:
 _BUILT = {}
 
 
-def built(kind, a, k: int, num_experiments: int = 1, devices: int = 1):
-    """One Vectorized / Loop per (kind, k, E, devices): the table and the curves share compiles."""
-    key = (kind, k, num_experiments, devices)
+def built(kind, a, k: int, num_experiments: int = 1, mesh: tuple = ()):
+    """One Vectorized / Loop per (kind, k, E, mesh): the table and the curves share compiles."""
+    key = (kind, k, num_experiments, mesh)
     if key not in _BUILT:
         if kind == "ours":
-            _BUILT[key] = Vectorized(make_config(a, k, num_experiments, devices))
+            _BUILT[key] = Vectorized(make_config(a, k, num_experiments, mesh))
         else:
-            ours = built("ours", a, k)
-            c = make_config(a, k)
+            c = make_config(a, k, mesh=ONE_DEVICE)
             cls = Loop if kind == "loop" else Centralized
-            _BUILT[key] = cls(c, build_model(c), ours.s.client_data)
+            _BUILT[key] = cls(c, build_model(c), on_first_device(built("ours", a, k).s.client_data))
     return _BUILT[key]
+
+
+def on_first_device(tree):
+    """A copy of tree on one device (the loop and centralized rows run on one)."""
+    return jax.device_put(tree, jax.devices()[0])
 
 
 def timed(fn, *args):
@@ -304,25 +307,26 @@ def summarize(name, rounds, evals, examples, flops, compile_s):
 
 
 def main_table(a, flops) -> list[dict]:
-    k, devices = a.clients_per_round, mesh_devices(a)
+    k, devices = a.clients_per_round, mesh_devices(a.clients_per_round)
     ours, loop, central = (built(kind, a, k) for kind in ("ours", "loop", "central"))
-    spread = built("ours", a, k, 1, devices) if devices > 1 else None
-    examples = ours.s.examples_per_round
-    times = {"ours": ([], []), "spread": ([], []), "loop": ([], []), "central": ([], [])}
+    one = built("ours", a, k, 1, ONE_DEVICE) if devices > 1 and a.one_device_rows else None
+    examples, test = ours.s.examples_per_round, on_first_device(ours.s.test)
+    times = {"ours": ([], []), "one": ([], []), "loop": ([], []), "central": ([], [])}
     for _ in range(a.repeats):  # alternating, so that load from elsewhere hits all alike
         r, e = ours.measure(1)
         times["ours"][0].extend(r), times["ours"][1].extend(e)
-        if spread:
-            r, e = spread.measure(1)
-            times["spread"][0].extend(r), times["spread"][1].extend(e)
-        times["loop"][0].append(loop.round()), times["loop"][1].append(loop.eval(ours.s.test))
+        if one:
+            r, e = one.measure(1)
+            times["one"][0].extend(r), times["one"][1].extend(e)
+        times["loop"][0].append(loop.round()), times["loop"][1].append(loop.eval(test))
         times["central"][0].append(central.round())
-    rows = [
-        summarize("vectorized round (vmap, ours)", *times["ours"], examples, flops, ours.compile_s)
-    ]
-    if spread:
-        name = f"ours, clients over {devices} {jax.default_backend()} devices (mesh.clients)"
-        rows.append(summarize(name, *times["spread"], examples, flops, spread.compile_s))
+    name = "vectorized round (vmap, ours)"
+    if devices > 1:
+        name += f": clients over {devices} {jax.default_backend()} devices, the default"
+    rows = [summarize(name, *times["ours"], examples, flops, ours.compile_s)]
+    if one:
+        name = "ours on one device (mesh.clients=1)"
+        rows.append(summarize(name, *times["one"], examples, flops, one.compile_s))
     rows += [
         summarize("per-client loop + FedAvg", *times["loop"], examples, flops, loop.compile_s),
         summarize("centralized, batch k*B", *times["central"], examples, flops, central.compile_s),
@@ -356,41 +360,45 @@ def _maybe(value, fmt):
     return "-" if value != value or value is None else format(value, fmt)  # NaN: not measured
 
 
-def mesh_devices(a) -> int:
-    """Devices for the mesh rows: all of them (on CPU, one per core), at most k."""
-    return min(len(jax.devices()), a.clients_per_round) if a.mesh_rows else 1
+def mesh_devices(k: int, experiments: int = 1) -> int:
+    """The devices a run's round uses by default (mesh.clients=0)."""
+    return sharding.auto_clients(experiments, k)
 
 
 def curve_k(a, flops) -> list[dict]:
     rows = []
-    devices = mesh_devices(a)
     for k in [int(v) for v in a.curve_k.split(",")]:
+        devices = mesh_devices(k)
         ours, loop = built("ours", a, k), built("loop", a, k)
-        spread = built("ours", a, k, 1, devices) if devices > 1 else None
+        one = built("ours", a, k, 1, ONE_DEVICE) if devices > 1 and a.one_device_rows else None
         examples = ours.s.examples_per_round
-        times = {"ours": [], "loop": [], "mesh": []}
+        times = {"ours": [], "loop": [], "one_device": []}
         for _ in range(a.curve_repeats):
             times["ours"].extend(ours.measure(1)[0])
             times["loop"].append(loop.round())
-            if spread:
-                times["mesh"].extend(spread.measure(1)[0])
-        row = {"k": k, "examples_per_round": examples}
+            if one:
+                times["one_device"].extend(one.measure(1)[0])
+        row = {"k": k, "devices": devices, "examples_per_round": examples}
         for name, t in times.items():
             if t:
                 row[f"{name}_round_s"] = statistics.median(t)
                 row[f"{name}_examples_per_s"] = examples / row[f"{name}_round_s"]
         row["ours_gflop_per_s"] = row["ours_examples_per_s"] * flops / 1e9
-        line = f"  k={k}: ours {row['ours_round_s']:.3f} s, loop {row['loop_round_s']:.3f} s"
-        if spread:
-            line += f", ours over {devices} devices {row['mesh_round_s']:.3f} s"
+        row["loop_over_ours"] = row["loop_round_s"] / row["ours_round_s"]
+        line = f"  k={k}: ours over {devices} device(s) {row['ours_round_s']:.3f} s"
+        if one:
+            line += f", ours on one device {row['one_device_round_s']:.3f} s"
+        line += f", loop {row['loop_round_s']:.3f} s ({row['loop_over_ours']:.2f}x ours)"
         print(line)
         rows.append(row)
     return rows
 
 
 def curve_e(a) -> list[dict]:
+    """Experiment-rounds/s for E experiments: by default (the round's clients over the
+    devices), and with the experiments over them (mesh.experiments), where they divide."""
     rows = []
-    devices = len(jax.devices()) if a.mesh_rows else 1
+    devices = mesh_devices(a.clients_per_round)
     for e in [int(v) for v in a.curve_e.split(",")]:
         ours = built("ours", a, a.clients_per_round, e)
         rounds, evals = ours.measure(a.curve_repeats)
@@ -399,12 +407,13 @@ def curve_e(a) -> list[dict]:
         row["experiment_rounds_per_s"] = e / row["round_s"]
         row["with_eval_per_s"] = e / (row["round_s"] + row["eval_s"])
         line = f"  E={e}: {row['round_s']:.3f} s a round, {row['experiment_rounds_per_s']:.2f}/s"
+        line += f", with evaluation {row['with_eval_per_s']:.2f}/s"
         if devices > 1 and e % devices == 0:
-            spread = built("ours", a, a.clients_per_round, e, devices)
+            mesh = (("experiments", devices), ("clients", 1))
+            spread = built("ours", a, a.clients_per_round, e, mesh)
             rounds, evals = spread.measure(a.curve_repeats)
             row["mesh_with_eval_per_s"] = e / (statistics.median(rounds) + statistics.median(evals))
-            line += f"; with evaluation {row['with_eval_per_s']:.2f}/s on one device, "
-            line += f"{row['mesh_with_eval_per_s']:.2f}/s over {devices} (mesh.experiments)"
+            line += f"; experiments over {devices} devices {row['mesh_with_eval_per_s']:.2f}/s"
         else:
             row["mesh_with_eval_per_s"] = float("nan")
         print(line)
@@ -437,6 +446,7 @@ def plot(path, x, series, xlabel, ylabel, title):
 
 def main(argv=None):
     a = parse_args(argv)
+    sharding.use_cpu_devices(0)  # as launch.py: one device per core on CPU
     os.makedirs(a.out, exist_ok=True)
     c = make_config(a, a.clients_per_round)
     model = build_model(c)
@@ -459,10 +469,10 @@ def main(argv=None):
         ks = curve_k(a, flops)
         write_csv(os.path.join(a.out, "scaling_k.csv"), ks)
         x = [r["k"] for r in ks]
-        series = {"vectorized (ours)": [r["ours_round_s"] for r in ks]}
+        series = {"vectorized (ours, default devices)": [r["ours_round_s"] for r in ks]}
+        if all("one_device_round_s" in r for r in ks):
+            series["ours on one device"] = [r["one_device_round_s"] for r in ks]
         series["per-client loop"] = [r["loop_round_s"] for r in ks]
-        if "mesh_round_s" in ks[0]:
-            series[f"ours over {mesh_devices(a)} devices"] = [r["mesh_round_s"] for r in ks]
         plot(
             os.path.join(a.out, "scaling_k.png"),
             x,
@@ -479,7 +489,9 @@ def main(argv=None):
         series = {"training + FedAvg": [r["experiment_rounds_per_s"] for r in es]}
         series["with evaluation"] = [r["with_eval_per_s"] for r in es]
         if any(r["mesh_with_eval_per_s"] == r["mesh_with_eval_per_s"] for r in es):
-            series["with evaluation, over all devices"] = [r["mesh_with_eval_per_s"] for r in es]
+            series["with evaluation, experiments over the devices"] = [
+                r["mesh_with_eval_per_s"] for r in es
+            ]
         plot(
             os.path.join(a.out, "sweep_e.png"),
             x,

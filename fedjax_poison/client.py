@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_poison import data as data_lib
+from fedjax_poison import sharding
 
 
 class TrainSettings(NamedTuple):
@@ -71,9 +72,16 @@ def batch_order(key: jax.Array, count: jax.Array, n: int, settings: TrainSetting
 
 
 def make_local_train(
-    model: nn.Module, spec: data_lib.DatasetSpec, settings: TrainSettings
+    model: nn.Module,
+    spec: data_lib.DatasetSpec,
+    settings: TrainSettings,
+    devices_in_use: int = 1,
 ) -> Callable[..., ClientResult]:
-    """Returns local_train(params, batch_stats, x [n,H,W,C] u8, y [n], count, lr, key)."""
+    """Returns local_train(params, batch_stats, x [n,H,W,C] u8, y [n], count, lr, key).
+
+    devices_in_use: how many devices of this process run at once (the run's mesh); on CPU
+    they share the cores, which sets how many clients a device trains at once.
+    """
     tx_for = lambda lr: optax.sgd(lr, momentum=settings.momentum or None)
 
     def loss_fn(params, batch_stats, x, y, mask):
@@ -121,18 +129,21 @@ def make_local_train(
         mean_loss = loss_sum / jnp.maximum(count * settings.local_epochs, 1)
         return ClientResult(params, batch_stats, mean_loss)
 
-    return _vmap_in_chunks(local_train, _client_chunk(spec, settings))
+    return _vmap_in_chunks(local_train, _client_chunk(spec, settings, devices_in_use))
 
 
-def _client_chunk(spec: data_lib.DatasetSpec, settings: TrainSettings) -> int:
-    """How many clients a vmapped call trains at once on CPU: about 16k input values a step.
+def _client_chunk(spec: data_lib.DatasetSpec, settings: TrainSettings, devices: int) -> int:
+    """How many clients a vmapped call trains at once on CPU: about 4k input values a step
+    for each core of the device.
 
-    With all k at once, one step's working set (the convolutions' patches) outgrows the
-    CPU's caches: chunks are 1.26x faster at k=50 on Fashion-MNIST (5 clients a chunk) and
-    1.21x at k=5 on CIFAR-10 (1 client), on 2 cores (benchmarks/README.md).
+    A step's working set (the convolutions' patches) must stay in the core's cache. On 2
+    cores, Fashion-MNIST at B=4 (3,136 values a client): one device per core trains 1.07-1.18x
+    faster one client at a time than 2 or 5 at once; one device on both cores is as fast with
+    2 as with 5, and 1.18x faster than with 1 (benchmarks/README.md).
     """
+    cores = max(1, sharding.cpu_cores() // max(1, devices))
     per_client = settings.batch_size * math.prod(spec.image_shape)
-    return max(1, 16384 // per_client)
+    return max(1, 4096 * cores // per_client)
 
 
 def _vmap_in_chunks(fn: Callable, chunk: int) -> Callable:

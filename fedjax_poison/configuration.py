@@ -102,8 +102,10 @@ def paper_config(dataset: str) -> ml_collections.ConfigDict:
     c.sweep = ml_collections.ConfigDict({axis: () for axis in SWEEP_AXES})
     c.sweep.mode = "product"  # product | zip
     c.sweep.max_parallel = 0  # experiments run at once; 0 = all
-    # Devices for the experiment axis of a sweep and for the clients of a round.
-    c.mesh = ml_collections.ConfigDict(dict(clients=1, experiments=1))
+    # Devices for the experiment axis of a sweep and for the clients of a round;
+    # clients=0: all devices the experiments axis leaves (on CPU, one per core), at most k.
+    # cpu_devices: jax devices on a CPU, 0 = one per core (read by launch.py).
+    c.mesh = ml_collections.ConfigDict(dict(clients=0, experiments=1, cpu_devices=0))
     # Several hosts: coordinator "host:port" (or "auto" on TPU pods and SLURM); see BUILD.md.
     c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0))
     return c
@@ -202,8 +204,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(
         c.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0", c.data.dirichlet_alpha
     )
-    for field in ("clients", "experiments"):
-        _check(c.mesh[field] > 0, f"mesh.{field}", "must be a positive integer", c.mesh[field])
+    experiments = c.mesh.experiments
+    _check(experiments > 0, "mesh.experiments", "must be a positive integer", experiments)
+    for field in ("clients", "cpu_devices"):
+        _check(c.mesh[field] >= 0, f"mesh.{field}", "must be >= 0 (0 = automatic)", c.mesh[field])
     _validate_distributed(c.distributed)
     for field in ("synthetic_train", "synthetic_test"):
         value = c.data[field]

@@ -26,6 +26,37 @@ class MeshError(ValueError):
     """The requested mesh does not fit the devices or the run's shapes."""
 
 
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def use_cpu_devices(count: int) -> None:
+    """Gives the CPU backend `count` jax devices, 0 = one per core; before any device is used.
+
+    Each CPU device runs its own stream of operations on one core. Small operations (a
+    client's step at batch 4) do not split well over threads, so a round split over one
+    device per core trains about 1.6x faster on 2 cores than on one device using both
+    (benchmarks/README.md). A device count in XLA_FLAGS, when given, wins.
+    """
+    if _DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):
+        jax.config.update("jax_num_cpu_devices", count or cpu_cores())
+
+
+def auto_clients(experiments: int, clients_per_round: int) -> int:
+    """mesh.clients=0: the devices left by the experiments axis, at most k.
+
+    On CPU only one device per core counts: more would share cores.
+    """
+    usable = jax.device_count()
+    if jax.default_backend() == "cpu":
+        usable = min(jax.local_device_count(), cpu_cores()) * jax.process_count()
+    return max(1, min(clients_per_round, usable // experiments))
+
+
 def make_mesh(experiments: int, clients: int) -> Mesh | None:
     """A [experiments, clients] device mesh, or None for a one-device run."""
     need = experiments * clients
@@ -36,7 +67,7 @@ def make_mesh(experiments: int, clients: int) -> Mesh | None:
         raise MeshError(
             f"mesh.experiments x mesh.clients = {experiments} x {clients} needs {need} devices, "
             f"{len(devices)} available ({jax.default_backend()}); on CPU, set "
-            f"XLA_FLAGS=--xla_force_host_platform_device_count={need}"
+            f"mesh.cpu_devices={need}"
         )
     # Auto axes: XLA propagates the placement of inputs and the client constraint.
     return jax.make_mesh(
@@ -110,6 +141,13 @@ def barrier(name: str) -> None:
 def client_groups(mesh: Mesh | None) -> int:
     """How many devices share the clients of a round (and the test set)."""
     return 1 if mesh is None else mesh.shape[CLIENTS]
+
+
+def local_devices(mesh: Mesh | None) -> int:
+    """How many of this process's devices the run uses."""
+    if mesh is None:
+        return 1
+    return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
 
 
 def client_constraint(mesh: Mesh | None) -> Callable:

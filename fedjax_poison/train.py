@@ -109,7 +109,8 @@ def setup(c: ml_collections.ConfigDict) -> Setup:
         len(dataset.y_train),
         len(dataset.y_test),
     )
-    mesh = sharding.make_mesh(c.mesh.experiments, c.mesh.clients)
+    mesh_clients = c.mesh.clients or sharding.auto_clients(c.mesh.experiments, c.clients_per_round)
+    mesh = sharding.make_mesh(c.mesh.experiments, mesh_clients)
     group_size = len(experiment_groups(len(exps), c.sweep.max_parallel, c.mesh.experiments)[0])
     sharding.check_shapes(mesh, group_size, c.clients_per_round)
     host_clients = build_client_data(c, dataset)
@@ -134,6 +135,7 @@ def setup(c: ml_collections.ConfigDict) -> Setup:
         model,
         spec,
         client.TrainSettings(c.batch_size, c.local_epochs, c.momentum, c.augment),
+        devices_in_use=sharding.local_devices(mesh),
     )
     round_step = simulation.make_round_step(
         local_train,

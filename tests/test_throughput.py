@@ -25,9 +25,10 @@ def test_quick_benchmark_prints_the_table_and_writes_the_curves(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     with open(tmp_path / "table.csv") as f:
         rows = list(csv.DictReader(f))
-    # ours, ours over 2 devices (k=2; the test's four CPU devices), loop, centralized
+    # ours (by default over 2 devices: k=2, 2 cores), ours on one device, loop, centralized
     assert len(rows) == 4 and float(rows[0]["vs_ours"]) == 1.0
-    assert "clients over 2 cpu devices" in rows[1]["method"]
+    assert "clients over 2 cpu devices, the default" in rows[0]["method"]
+    assert "one device" in rows[1]["method"]
     assert all(float(r["examples_per_s"]) > 0 for r in rows)
     with open(tmp_path / "scaling_k.csv") as f:
         assert [int(r["k"]) for r in csv.DictReader(f)] == [2, 4]
