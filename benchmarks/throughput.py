@@ -307,7 +307,7 @@ def summarize(name, rounds, evals, examples, flops, compile_s):
 
 
 def main_table(a, flops) -> list[dict]:
-    k, devices = a.clients_per_round, mesh_devices(a.clients_per_round)
+    k, devices = a.clients_per_round, sharding.auto_clients(1, a.clients_per_round)
     ours, loop, central = (built(kind, a, k) for kind in ("ours", "loop", "central"))
     one = built("ours", a, k, 1, ONE_DEVICE) if devices > 1 and a.one_device_rows else None
     examples, test = ours.s.examples_per_round, on_first_device(ours.s.test)
@@ -360,15 +360,10 @@ def _maybe(value, fmt):
     return "-" if value != value or value is None else format(value, fmt)  # NaN: not measured
 
 
-def mesh_devices(k: int, experiments: int = 1) -> int:
-    """The devices a run's round uses by default (mesh.clients=0)."""
-    return sharding.auto_clients(experiments, k)
-
-
 def curve_k(a, flops) -> list[dict]:
     rows = []
     for k in [int(v) for v in a.curve_k.split(",")]:
-        devices = mesh_devices(k)
+        devices = sharding.auto_clients(1, k)
         ours, loop = built("ours", a, k), built("loop", a, k)
         one = built("ours", a, k, 1, ONE_DEVICE) if devices > 1 and a.one_device_rows else None
         examples = ours.s.examples_per_round
@@ -398,7 +393,7 @@ def curve_e(a) -> list[dict]:
     """Experiment-rounds/s for E experiments: by default (the round's clients over the
     devices), and with the experiments over them (mesh.experiments), where they divide."""
     rows = []
-    devices = mesh_devices(a.clients_per_round)
+    devices = sharding.auto_clients(1, a.clients_per_round)
     for e in [int(v) for v in a.curve_e.split(",")]:
         ours = built("ours", a, a.clients_per_round, e)
         rounds, evals = ours.measure(a.curve_repeats)
