@@ -9,7 +9,7 @@ set, states), the outputs and the temporaries. The slopes give the bytes each ex
 client of a round and each extra experiment costs; "per GiB" is how many fit in one GiB
 beyond the fixed part (the client data and the test set, held once). Compiles only; no
 round runs. The figures are the current backend's: on CPU, clients train in cache-sized
-chunks (client._client_chunk), which caps the training temporaries; on accelerators all
+chunks (sharding.cpu_chunk), which caps the training temporaries; on accelerators all
 k train at once and the per-client slope is larger.
 """
 

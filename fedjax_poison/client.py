@@ -129,21 +129,8 @@ def make_local_train(
         mean_loss = loss_sum / jnp.maximum(count * settings.local_epochs, 1)
         return ClientResult(params, batch_stats, mean_loss)
 
-    return _vmap_in_chunks(local_train, _client_chunk(spec, settings, devices_in_use))
-
-
-def _client_chunk(spec: data_lib.DatasetSpec, settings: TrainSettings, devices: int) -> int:
-    """How many clients a vmapped call trains at once on CPU: about 4k input values a step
-    for each core of the device.
-
-    A step's working set (the convolutions' patches) must stay in the core's cache. On 2
-    cores, Fashion-MNIST at B=4 (3,136 values a client): one device per core trains 1.07-1.18x
-    faster one client at a time than 2 or 5 at once; one device on both cores is as fast with
-    2 as with 5, and 1.18x faster than with 1 (benchmarks/README.md).
-    """
-    cores = max(1, sharding.cpu_cores() // max(1, devices))
-    per_client = settings.batch_size * math.prod(spec.image_shape)
-    return max(1, 4096 * cores // per_client)
+    values_per_client = settings.batch_size * math.prod(spec.image_shape)  # a step's input
+    return _vmap_in_chunks(local_train, sharding.cpu_chunk(values_per_client, devices_in_use))
 
 
 def _vmap_in_chunks(fn: Callable, chunk: int) -> Callable:

@@ -154,7 +154,11 @@ def setup(c: ml_collections.ConfigDict) -> Setup:
         sharding.client_constraint(mesh),
     )
     evaluate = metrics.make_evaluate(
-        model, spec, sharding.client_groups(mesh), sharding.client_constraint(mesh)
+        model,
+        spec,
+        sharding.client_groups(mesh),
+        sharding.client_constraint(mesh),
+        devices_in_use=sharding.local_devices(mesh),
     )
     advance = jax.jit(
         simulation.make_advance(
