@@ -433,9 +433,8 @@ def plot(path, x, series, xlabel, ylabel, title):
     for label, ys in series.items():
         ax.plot(x, ys, marker="o", label=label)
     ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below: no overlap
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

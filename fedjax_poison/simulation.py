@@ -295,7 +295,7 @@ def make_advance(
     The experiments run as [G, E / G], G = experiment_groups: the [G] axis is vmapped onto
     the mesh axis `spmd_axis_name`; a device's E / G experiments are vmapped on an
     accelerator, and run one after the other on CPU, where a step as wide as several
-    experiments leaves the cache: a sweep of 4 runs 1.4x faster (benchmarks/README.md).
+    experiments leaves the cache: a sweep of 4 runs 1.3x faster (benchmarks/README.md).
     """
 
     def advance_one(state, scenario, data, test, num_rounds):
