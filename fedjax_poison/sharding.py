@@ -157,6 +157,11 @@ def client_groups(mesh: Mesh | None) -> int:
     return 1 if mesh is None else mesh.shape[CLIENTS]
 
 
+def experiment_shards(mesh: Mesh | None) -> int:
+    """How many devices share the experiments of a group."""
+    return 1 if mesh is None else mesh.shape[EXPERIMENTS]
+
+
 def local_devices(mesh: Mesh | None) -> int:
     """How many of this process's devices the run uses."""
     return 1 if mesh is None else len(mesh.local_devices)

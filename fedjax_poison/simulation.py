@@ -283,7 +283,7 @@ def make_advance(
     clients_per_round: int,
     spmd_axis_name: str | None = None,
     feature_dim: int = 0,
-    experiment_groups: int = 1,
+    experiment_shards: int = 1,
 ) -> Callable[..., tuple[ServerState, RoundRecord, jax.Array]]:
     """Returns advance(states [E], scenarios [E], data, test, num_rounds) for all experiments.
 
@@ -292,7 +292,7 @@ def make_advance(
     new states, the records [E, max_rounds, ...] (rows past num_rounds are zeros) and the
     confusion matrices [E, C, C].
 
-    The experiments run as [G, E / G], G = experiment_groups: the [G] axis is vmapped onto
+    The experiments run as [G, E / G], G = experiment_shards: the [G] axis is vmapped onto
     the mesh axis `spmd_axis_name`; a device's E / G experiments are vmapped on an
     accelerator, and run one after the other on CPU, where a step as wide as several
     experiments leaves the cache: a sweep of 4 runs 1.3x faster (benchmarks/README.md).
@@ -320,8 +320,8 @@ def make_advance(
     advance_groups = jax.vmap(advance_group, in_axes=in_axes, spmd_axis_name=spmd_axis_name)
 
     def advance(states, scenarios, data, test, num_rounds):
-        groups = experiment_groups
-        split = lambda a: a.reshape(groups, a.shape[0] // groups, *a.shape[1:])
+        g = experiment_shards
+        split = lambda a: a.reshape(g, a.shape[0] // g, *a.shape[1:])  # [E, ...] -> [G, E/G, ...]
         merge = lambda a: a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
         states, scenarios = jax.tree.map(split, (states, scenarios))
         out = advance_groups(states, scenarios, data, test, num_rounds)

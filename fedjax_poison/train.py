@@ -168,7 +168,7 @@ def setup(c: ml_collections.ConfigDict) -> Setup:
             c.clients_per_round,
             sharding.spmd_axis(mesh),
             head.shape[0] if c.save_features else 0,
-            experiment_groups=c.mesh.experiments,
+            experiment_shards=sharding.experiment_shards(mesh),
         ),
         donate_argnums=0,
         compiler_options=compiler_options(),
