@@ -1,0 +1,555 @@
+"""A run's workdir: claimed under a lock, written atomically, cleared of the run's files only.
+
+A workdir is the run's if it holds MARKER, the tool's manifest: the tool, the format, when
+the run began, its config, and every relative path the run wrote:
+
+    "file"    written through the workdir; clear() deletes it
+    "folder"  made to hold written files (features/, plots/); clear() deletes it only when
+              nothing is left in it, so a file the user put there stays
+    "owned"   handed whole to another writer by folder() (orbax's checkpoints/); clear()
+              deletes it with everything in it, since the run cannot list what that writer put
+
+A path enters the manifest before it is written, so a kill never leaves a file the run wrote
+unlisted. A folder that holds anything and no marker is never the run's: it is refused, and
+nothing in it is deleted. LOCK holds an flock while a run uses the workdir; the kernel drops
+it when that process ends, however it ends, so a lock never outlives its run.
+"""
+
+import codecs
+import contextlib
+import datetime
+import errno
+import fcntl
+import json
+import math
+import os
+import secrets
+import shutil
+import socket
+import sys
+from collections.abc import Callable, Iterable, Mapping
+
+from absl import logging
+
+from fedjax_poison import errors
+
+TOOL = "fedjax_poison"
+FORMAT = 1
+MARKER = "fedjax_poison_run.json"
+LOCK = ".lock"
+# Fields that may change between the launches of one run: they do not change its results.
+RESUMABLE_FIELDS = ("overwrite", "checkpoint_every")
+FILE, FOLDER, OWNED = "file", "folder", "owned"
+_held: set = set()  # (device, inode) of the lock files this process holds
+
+
+class WorkdirError(errors.UserError):
+    """The workdir cannot be claimed, read or written; one line naming the path and what to do."""
+
+
+def clean(value):
+    """JSON-safe: NaN and inf become null, numpy scalars and arrays become Python values."""
+    if isinstance(value, Mapping):
+        return {clean(k): clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    if hasattr(value, "tolist"):
+        return clean(value.tolist())
+    if hasattr(value, "to_dict"):  # an ml_collections.ConfigDict
+        return clean(value.to_dict())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def dumps(obj) -> str:
+    """One line of strict JSON (no NaN) for `obj` after `clean`."""
+    return json.dumps(clean(obj), allow_nan=False)
+
+
+class Workdir:
+    """A claimed, locked workdir; every file of a run is written through it.
+
+    On a process that is not the primary one of a multi-host run, writes and clear() do
+    nothing and folder() only names the path: one process writes, the others read.
+    """
+
+    def __init__(self, path: str, lock, header: dict, resumed: bool, primary: bool):
+        self.path = path  # absolute
+        self.resumed = resumed  # the workdir held a run of this config (always False off primary)
+        self.primary = primary
+        self._lock = lock  # the open LOCK file, or None
+        self._header = {k: v for k, v in header.items() if k != "paths"}
+        self._paths = dict(header.get("paths", {}))
+
+    @classmethod
+    def claim(
+        cls,
+        path,
+        config: Mapping,
+        *,
+        overwrite: bool,
+        resumable_fields: Iterable[str] = RESUMABLE_FIELDS,
+        primary: bool = True,
+    ) -> "Workdir":
+        """Locks `path` and resumes the run of `config` in it, or starts one.
+
+        A workdir of another config (up to resumable_fields) is refused, unless overwrite
+        clears it first. Nothing is created, locked or read off the primary process.
+        """
+        path = _check_path(path)
+        if not primary:
+            return cls(path, None, {}, resumed=False, primary=False)
+        _refuse_foreign(path)  # before the lock file: a stranger's folder gets nothing new
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise _error(path, e, "create") from None
+        lock = _take_lock(path)
+        try:
+            return cls._open(path, lock, json.loads(dumps(config)), overwrite, resumable_fields)
+        except BaseException:
+            _release(lock)
+            raise
+
+    @classmethod
+    def _open(cls, path, lock, config, overwrite, resumable_fields) -> "Workdir":
+        _refuse_foreign(path)  # again, now that no other claim can run
+        marker = _read_marker(path)
+        if marker is None:
+            fresh = cls(path, lock, _new_header(config), resumed=False, primary=True)
+            fresh._save_marker()
+            return fresh
+        old = cls(path, lock, marker, resumed=True, primary=True)
+        fields = tuple(resumable_fields)
+        difference = _first_difference(_strip(marker["config"], fields), _strip(config, fields))
+        if difference is None:
+            return old
+        field, was, now = difference
+        if not overwrite:
+            raise WorkdirError(
+                f"workdir {_show(path)} holds a run of another config ({field} is "
+                f"{_short(was)} there, {_short(now)} now): use another --workdir, or "
+                "--config.overwrite=True to replace it"
+            )
+        logging.warning("overwrite: replacing the run in %s (%s was %r)", path, field, was)
+        old.clear()
+        old._header, old.resumed = _new_header(config), False
+        old._save_marker()
+        return old
+
+    def clear(self) -> None:
+        """Deletes what the manifest lists, and nothing else (see the module docstring)."""
+        if not self.primary:
+            return
+        self._check_open(self.path)
+        by_depth = sorted(self._paths.items(), key=lambda item: -item[0].count("/"))
+        for kinds in ((OWNED,), (FILE,), (FOLDER,)):
+            for name, kind in by_depth:
+                if kind in kinds:
+                    _delete(self.path, name, kind)
+        self._paths = {}
+        self._save_marker()
+
+    def folder(self, name: str) -> str:
+        """The path of sub-folder `name`, made and handed whole to another writer (see OWNED)."""
+        path = self.join(name)
+        if not self.primary or self._inside_owned(self._check_open(name)):
+            return path
+        if self._paths.get(name) != OWNED:
+            if os.path.lexists(path):
+                raise WorkdirError(
+                    f"{_show(path)} exists but was not made by this run: move it out of the "
+                    "workdir, or use another --workdir"
+                )
+            self._make_parents(name)
+            self._record(name, OWNED)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise _error(path, e, "create") from None
+        return path
+
+    def join(self, name: str) -> str:
+        """The absolute path of `name` (relative, inside the workdir)."""
+        _check_name(name)
+        return os.path.join(self.path, name)
+
+    def write_text(self, name: str, text: str) -> None:
+        """Replaces file `name` with `text` atomically (see write_bytes)."""
+        self.write_bytes(name, text.encode("utf-8"))
+
+    def write_json(self, name: str, obj) -> None:
+        """Replaces file `name` with `obj` as indented JSON (see `clean`), atomically."""
+        self.write_text(name, json.dumps(clean(obj), indent=2, allow_nan=False) + "\n")
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Replaces file `name` atomically: readers see the old content or the new, whole.
+
+        The file is readable by others as far as the umask allows (0644 under umask 022).
+        """
+        if self.primary:
+            _write_atomic(self._prepare(name), bytes(data))
+
+    def append_lines(self, name: str, rows: Iterable[Mapping]) -> None:
+        """Appends one JSON line per row, on disk when it returns; on failure, none of them."""
+        data = b"".join(_row_line(row) for row in rows)
+        if self.primary and data:
+            _append(self._prepare(name), data)
+
+    def read_lines(self, name: str) -> list[dict]:
+        """The rows of JSON-lines file `name` ([] if missing); never changes the file.
+
+        A last line without its newline that was cut off (a killed writer) is dropped; any
+        other line that is not a JSON object raises WorkdirError naming it.
+        """
+        path = self.join(name)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise _error(path, e, "read") from None
+        return _parse_lines(path, data)
+
+    def truncate_lines(self, name: str, keep: Callable[[dict], bool]) -> int:
+        """Rewrites `name` keeping the rows for which keep(row) is true; returns how many.
+
+        A damaged file raises (see read_lines) before anything is rewritten.
+        """
+        rows = [row for row in self.read_lines(name) if keep(row)]
+        self.write_text(name, "".join(dumps(row) + "\n" for row in rows))
+        return len(rows)
+
+    def release(self) -> None:
+        """Gives up the lock; the workdir cannot be written through this object afterwards."""
+        if self._lock is not None:
+            _release(self._lock)
+            self._lock = None
+
+    def __enter__(self) -> "Workdir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _inside_owned(self, name: str) -> bool:
+        parts = name.split("/")
+        return any(self._paths.get("/".join(parts[:i])) == OWNED for i in range(1, len(parts)))
+
+    def _prepare(self, name: str) -> str:
+        """The path of file `name`, listed in the manifest, its folders made."""
+        path = self._check_open(self.join(name))
+        self._make_parents(name)
+        if not self._inside_owned(name):
+            self._record(name, FILE)
+        return path
+
+    def _check_open(self, value):
+        if self._lock is None:
+            raise RuntimeError(f"workdir {self.path} was released")
+        return value
+
+    def _make_parents(self, name: str) -> None:
+        """Makes the missing folders on the way to `name`, listed unless in an owned one."""
+        parts = name.split("/")[:-1]
+        for folder in ("/".join(parts[: i + 1]) for i in range(len(parts))):
+            path = os.path.join(self.path, folder)
+            if not os.path.isdir(path):
+                if not (os.path.lexists(path) or self._inside_owned(folder)):
+                    self._record(folder, FOLDER)
+                try:
+                    os.mkdir(path)
+                except OSError as e:
+                    raise _error(path, e, "create") from None
+
+    def _record(self, name: str, kind: str) -> None:
+        before = self._paths.get(name)
+        if before == kind:
+            return
+        if before is not None:
+            raise ValueError(f"{name} is a {before} of this run, it cannot become a {kind}")
+        self._paths[name] = kind
+        try:
+            self._save_marker()
+        except WorkdirError:
+            del self._paths[name]
+            raise
+
+    def _save_marker(self) -> None:
+        marker = {**self._header, "paths": dict(sorted(self._paths.items()))}
+        _write_atomic(
+            os.path.join(self.path, MARKER), (json.dumps(marker, indent=2) + "\n").encode()
+        )
+
+
+def _check_path(path) -> str:
+    """The absolute path of a workdir that can be one; raises WorkdirError otherwise."""
+    text = "" if path is None else os.fsdecode(path)
+    if not text.strip():
+        raise WorkdirError("--workdir is empty (an unset variable?): name the folder of the run")
+    if "\0" in text:
+        raise WorkdirError(f"--workdir {_show(text)} holds a NUL character: name another folder")
+    path = os.path.abspath(text)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise WorkdirError(f"--workdir {_show(path)} is a file, not a folder: name a folder")
+    return path
+
+
+def _refuse_foreign(path: str) -> None:
+    """Raises unless `path` is missing, empty, or holds the marker."""
+    try:
+        names = sorted(set(os.listdir(path)) - {LOCK})
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise _error(path, e, "list") from None
+    if names and MARKER not in names:
+        more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+        raise WorkdirError(
+            f"workdir {_show(path)} holds {_show(names[0])}{more} but no {MARKER}, so it is not "
+            "a run's (or one of an older version): use a new or empty --workdir; nothing "
+            "was deleted"
+        )
+
+
+def _take_lock(path: str):
+    """The open LOCK file of `path`, flocked and naming this process; raises if taken."""
+    lock_path = os.path.join(path, LOCK)
+    try:
+        lock = open(lock_path, "a+", encoding="utf-8")
+    except OSError as e:
+        raise _error(lock_path, e, "lock") from None
+    key = os.fstat(lock.fileno())[1:3]  # inode, device: flock on NFS is per process
+    try:
+        if key in _held:
+            raise BlockingIOError
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise WorkdirError(
+            f"workdir {_show(path)} is in use by {_holder(lock_path)}: wait for that run to "
+            "end, or use another --workdir"
+        ) from None
+    _held.add(key)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "since": now, "argv": sys.argv}
+    with contextlib.suppress(OSError):  # the lock holds without its note
+        lock.truncate(0)
+        lock.write(json.dumps(info) + "\n")
+        lock.flush()
+    return lock
+
+
+def _holder(lock_path: str) -> str:
+    try:
+        with open(lock_path, encoding="utf-8", errors="replace") as f:
+            info = json.load(f)
+        argv = _show(" ".join(map(str, info["argv"])))
+        return f"pid {info['pid']} on {info['host']} since {info['since']} ({argv[:200]})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _release(lock) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        _held.discard(os.fstat(lock.fileno())[1:3])
+    lock.close()  # closing drops the flock
+
+
+def _new_header(config: dict) -> dict:
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return {"tool": TOOL, "format": FORMAT, "created": now, "config": config}
+
+
+def _read_marker(path: str) -> dict | None:
+    """The manifest in `path`, checked; None if there is none."""
+    marker_path = os.path.join(path, MARKER)
+    try:
+        with open(marker_path, "rb") as f:
+            marker = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise _error(marker_path, e, "read") from None
+    except (ValueError, RecursionError):
+        marker = None
+    paths = marker.get("paths") if isinstance(marker, dict) else None
+    if not (
+        isinstance(paths, dict)
+        and isinstance(marker.get("config"), dict)
+        and (marker.get("tool"), marker.get("format")) == (TOOL, FORMAT)
+        and all(_valid_name(n) and k in (FILE, FOLDER, OWNED) for n, k in paths.items())
+    ):
+        raise WorkdirError(
+            f"{_show(marker_path)} is damaged or of another version of {TOOL}: nothing was "
+            "deleted; move the workdir's files away by hand, or use another --workdir"
+        )
+    return marker
+
+
+def _strip(config: dict, fields: tuple) -> dict:
+    return {k: v for k, v in config.items() if k not in fields}
+
+
+def _first_difference(old, new, prefix: str = ""):
+    """(field, old value, new value) of the first field that differs, or None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            found = _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+            if found is not None:
+                return found
+        return None
+    return None if old == new else (prefix.rstrip("."), old, new)
+
+
+def _valid_name(name) -> bool:
+    """Whether `name` is a normalized relative path inside the workdir, not its own files."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", MARKER, LOCK)
+        and "\0" not in name
+        and not os.path.isabs(name)
+        and os.path.normpath(name) == name
+        and name.split("/")[0] != ".."
+    )
+
+
+def _check_name(name) -> None:
+    if not _valid_name(name):
+        raise ValueError(f"not a file name inside the workdir: {name!r}")
+
+
+def _delete(root: str, name: str, kind: str) -> None:
+    """Deletes one manifest entry; a folder of written files only when it is empty."""
+    path = os.path.join(root, name)
+    inside = os.path.realpath(root)
+    if os.path.commonpath([os.path.realpath(os.path.dirname(path)), inside]) != inside:
+        return  # a folder on the way was made a link out of the workdir
+    try:
+        if kind == FOLDER:
+            os.rmdir(path)
+        elif kind == OWNED and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif not os.path.isdir(path) or os.path.islink(path):
+            os.remove(path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise _error(path, e, "delete") from None
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    """Writes a temporary file beside `path`, puts it on disk, then renames it to `path`."""
+    folder, base = os.path.split(path)
+    temp = os.path.join(folder, f".{base}.{secrets.token_hex(4)}.tmp")
+    fd = None
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        _write_all(fd, data)
+        os.fsync(fd)
+        os.close(fd)
+        fd = None
+        os.replace(temp, path)
+    except OSError as e:
+        if fd is not None:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.remove(temp)
+        raise _error(path, e, "write") from None
+
+
+def _append(path: str, data: bytes) -> None:
+    """Appends `data` and puts it on disk; on failure, cuts the file back to its old size."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        raise _error(path, e, "write") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            raise WorkdirError(
+                f"{_show(path)} ends in a cut-off line: rewrite it (truncate_lines) first"
+            )
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
+    except OSError as e:
+        raise _error(path, e, "write") from None
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _row_line(row) -> bytes:
+    if not isinstance(row, Mapping):
+        raise TypeError(f"a JSON-lines row must be a mapping, got {type(row).__name__}")
+    return (dumps(row) + "\n").encode("utf-8")
+
+
+def _parse_lines(path: str, data: bytes) -> list[dict]:
+    lines = data.split(b"\n")
+    last = lines.pop()  # b"" when the file ends with a newline
+    rows = [_parse_line(path, n, line) for n, line in enumerate(lines, 1)]
+    if last:
+        try:
+            rows.append(_parse_line(path, len(lines) + 1, last))
+        except WorkdirError:
+            if not _cut_off(last):
+                raise
+    return rows
+
+
+def _parse_line(path: str, number: int, line: bytes) -> dict:
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        problem = "is not UTF-8 text"
+    except (ValueError, RecursionError):
+        problem = "is not JSON"
+    else:
+        if isinstance(row, dict):
+            return row
+        problem = f"is a JSON {type(row).__name__}, not an object"
+    raise WorkdirError(
+        f"{_show(path)} line {number} {problem}: the file was changed or damaged; fix or "
+        "delete that line (the file was left as it is)"
+    )
+
+
+def _cut_off(line: bytes) -> bool:
+    """Whether a last line without a newline is what a killed writer leaves: part of a row."""
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(line, final=False)
+    except UnicodeDecodeError:
+        return False
+    return text.startswith("{")
+
+
+def _show(text: str) -> str:
+    """`text` on one line: control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _short(value) -> str:
+    text = _show(repr(value))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _error(path: str, e: OSError, verb: str) -> WorkdirError:
+    reason = e.strerror or type(e).__name__
+    advice = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
+    return WorkdirError(
+        f"cannot {verb} {_show(path)}: {reason}: {advice}, or use another --workdir"
+    )
