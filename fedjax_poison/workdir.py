@@ -113,6 +113,25 @@ class Workdir:
             raise
 
     @classmethod
+    def attach(cls, path) -> "Workdir":
+        """Locks the workdir of an existing run, whatever its config, to add files to it."""
+        path = _check_path(path)
+        missing = WorkdirError(
+            f"workdir {_show(path)} holds no run ({MARKER} is missing): name a run's workdir"
+        )
+        if not os.path.isdir(path) or _read_marker(path) is None:
+            raise missing  # before the lock file: a stranger's folder gets nothing new
+        lock = _take_lock(path)
+        try:
+            marker = _read_marker(path)
+            if marker is None:
+                raise missing
+            return cls(path, lock, marker, resumed=True, primary=True)
+        except BaseException:
+            _release(lock)
+            raise
+
+    @classmethod
     def _open(cls, path, lock, config, overwrite, resumable_fields) -> "Workdir":
         _refuse_foreign(path)  # again, now that no other claim can run
         marker = _read_marker(path)

@@ -102,6 +102,23 @@ def test_overwrite_deletes_the_runs_files_only(tmp_path):
     assert json.loads((tmp_path / MARKER).read_text())["config"]["lr"] == 0.1
 
 
+def test_a_tool_adds_files_to_a_finished_run_that_overwrite_then_deletes(tmp_path):
+    with claim(tmp_path / "run") as w:
+        write_run(w)
+    with Workdir.attach(tmp_path / "run") as w:  # whatever its config, as pca_analysis does
+        w.write_text("pca_verdicts.csv", "round,client\n")
+        with pytest.raises(WorkdirError) as excinfo:
+            claim(tmp_path / "run")
+        one_line_error(excinfo, f"pid {os.getpid()}")
+    with claim(tmp_path / "run", {**CONFIG, "lr": 0.1}, overwrite=True):
+        assert not (tmp_path / "run" / "pca_verdicts.csv").exists()
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(WorkdirError) as excinfo:
+        Workdir.attach(tmp_path / "notes")
+    one_line_error(excinfo, str(tmp_path / "notes"), MARKER)
+    assert os.listdir(tmp_path / "notes") == []
+
+
 @pytest.mark.parametrize("path", ["", "   ", None])
 def test_empty_workdir_is_refused_and_the_current_folder_untouched(tmp_path, monkeypatch, path):
     monkeypatch.chdir(tmp_path)
