@@ -67,6 +67,7 @@ class Carry(NamedTuple):
     states: Any  # ServerState [G]
     detected: np.ndarray  # [G, 4] int64
     diverged: np.ndarray  # [G] int32, round of the first non-finite value, 0 = none
+    degenerate: np.ndarray  # [G] int32, rounds in which the rule kept nobody or one client
 
 
 def claim_workdir(c: ml_collections.ConfigDict, workdir: str, clear: bool = True) -> None:
@@ -215,6 +216,7 @@ class Checkpoints:
             [np.zeros(x.shape, x.dtype) for x in leaves],
             np.zeros((g, 4), np.int64),
             np.zeros(g, np.int32),
+            np.zeros(g, np.int32),
         )
         step = progress.group * num_rounds + progress.round
         restored = self._restore(step, arrays=ocp.args.StandardRestore(target._asdict()))
@@ -229,12 +231,17 @@ class Checkpoints:
                 f"(another model or defense?): delete {self.directory} to start again"
             )
         states = jax.tree.unflatten(treedef, arrays["states"])
-        return Carry(states, arrays["detected"], arrays["diverged"])
+        return Carry(states, arrays["detected"], arrays["diverged"], arrays["degenerate"])
 
     def save(self, progress: Progress, carry: Carry, num_rounds: int) -> None:
         """Saves synchronously and atomically; the oldest of more than `keep` is deleted."""
         states = [np.asarray(x) for x in jax.tree.leaves(sharding.to_host(carry.states))]
-        arrays = Carry(states, np.asarray(carry.detected), np.asarray(carry.diverged))
+        arrays = Carry(
+            states,
+            np.asarray(carry.detected),
+            np.asarray(carry.diverged),
+            np.asarray(carry.degenerate),
+        )
         self.manager.save(
             progress.group * num_rounds + progress.round,
             args=ocp.args.Composite(

@@ -39,6 +39,7 @@ PAPER_DEFAULTS = {
     ),
 }
 SWEEP_AXES = ("malicious_fraction", "flips", "seed", "schedule", "alpha", "breakpoint")
+SWEEP_AXES += ("attack", "defense")
 
 
 class ConfigError(ValueError):
@@ -86,15 +87,7 @@ def paper_config(dataset: str) -> ml_collections.ConfigDict:
     c.save_features = False  # features/*.npz: per (round, client) rows for the PCA analysis
     c.checkpoint_every = 0
     c.overwrite = False  # True: replace a workdir's run of another config instead of refusing
-    c.attack = ml_collections.ConfigDict(
-        dict(
-            malicious_fraction=0.0,
-            flips=d["flips"],
-            start_round=0,  # malicious clients poison in rounds [start_round, end_round)
-            end_round=-1,  # -1 = until the last round
-            every=1,  # poison every n-th round of the window
-        )
-    )
+    c.attack = attacks.default_config(d["flips"])
     c.selection = ml_collections.ConfigDict(
         dict(schedule="always", breakpoint=75, alpha=0.5, alpha_after=-1.0)
     )
@@ -303,8 +296,28 @@ def _validate_flips(text: str, num_classes: int, field: str) -> None:
     _check(len(set(sources)) == len(sources), field, "names a source class twice", text)
 
 
+def validate_attack_name(c, name: str, field: str = "attack.name") -> None:
+    """Builds the attack `name` with the config's parameters; raises ConfigError naming the
+    field that cannot run."""
+    spec = data.SPECS[c.dataset]
+    try:
+        attacks.make_attack(
+            name,
+            c.attack,
+            num_classes=spec.num_classes,
+            image_shape=spec.image_shape,
+            clients_per_round=c.clients_per_round,
+            head_index=np.zeros((1, spec.num_classes), np.int32),
+        )
+    except attacks.AttackConfigError as e:
+        message = str(e) if field == "attack.name" else f"{field}: {e}"
+        raise ConfigError(message) from None
+
+
 def _validate_attack(c, num_classes: int) -> None:
     a = c.attack
+    _check(isinstance(a.name, str), "attack.name", "must be a string", a.name)
+    validate_attack_name(c, a.name)
     _check(
         0 <= a.malicious_fraction <= 1,
         "attack.malicious_fraction",
@@ -376,3 +389,19 @@ def _validate_sweep(c, num_classes: int) -> None:
     for b in sw.breakpoint:
         ok = _is_int(b) and 0 <= b < 2**31
         _check(ok, "sweep.breakpoint", "values must be ints >= 0", b)
+    for name in sw.attack:
+        _check(isinstance(name, str), "sweep.attack", "values must be attack names", name)
+        validate_attack_name(c, name, "sweep.attack")
+    for name in sw.defense:
+        _check(isinstance(name, str), "sweep.defense", "values must be defense names", name)
+        other = ml_collections.ConfigDict(c.defense.to_dict())
+        other.name = name
+        try:
+            defenses.validate(
+                other,
+                clients_per_round=c.clients_per_round,
+                num_clients=c.num_clients,
+                num_classes=num_classes,
+            )
+        except ValueError as e:
+            raise ConfigError(f"sweep.defense {name!r}: {e}") from None

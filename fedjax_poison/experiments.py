@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fedjax_poison import attacks, selection
+from fedjax_poison import attacks, data, selection
 from fedjax_poison.configuration import SWEEP_AXES, ConfigError
 from fedjax_poison.simulation import Scenario
 
@@ -26,6 +26,8 @@ class Experiment(NamedTuple):
     schedule: str
     alpha: tuple[float, float]  # before / from the breakpoint
     breakpoint: int
+    attack: str = "label_flip"  # a name of attacks.ATTACKS, or several joined by '+'
+    defense: str = "fedavg"  # a name of defenses.DEFENSES
 
 
 def expand(c: ml_collections.ConfigDict) -> list[Experiment]:
@@ -43,17 +45,47 @@ def _experiment(c: ml_collections.ConfigDict, axes: dict) -> Experiment:
     after = c.selection.alpha if c.selection.alpha_after == -1 else c.selection.alpha_after
     alpha = get("alpha", (c.selection.alpha, after))
     alpha = tuple(alpha) * (2 // len(alpha)) if isinstance(alpha, (tuple, list)) else (alpha,) * 2
+    attack = get("attack", c.attack.name)
     exp = Experiment(
         axes=axes,
         malicious_fraction=float(get("malicious_fraction", c.attack.malicious_fraction)),
-        flips=attacks.parse_flips(get("flips", c.attack.flips)),
+        flips=attacked_pairs(c, attack, attacks.parse_flips(get("flips", c.attack.flips))),
         seed=int(get("seed", c.seed)),
         schedule=get("schedule", c.selection.schedule),
         alpha=(float(alpha[0]), float(alpha[1])),
         breakpoint=int(get("breakpoint", c.selection.breakpoint)),
+        attack=attack,
+        defense=get("defense", c.defense.name),
     )
     _check_feasible(exp, c.num_clients, c.clients_per_round)
     return exp
+
+
+def attacked_pairs(
+    c: ml_collections.ConfigDict, attack: str, flips: attacks.Flips
+) -> attacks.Flips:
+    """The (source, target) label pairs an attack flips: `flips` for label_flip's 'pairs'
+    mapping and adaptive_flip, the mapping's pairs for the others, () for attacks that flip
+    no labels (their source recall is then undefined)."""
+    parts = attacks.split_name(attack)
+    if "label_flip" in parts:
+        lf = c.attack.label_flip
+        return attacks.mapping_pairs(lf.mapping, flips, lf.target, c_num_classes(c))
+    return flips if "adaptive_flip" in parts else ()
+
+
+def c_num_classes(c: ml_collections.ConfigDict) -> int:
+    return data.SPECS[c.dataset].num_classes
+
+
+def attack_set(exps: list[Experiment]) -> list[str]:
+    """The run's attacks, each once, in order of first use (scenario.attack indexes it)."""
+    return list(dict.fromkeys(e.attack for e in exps))
+
+
+def defense_set(exps: list[Experiment]) -> list[str]:
+    """The run's defenses, each once, in order of first use (scenario.defense indexes it)."""
+    return list(dict.fromkeys(e.defense for e in exps))
 
 
 def _check_feasible(exp: Experiment, num_clients: int, k: int) -> None:
@@ -76,8 +108,10 @@ def _check_feasible(exp: Experiment, num_clients: int, k: int) -> None:
                 )
 
 
-def scenario(exp: Experiment, c: ml_collections.ConfigDict, num_classes: int) -> Scenario:
-    """The arrays of one experiment (host numpy; stacked and put on device by the caller)."""
+def scenario(
+    exp: Experiment, c: ml_collections.ConfigDict, num_classes: int, exps: list[Experiment]
+) -> Scenario:
+    """The arrays of one experiment of `exps` (host numpy; stacked and placed by the caller)."""
     end = c.num_rounds if c.attack.end_round == -1 else c.attack.end_round
     return Scenario(
         seed=np.int32(exp.seed),
@@ -87,6 +121,8 @@ def scenario(exp: Experiment, c: ml_collections.ConfigDict, num_classes: int) ->
         breakpoint=np.int32(exp.breakpoint),
         alpha=np.asarray(exp.alpha, np.float32),
         poison_window=np.asarray([c.attack.start_round, end, c.attack.every], np.int32),
+        attack=np.int32(attack_set(exps).index(exp.attack)),
+        defense=np.int32(defense_set(exps).index(exp.defense)),
     )
 
 

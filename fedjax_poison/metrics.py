@@ -113,3 +113,11 @@ def summarize(confusion: np.ndarray, flips: Flips) -> dict:
         "target_precision": mean(precision[targets]),
         "attack_success_rate": mean(success),
     }
+
+
+def backdoor_success(triggered: np.ndarray, target: int) -> float:
+    """Share of triggered test images whose true class is not `target` that are predicted
+    as `target`, from the confusion matrix [C, C] of the triggered test set."""
+    triggered = np.asarray(triggered, np.float64)
+    others = np.arange(triggered.shape[0]) != target
+    return float(triggered[others, target].sum() / max(triggered[others].sum(), 1))

@@ -1,20 +1,24 @@
 """The round: one jitted, pure function from server state to server state.
 
-    select -> gather on device -> poison (masked flip) -> vmapped local training
-    -> stacked updates [k, d] -> defense (client weights) -> weighted FedAvg
+    select -> gather on device -> attack's data seam (masked) -> vmapped local training
+    -> stacked updates [k, d] -> attack's update seam (masked) -> server guard (non-finite
+    rows out) -> defense (client weights) -> the defense's aggregate
 
 Everything about a client is an index into stacked arrays; nothing is a Python object.
 Sign convention: an update is `delta = local - global`, what the server adds.
+A run's attacks and defenses are sets; each experiment's scenario picks one of each by a
+traced index, so a sweep over attacks and defenses is still one compiled program.
 A run advances every experiment of a sweep at once: states and scenarios carry a
 leading experiment axis [E], the client data is shared.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from fedjax_poison import attacks, client, defenses, selection
@@ -46,6 +50,8 @@ class Scenario:
     breakpoint: jax.Array  # [] int32
     alpha: jax.Array  # [2] float32, availability before / from the breakpoint
     poison_window: jax.Array  # [3] int32: first round, end round (exclusive), every n-th
+    attack: jax.Array  # [] int32, index into the run's attack set
+    defense: jax.Array  # [] int32, index into the run's defense set
 
 
 class ClientData(NamedTuple):
@@ -61,12 +67,14 @@ class RoundRecord(NamedTuple):
 
     selected: jax.Array  # int32 client ids
     malicious: jax.Array  # bool, ground truth of the selected clients
-    poisoned: jax.Array  # bool, trained on flipped labels this round
+    poisoned: jax.Array  # bool, attacked this round (malicious, inside the attack window)
     loss: jax.Array  # float32 local training loss
     weights: jax.Array  # float32 share in the aggregate
-    flags: jax.Array  # bool, judged malicious by the defense
+    flags: jax.Array  # bool, judged malicious by the defense, or sent a non-finite update
     scores: jax.Array  # float32 suspicion scores
+    valid: jax.Array  # bool, the update the client sent was finite
     finite: jax.Array  # [] bool: every loss and the new global model are finite (no divergence)
+    degenerate: jax.Array  # [] bool: the rule kept nobody, or flagged all clients but one
     # For the offline PCA analysis (settings.record_features), else [k, 0] and zeros: each
     # client's change of the attacked class's output row over its whole update's norm, and
     # that row's cosine with the global row. Chosen by the flip table: analysis only, never
@@ -90,7 +98,7 @@ class RoundSettings(NamedTuple):
 
 def init_state(
     init_variables: Callable[[jax.Array], tuple[PyTree, PyTree]],
-    defense: defenses.Defense,
+    defense: defenses.Defense,  # the run's defense set, as one (defenses.select)
     seed: int,
     num_clients: int,
 ) -> ServerState:
@@ -111,19 +119,70 @@ def head_kernel_rows(params: PyTree) -> jax.Array:
     return jnp.swapaxes(params[HEAD]["kernel"], -1, -2)
 
 
+def head_index(params: PyTree) -> np.ndarray:
+    """[F, C] int32: where the output kernel sits in `ravel_pytree(params)`."""
+    flat, unravel = ravel_pytree(params)
+    assert flat.size < 2**24, "float32 positions are exact below 2**24 parameters"
+    positions = unravel(jnp.arange(flat.size, dtype=flat.dtype))
+    return np.asarray(positions[HEAD]["kernel"]).astype(np.int32)
+
+
 def weighted_mean(trees: PyTree, weights: jax.Array) -> PyTree:
     """Mean over the leading [k] axis of every leaf, weighted by weights [k] (summing to 1)."""
     return jax.tree.map(lambda t: jnp.tensordot(weights, t, axes=1), trees)
 
 
+def guard(updates: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(updates with invalid rows zeroed [k, d], valid [k]): a row is valid when its norm is
+    finite, which excludes NaN, inf and rows so large that their norm overflows float32."""
+    valid = jnp.isfinite(jnp.sqrt(jnp.sum(updates * updates, axis=1)))
+    return jnp.where(valid[:, None], updates, 0.0), valid
+
+
+def server_verdict(verdict: defenses.Verdict, valid: jax.Array) -> defenses.Verdict:
+    """The verdict as the server applies it: invalid rows flagged and without weight, and a
+    non-finite aggregate replaced by no change at all."""
+    weights = jnp.where(valid, verdict.weights, 0.0)
+    total = weights.sum()
+    weights = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 0.0)
+    delta = jnp.where(jnp.isfinite(verdict.delta).all(), verdict.delta, 0.0)
+    return verdict._replace(delta=delta, weights=weights, flags=verdict.flags | ~valid)
+
+
+def average_batch_stats(old: PyTree, stats: PyTree, weights: jax.Array) -> PyTree:
+    """The clients' BatchNorm statistics [k, ...] averaged with the verdict's weights [k],
+    leaving out clients whose statistics are not finite; the old ones if nobody is left."""
+    leaves = jax.tree.leaves(stats)
+    ok = jnp.stack([jnp.isfinite(a.reshape(a.shape[0], -1)).all(1) for a in leaves]).all(0)
+    w = jnp.where(ok, weights, 0.0)
+    total = w.sum()
+    w = w / jnp.where(total > 0, total, 1.0)
+    clean = jax.tree.map(lambda a: jnp.where(ok.reshape(-1, *[1] * (a.ndim - 1)), a, 0.0), stats)
+    averaged = weighted_mean(clean, w)
+    return jax.tree.map(lambda new, prev: jnp.where(total > 0, new, prev), averaged, old)
+
+
+def is_degenerate(verdict: defenses.Verdict) -> jax.Array:
+    """[] bool: the rule kept nobody, or flagged all of k > 1 clients but one."""
+    k = verdict.flags.shape[0]
+    kept_none = ~(verdict.weights > 0).any()
+    return kept_none | ((k > 1) & (k - verdict.flags.sum() <= 1))
+
+
 def make_round_step(
     local_train: Callable[..., client.ClientResult],
-    defense: defenses.Defense,
+    defense_set: Sequence[defenses.Defense],
+    attack_set: Sequence[attacks.Attack],
     settings: RoundSettings,
+    head: np.ndarray,
     root_data: ClientData | None = None,
     shard_clients: Callable[[PyTree], PyTree] = lambda tree: tree,
 ) -> Callable[[ServerState, Scenario, ClientData], tuple[ServerState, RoundRecord]]:
     """Returns round_step(state, scenario, data) -> (state, record) for one experiment.
+
+    defense_set, attack_set: the run's rules and attacks; scenario.defense and
+    scenario.attack pick one of each. head: [F, C] positions of the output kernel in the
+    flattened parameters (head_index), from which the defenses' head rows are read.
 
     With settings.client_groups = G > 1, the k clients train as [G, ceil(k / G)] and
     shard_clients places the leading [G] axis (over a mesh's clients axis): each device
@@ -146,9 +205,15 @@ def make_round_step(
         trained = jax.vmap(train_all, in_axes=in_axes)(params, batch_stats, *grouped)
         return jax.tree.map(lambda a: a.reshape(slots, *a.shape[2:])[:k], trained)
 
+    needs_root = any(d.needs_root for d in defense_set)
+
     def round_step(state: ServerState, scenario: Scenario, data: ClientData):
         key = jax.random.fold_in(jax.random.key(scenario.seed), state.round)
         k_select, k_train, k_root = jax.random.split(key, 3)
+        # A stream of its own, so that adding attacks leaves selection and training as they were.
+        k_data, k_updates = jax.random.split(jax.random.fold_in(key, 0xA77AC4))
+        attack = attacks.select(attack_set, scenario.attack)
+        defense = defenses.select(defense_set, scenario.defense)
         selected = selection.select_clients(
             k_select,
             state.round,
@@ -162,7 +227,8 @@ def make_round_step(
         x, y, count = data.x[selected], data.y[selected], data.count[selected]
         malicious = scenario.malicious[selected]
         poisoned = malicious & attacks.poisoning_now(state.round, *scenario.poison_window)
-        y = attacks.poison_labels(y, scenario.flip, poisoned)
+        context = attacks.AttackContext(poisoned, selected, state.round, k_data, scenario.flip)
+        x, y = attack.poison_data(x, y, count, context)
 
         if settings.lr_per_participation:
             step = state.participations[selected]  # [k]
@@ -176,24 +242,27 @@ def make_round_step(
 
         flat_global, unravel = ravel_pytree(state.params)
         flat_local = jax.vmap(lambda p: ravel_pytree(p)[0])(trained.params)  # [k, d]
-        updates = flat_local - flat_global[None]
+        sent = attack.poison_updates(
+            flat_local - flat_global[None], context._replace(key=k_updates)
+        )
+        updates, valid = guard(sent)
         view = defenses.RoundView(
             updates=updates,
-            head_rows=head_kernel_rows(trained.params) - head_kernel_rows(state.params)[None],
+            head_rows=jnp.swapaxes(updates[:, head], 1, 2),  # [k, C, F], what was sent
             global_head=head_kernel_rows(state.params),
             client_ids=selected,
             round=state.round,
-            root_update=root_update(state, k_root)
-            if defense.needs_root
-            else jnp.zeros_like(flat_global),
+            root_update=root_update(state, k_root) if needs_root else jnp.zeros_like(flat_global),
+            valid=valid,
         )
         verdict, defense_state = defense.apply(view, state.defense_state)
+        verdict = server_verdict(verdict, valid)
 
         blocked = state.blocked.at[selected].max(verdict.block)
         # A defense may never shrink the pool below one round's worth of clients.
         blocked = jnp.where((~blocked).sum() >= k, blocked, state.blocked)
         flat_params = flat_global + verdict.delta
-        batch_stats = weighted_mean(trained.batch_stats, verdict.weights)
+        batch_stats = average_batch_stats(state.batch_stats, trained.batch_stats, verdict.weights)
         new_state = ServerState(
             params=unravel(flat_params),
             batch_stats=batch_stats,
@@ -210,7 +279,9 @@ def make_round_step(
             verdict.weights,
             verdict.flags,
             verdict.scores,
+            valid,
             all_finite((trained.loss, flat_params, batch_stats)),
+            is_degenerate(verdict),
             *attacked_row_features(view, scenario.flip, settings.record_features),
         )
         return new_state, record
@@ -257,9 +328,10 @@ def all_finite(tree: PyTree) -> jax.Array:
 
 
 def empty_records(num_rounds: int, k: int, feature_dim: int = 0) -> RoundRecord:
-    """Record buffers [num_rounds, k] ([num_rounds] for `finite`) to fill round by round.
+    """Record buffers [num_rounds, k] ([num_rounds] for `finite`, `degenerate`) to fill.
 
-    Zeros, except `finite`, which starts True so that unused rows never read as divergence.
+    Zeros, except `valid` and `finite`, which start True so that unused rows never read as
+    hostile updates or divergence.
     """
     zeros = lambda dtype: jnp.zeros((num_rounds, k), dtype)
     return RoundRecord(
@@ -270,7 +342,9 @@ def empty_records(num_rounds: int, k: int, feature_dim: int = 0) -> RoundRecord:
         zeros(jnp.float32),
         zeros(bool),
         zeros(jnp.float32),
+        jnp.ones((num_rounds, k), bool),
         jnp.ones((num_rounds,), bool),
+        jnp.zeros((num_rounds,), bool),
         jnp.zeros((num_rounds, k, feature_dim), jnp.float32),
         zeros(jnp.float32),
     )
@@ -284,13 +358,15 @@ def make_advance(
     spmd_axis_name: str | None = None,
     feature_dim: int = 0,
     experiment_shards: int = 1,
+    trigger: Callable[[jax.Array], jax.Array] | None = None,
 ) -> Callable[..., tuple[ServerState, RoundRecord, jax.Array]]:
     """Returns advance(states [E], scenarios [E], data, test, num_rounds) for all experiments.
 
     Runs `num_rounds` (a traced value <= max_rounds, so every chunk of a run shares one
     compile) rounds of every experiment, then evaluates each on the test set. Returns the
     new states, the records [E, max_rounds, ...] (rows past num_rounds are zeros) and the
-    confusion matrices [E, C, C].
+    confusion matrices [E, V, C, C]: V = 1, the test set; V = 2 with a backdoor's `trigger`,
+    then also the test set with the trigger stamped on every image.
 
     The experiments run as [G, E / G], G = experiment_shards: the [G] axis is vmapped onto
     the mesh axis `spmd_axis_name`; a device's E / G experiments are vmapped on an
@@ -307,7 +383,11 @@ def make_advance(
 
         records = empty_records(max_rounds, clients_per_round, feature_dim)
         state, records = jax.lax.fori_loop(0, num_rounds, body, (state, records))
-        confusion = evaluate(state.params, state.batch_stats, *test)
+        x, y, mask = test
+        views = [x] if trigger is None else [x, trigger(x)]
+        confusion = jnp.stack(
+            [evaluate(state.params, state.batch_stats, v, y, mask) for v in views]
+        )
         return state, records, confusion
 
     in_axes = (0, 0, None, None, None)

@@ -69,6 +69,8 @@ def axis_values(exp: experiments.Experiment) -> dict:
         "schedule": exp.schedule,
         "alpha": f"{before:g}" if before == after else f"{before:g}/{after:g}",
         "breakpoint": exp.breakpoint,
+        "attack": exp.attack,
+        "defense": exp.defense,
     }
 
 

@@ -12,6 +12,7 @@ import numpy as np
 from absl import logging
 
 from fedjax_poison import (
+    attacks,
     checkpoint,
     client,
     configuration,
@@ -43,7 +44,9 @@ class Setup:
     init_states: object  # seeds [E] -> ServerState [E]
     mesh: object  # jax.sharding.Mesh, or None on one device
     scenarios: simulation.Scenario  # [E], host arrays (placed per group)
-    defense: defenses.Defense
+    defense: defenses.Defense  # the run's defense set as one (defenses.select)
+    flags_clients: list  # [E] bool: the experiment's defense flags clients
+    attack_of: list  # [E] attacks.Attack: each experiment's attack (measure, backdoor target)
     examples_per_round: int
 
 
@@ -123,14 +126,32 @@ def setup(c: ml_collections.ConfigDict) -> Setup:
     model = models.make_model(c.model.name, **model_kwargs)
     params, _ = models.init_variables(model, jax.random.key(0), spec.image_shape)
     head = params[models.HEAD]["kernel"]  # [F, C]
-    defense = defenses.make_defense(
-        c.defense,
-        num_clients=c.num_clients,
-        clients_per_round=c.clients_per_round,
-        num_params=models.count_params(params),
-        num_classes=spec.num_classes,
-        head_features=head.shape[0],
-    )
+    head_positions = simulation.head_index(params)
+    defense_by_name = {
+        name: defenses.make_defense(
+            _with_name(c.defense, name),
+            num_clients=c.num_clients,
+            clients_per_round=c.clients_per_round,
+            num_params=models.count_params(params),
+            num_classes=spec.num_classes,
+            head_features=head.shape[0],
+        )
+        for name in experiments.defense_set(exps)
+    }
+    attack_by_name = {
+        name: attacks.make_attack(
+            name,
+            c.attack,
+            num_classes=spec.num_classes,
+            image_shape=spec.image_shape,
+            clients_per_round=c.clients_per_round,
+            head_index=head_positions,
+        )
+        for name in experiments.attack_set(exps)
+    }
+    defense_set = list(defense_by_name.values())
+    defense = defenses.select(defense_set, 0)
+    trigger = next((a.trigger for a in attack_by_name.values() if a.trigger), None)
     local_train = client.make_local_train(
         model,
         spec,
@@ -139,7 +160,8 @@ def setup(c: ml_collections.ConfigDict) -> Setup:
     )
     round_step = simulation.make_round_step(
         local_train,
-        defense,
+        defense_set,
+        list(attack_by_name.values()),
         simulation.RoundSettings(
             c.clients_per_round,
             c.lr,
@@ -150,6 +172,7 @@ def setup(c: ml_collections.ConfigDict) -> Setup:
             c.save_features,
             sharding.client_groups(mesh),
         ),
+        head_positions,
         root_data(c, dataset) if defense.needs_root else None,
         sharding.client_constraint(mesh),
     )
@@ -169,6 +192,7 @@ def setup(c: ml_collections.ConfigDict) -> Setup:
             sharding.spmd_axis(mesh),
             head.shape[0] if c.save_features else 0,
             experiment_shards=sharding.experiment_shards(mesh),
+            trigger=trigger,
         ),
         donate_argnums=0,
         compiler_options=compiler_options(),
@@ -179,7 +203,9 @@ def setup(c: ml_collections.ConfigDict) -> Setup:
         seed,
         c.num_clients,
     )
-    scenarios = experiments.stack([experiments.scenario(e, c, spec.num_classes) for e in exps])
+    scenarios = experiments.stack(
+        [experiments.scenario(e, c, spec.num_classes, exps) for e in exps]
+    )
     return Setup(
         spec=spec,
         experiments=exps,
@@ -190,15 +216,27 @@ def setup(c: ml_collections.ConfigDict) -> Setup:
         scenarios=scenarios,
         mesh=mesh,
         defense=defense,
+        flags_clients=[defense_by_name[e.defense].flags_clients for e in exps],
+        attack_of=[attack_by_name[e.attack] for e in exps],
         examples_per_round=int(np.mean(host_clients.count)) * c.clients_per_round * c.local_epochs,
     )
 
 
-def evaluation_rows(s: Setup, members, round_done: int, confusion, records, detected) -> list:
+def _with_name(cfg: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """A copy of a config block with its `name` replaced."""
+    other = ml_collections.ConfigDict(cfg.to_dict())
+    other.name = name
+    return other
+
+
+def evaluation_rows(
+    s: Setup, members, round_done: int, confusion, records, detected, degenerate
+) -> list:
     """One metrics row per experiment of a group, for the evaluation after `round_done` rounds.
 
-    members: the group's experiment indices; confusion [G, C, C]; records [G, rounds, k];
-    detected [G, 4]: the run's cumulative (tp, fp, fn, tn) of the defense's flags.
+    members: the group's experiment indices; confusion [G, V, C, C]; records [G, rounds, k];
+    detected [G, 4]: the run's cumulative (tp, fp, fn, tn) of the defense's flags;
+    degenerate [G]: rounds so far in which the rule kept nobody or one client.
     """
     rows = []
     for g, e in enumerate(members):
@@ -209,11 +247,15 @@ def evaluation_rows(s: Setup, members, round_done: int, confusion, records, dete
         if len(s.experiments) > 1:
             row["experiment"] = e
             row.update({k: list(v) if isinstance(v, tuple) else v for k, v in exp.axes.items()})
-        row.update(metrics.summarize(confusion[g], exp.flips))
+        attack = s.attack_of[e]
+        row.update(metrics.summarize(confusion[g, 0], exp.flips))
+        if attack.measure == "backdoor":
+            row["attack_success_rate"] = metrics.backdoor_success(confusion[g, 1], attack.target)
         row["malicious_selected"] = int(records.malicious[g, -1].sum())
         row["poisoned_selected"] = int(records.poisoned[g, -1].sum())
         row["loss"] = float(records.loss[g, -1].mean())
-        if s.defense.flags_clients:
+        row["degenerate_rounds"] = int(degenerate[g])
+        if s.flags_clients[e]:
             tp, fp, fn, tn = (int(v) for v in detected[g])
             row["flagged"] = int(records.flags[g, -1].sum())
             row["detection"] = {"tp": tp, "fp": fp, "fn": fn, "tn": tn}
@@ -307,9 +349,19 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict | Non
         for r in summary["final"]
         if r.get("diverged")
     ]
-    if s.defense.flags_clients:
-        for key in ("detection_precision", "detection_recall"):
-            summary[key] = float(np.mean([r[key] for r in summary["final"]]))
+    flagging = [r for r in summary["final"] if "detection_precision" in r]
+    for key in ("detection_precision", "detection_recall") if flagging else ():
+        summary[key] = float(np.mean([r[key] for r in flagging]))
+    summary["degenerate_rounds"] = [r["degenerate_rounds"] for r in summary["final"]]
+    for r in summary["final"]:
+        if r["degenerate_rounds"] > max(2, c.num_rounds // 20):
+            logging.warning(
+                "experiment %d: the defense kept at most one client in %d of %d rounds "
+                "(degenerate_rounds in metrics.jsonl): its results say little about the rule",
+                r.get("experiment", 0),
+                r["degenerate_rounds"],
+                c.num_rounds,
+            )
     report.write_json(os.path.join(workdir, "summary.json"), summary)
     report.plot_curves(
         rows,
@@ -368,6 +420,7 @@ def _train(c, s: Setup, groups, checkpoints, start, metrics_path) -> tuple[float
                 _place(s, s.init_states(jnp.asarray(seeds[members]))),
                 np.zeros((len(members), 4), np.int64),
                 np.zeros(len(members), np.int32),
+                np.zeros(len(members), np.int32),
             )
         progress = _run_group(run, members, carry, progress._replace(group=index))
         carry, progress = None, progress._replace(round=0)
@@ -396,7 +449,9 @@ def _run_group(run: _Run, members: list, carry: checkpoint.Carry, progress):
         carry = _account(s, members, carry, states, records, before)
         if c.save_features and primary:
             _save_features(os.path.dirname(run.metrics_path), members, before, records)
-        rows = evaluation_rows(s, members, progress.round, confusion, records, carry.detected)
+        rows = evaluation_rows(
+            s, members, progress.round, confusion, records, carry.detected, carry.degenerate
+        )
         for row in rows:
             diverged = int(carry.diverged[members.index(row.get("experiment", members[0]))])
             row["diverged"] = diverged > 0
@@ -462,6 +517,7 @@ def _account(s: Setup, members, carry, states, records, round_before: int):
                 records.flags.reshape(g, -1), records.malicious.reshape(g, -1)
             )
         )
+    degenerate = carry.degenerate + np.asarray(records.degenerate).sum(1)
     finite = np.asarray(records.finite)  # [G, rounds of the chunk]
     new = ~finite.all(1) & (carry.diverged == 0)
     for g in np.flatnonzero(new):
@@ -472,7 +528,9 @@ def _account(s: Setup, members, carry, states, records, round_before: int):
                 round_before + int(np.argmin(finite[g])) + 1,
             )
     diverged = np.where(new, round_before + np.argmin(finite, 1) + 1, carry.diverged)
-    return checkpoint.Carry(states, detected, diverged.astype(np.int32))
+    return checkpoint.Carry(
+        states, detected, diverged.astype(np.int32), degenerate.astype(np.int32)
+    )
 
 
 def _checkpoint_due(c: ml_collections.ConfigDict, round_done: int, last_group: bool) -> bool:

@@ -38,6 +38,7 @@ def make_view(updates, head_rows=None, *, ids=None, round_=20, root=None, global
         client_ids=jnp.arange(k, dtype=jnp.int32) if ids is None else jnp.asarray(ids, jnp.int32),
         round=jnp.int32(round_),
         root_update=jnp.zeros(d) if root is None else jnp.asarray(root, jnp.float32),
+        valid=jnp.ones((k,), bool),
     )
 
 

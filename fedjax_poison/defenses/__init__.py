@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
+import jax
 import ml_collections
+from jax import lax
 
 from fedjax_poison.defenses.base import (
     MODES,
@@ -53,6 +55,7 @@ __all__ = [
     "default_config",
     "detection_counts",
     "make_defense",
+    "select",
     "validate",
     "weighted_mean",
 ]
@@ -215,3 +218,34 @@ def make_defense(
     factory = DEFENSES[cfg.name]
     params = inspect.signature(factory).parameters
     return factory(**{p: values[p] for p in params})
+
+
+def select(defense_set: Sequence[Defense], index: jax.Array) -> Defense:
+    """One rule of the run's set, chosen by a traced index (an experiment's scenario), so
+    that a sweep over defenses stays one compiled program.
+
+    Its memory is the tuple of every rule's memory (each experiment holds them all; only
+    the chosen rule's changes). `needs_root` and `flags_clients` hold for any of the set.
+    """
+
+    def init():
+        return tuple(d.init() for d in defense_set)
+
+    def branch(i: int):
+        def apply(view, memory):
+            verdict, mine = defense_set[i].apply(view, memory[i])
+            return verdict, memory[:i] + (mine,) + memory[i + 1 :]
+
+        return apply
+
+    def apply(view, memory):
+        if len(defense_set) == 1:
+            return branch(0)(view, memory)
+        return lax.switch(index, [branch(i) for i in range(len(defense_set))], view, memory)
+
+    return Defense(
+        init,
+        apply,
+        needs_root=any(d.needs_root for d in defense_set),
+        flags_clients=any(d.flags_clients for d in defense_set),
+    )

@@ -16,14 +16,20 @@ MODES = ("detect", "filter", "block")
 
 
 class RoundView(NamedTuple):
-    """What the server sees of one round. Never the malicious mask or the flip table."""
+    """What the server sees of one round. Never the malicious mask or the flip table.
 
-    updates: jax.Array  # [k, d] float32, flattened client deltas (local - global)
+    Every field is derived from the updates the clients sent (after any attack on them).
+    A row whose norm is not finite (NaN, inf, or so large that its norm overflows) is
+    invalid: the server zeroes it here, flags it and gives it no weight whatever the rule.
+    """
+
+    updates: jax.Array  # [k, d] float32, flattened client deltas (local - global); 0 if invalid
     head_rows: jax.Array  # [k, C, F] change of the output kernel, transposed: row c -> logit c
     global_head: jax.Array  # [C, F] global output kernel (transposed) before the round
     client_ids: jax.Array  # [k] int32, which of the N clients these are
     round: jax.Array  # [] int32, 0-based round index (traced)
     root_update: jax.Array  # [d] the server's update on its clean root set; zeros if unused
+    valid: jax.Array  # [k] bool, the client's update is finite (rows with False are zeros)
 
 
 class Verdict(NamedTuple):

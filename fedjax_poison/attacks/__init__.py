@@ -1,0 +1,193 @@
+"""Attacks: what malicious clients do to their data and to their updates, inside the round.
+
+A registry name -> factory, like the defenses (and optax): every factory returns an
+`Attack`, a pair of pure functions over the round's selected clients,
+
+    poison_data(x [k, n, H, W, C] uint8, y [k, n], count [k], ctx) -> (x, y)   before training
+    poison_updates(updates [k, d], ctx) -> updates                            before the defense
+
+masked by ctx.poisoned [k] (malicious clients inside the attack window): honest rows come
+back untouched. A factory's keyword arguments with defaults are its config block
+`attack.<name>.*`; those without (the sizes in SIZES) are filled in by `make_attack`.
+Names joined by '+' chain attacks in order: 'backdoor+scale' stamps a trigger on the data,
+then boosts the trained update. Adding an attack is one factory and one line in ATTACKS.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import ml_collections
+from jax import lax
+
+from fedjax_poison.attacks.adaptive import adaptive_flip
+from fedjax_poison.attacks.backdoor import backdoor
+from fedjax_poison.attacks.base import (
+    MEASURES,
+    Attack,
+    AttackConfigError,
+    AttackContext,
+    benign_moments,
+    none,
+)
+from fedjax_poison.attacks.label_flip import (
+    Flips,
+    flip_table,
+    format_flips,
+    label_flip,
+    mapping_pairs,
+    parse_flips,
+    poison_labels,
+)
+from fedjax_poison.attacks.model_poisoning import (
+    alie,
+    gaussian,
+    inf,
+    ipm,
+    min_max,
+    min_sum,
+    scale,
+    sign_flip,
+)
+from fedjax_poison.attacks.threat import draw_malicious, poisoning_now
+
+__all__ = [
+    "ATTACKS",
+    "MEASURES",
+    "Attack",
+    "AttackConfigError",
+    "AttackContext",
+    "Flips",
+    "benign_moments",
+    "chain",
+    "default_config",
+    "draw_malicious",
+    "flip_table",
+    "format_flips",
+    "make_attack",
+    "mapping_pairs",
+    "parse_flips",
+    "poison_labels",
+    "poisoning_now",
+    "select",
+    "split_name",
+]
+
+ATTACKS: Mapping[str, Callable[..., Attack]] = {
+    "none": none,
+    "label_flip": label_flip,
+    "backdoor": backdoor,
+    "adaptive_flip": adaptive_flip,
+    "sign_flip": sign_flip,
+    "gaussian": gaussian,
+    "scale": scale,
+    "alie": alie,
+    "ipm": ipm,
+    "min_max": min_max,
+    "min_sum": min_sum,
+    "inf": inf,
+}
+# What make_attack fills in (never config fields).
+SIZES = ("num_classes", "image_shape", "clients_per_round", "head_index")
+# Fields of the attack block shared by every attack.
+SHARED = ("name", "malicious_fraction", "flips", "start_round", "end_round", "every")
+
+
+def block_defaults(name: str) -> dict:
+    """The config block of one attack: its factory's keyword arguments with defaults."""
+    params = inspect.signature(ATTACKS[name]).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def default_config(flips: str = "") -> ml_collections.ConfigDict:
+    """The `attack.` block of an experiment config: the shared fields, then one block per
+    attack with parameters (`attack.scale.factor`, `attack.backdoor.target`, ...)."""
+    c = ml_collections.ConfigDict()
+    c.name = "label_flip"  # one of ATTACKS, or several joined by '+'
+    c.malicious_fraction = 0.0
+    c.flips = flips  # source:target pairs of label_flip (mapping 'pairs') and adaptive_flip
+    c.start_round = 0  # malicious clients poison in rounds [start_round, end_round)
+    c.end_round = -1  # -1 = until the last round
+    c.every = 1  # poison every n-th round of the window
+    for name in ATTACKS:
+        defaults = block_defaults(name)
+        if defaults:
+            c[name] = ml_collections.ConfigDict(defaults)
+    return c
+
+
+def split_name(name: str) -> list[str]:
+    """'backdoor+scale' -> ['backdoor', 'scale']; an unknown part stops with the closest names."""
+    parts = [p.strip() for p in str(name).split("+")]
+    for part in parts:
+        if part not in ATTACKS:
+            close = difflib.get_close_matches(part, ATTACKS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise AttackConfigError(
+                f"attack.name {name!r}: {part!r} is not an attack{hint}; "
+                f"choose from {sorted(ATTACKS)}, joined by '+' to chain them"
+            )
+    if len(parts) > 1 and "none" in parts:
+        raise AttackConfigError(f"attack.name {name!r}: 'none' cannot be chained")
+    if sum(ATTACKS[p] is backdoor for p in parts) > 1:
+        raise AttackConfigError(f"attack.name {name!r}: at most one backdoor in a chain")
+    return parts
+
+
+def make_attack(name: str, cfg, **sizes) -> Attack:
+    """The attack `name` ('a' or 'a+b+...') with its parameters from the `attack.` block.
+
+    sizes: num_classes, image_shape, clients_per_round, head_index ([F, C] positions of the
+    output kernel in the flattened parameters). Raises AttackConfigError naming the field.
+    """
+    built = []
+    for part in split_name(name):
+        params = inspect.signature(ATTACKS[part]).parameters
+        block = cfg[part] if part in cfg else {}
+        kwargs = {p: (sizes[p] if p in SIZES else block[p]) for p in params}
+        built.append(ATTACKS[part](**kwargs))
+    return chain(*built)
+
+
+def chain(*parts: Attack) -> Attack:
+    """The attacks applied in order: each one's data seam, then each one's update seam.
+
+    Its measure is the first targeted one (backdoor or flip) of the parts, else untargeted.
+    """
+    if len(parts) == 1:
+        return parts[0]
+
+    def poison_data(x, y, count, ctx):
+        for part in parts:
+            x, y = part.poison_data(x, y, count, ctx)
+        return x, y
+
+    def poison_updates(updates, ctx):
+        for part in parts:
+            updates = part.poison_updates(updates, ctx)
+        return updates
+
+    targeted = [p for p in parts if p.measure in ("flip", "backdoor")]
+    first = targeted[0] if targeted else parts[0]
+    measure = first.measure if targeted else "untargeted"
+    return Attack(poison_data, poison_updates, measure, first.trigger, first.target)
+
+
+def select(attack_set: Sequence[Attack], index: jax.Array) -> Attack:
+    """One attack of the run's set, chosen by a traced index (an experiment's scenario),
+    so that a sweep over attacks stays one compiled program. Measure and trigger are the
+    host's business (they differ per experiment) and are left unset."""
+    if len(attack_set) == 1:
+        return attack_set[0]
+
+    def poison_data(x, y, count, ctx):
+        branches = [a.poison_data for a in attack_set]
+        return lax.switch(index, branches, x, y, count, ctx)
+
+    def poison_updates(updates, ctx):
+        return lax.switch(index, [a.poison_updates for a in attack_set], updates, ctx)
+
+    return Attack(poison_data, poison_updates, "none")

@@ -1,0 +1,97 @@
+"""What every attack sees and returns, and the helpers attacks share.
+
+Sign convention: an update is `delta = local - global`, what the server adds.
+Shapes: [k] clients of the round, [n] examples of a client, [d] flattened parameters,
+[C] classes, [F] inputs of the output layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_poison.errors import UserError
+
+# How an attack's success is read: 'flip' by the source classes' recall and the share of
+# them predicted as the target; 'backdoor' by the share of triggered test images (not of
+# the target class) predicted as the target; 'untargeted' by the accuracy drop against
+# the clean twin; 'none' for no attack.
+MEASURES = ("none", "flip", "backdoor", "untargeted")
+
+
+class AttackConfigError(UserError, ValueError):
+    """An attack field that cannot run; the message names it as `attack.<name>.<field>`."""
+
+
+class AttackContext(NamedTuple):
+    """What the attackers of a round know besides their own data and updates."""
+
+    poisoned: jax.Array  # [k] bool: the clients that poison this round (malicious, in the window)
+    client_ids: jax.Array  # [k] int32, which of the N clients these are
+    round: jax.Array  # [] int32, 0-based index of the round
+    key: jax.Array  # this round's randomness for the attack
+    flip: jax.Array  # [C] int32, the label each class becomes (identity where not flipped)
+
+
+class Attack(NamedTuple):
+    """An attack as a pair of pure functions over the round's selected clients.
+
+    Both leave the rows of clients with ctx.poisoned False untouched.
+    """
+
+    # (x [k, n, H, W, C] uint8, y [k, n] int32, count [k], ctx) -> (x, y): before training.
+    poison_data: Callable[..., tuple[jax.Array, jax.Array]]
+    # (updates [k, d], ctx) -> updates [k, d]: after training, before the defense.
+    poison_updates: Callable[[jax.Array, AttackContext], jax.Array]
+    measure: str  # one of MEASURES
+    # Backdoors: images [..., H, W, C] uint8 -> the same with the full trigger (evaluation).
+    trigger: Callable[[jax.Array], jax.Array] | None = None
+    target: int = -1  # backdoors: the label a triggered image should get
+
+
+def clean_data(x, y, count, ctx):
+    """The data seam of an attack that does not touch data."""
+    del count, ctx
+    return x, y
+
+
+def clean_updates(updates, ctx):
+    """The update seam of an attack that does not touch updates."""
+    del ctx
+    return updates
+
+
+def none() -> Attack:
+    """No attack: malicious clients behave as honest ones."""
+    return Attack(clean_data, clean_updates, "none")
+
+
+def replace_rows(updates: jax.Array, crafted: jax.Array, poisoned: jax.Array) -> jax.Array:
+    """updates [k, d] with the poisoned rows replaced by crafted ([k, d] or [d])."""
+    crafted = jnp.broadcast_to(crafted, updates.shape)
+    return jnp.where(poisoned[:, None], crafted, updates)
+
+
+def benign_moments(updates: jax.Array, poisoned: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Coordinate-wise mean and standard deviation [d] of the rows not poisoning.
+
+    What a colluding, omniscient attacker (ALIE, IPM, MinMax) knows of the honest clients.
+    With no honest row in the round, the moments of all rows (the attackers' own updates,
+    trained on their own data, as ALIE's attackers estimate them).
+    """
+    honest = ~poisoned
+    use = jnp.where(honest.any(), honest, jnp.ones_like(honest))
+    w = use.astype(updates.dtype)[:, None]
+    n = jnp.maximum(w.sum(), 1.0)
+    mean = jnp.sum(w * updates, axis=0) / n
+    var = jnp.sum(w * (updates - mean[None]) ** 2, axis=0) / jnp.maximum(n - 1.0, 1.0)
+    return mean, jnp.sqrt(var)
+
+
+def check(ok: bool, field: str, need: str, got) -> None:
+    """Raises AttackConfigError naming `attack.<field>` unless ok."""
+    if not ok:
+        raise AttackConfigError(f"attack.{field} must be {need}, got {got!r}")
