@@ -26,6 +26,7 @@ from jax import lax
 from fedjax_poison.attacks.adaptive import adaptive_flip
 from fedjax_poison.attacks.backdoor import backdoor
 from fedjax_poison.attacks.base import (
+    KNOWLEDGE,
     MEASURES,
     Attack,
     AttackConfigError,
@@ -33,6 +34,7 @@ from fedjax_poison.attacks.base import (
     benign_moments,
     none,
 )
+from fedjax_poison.attacks.collusion import alie, ipm, min_max, min_sum
 from fedjax_poison.attacks.label_flip import (
     Flips,
     flip_table,
@@ -42,20 +44,12 @@ from fedjax_poison.attacks.label_flip import (
     parse_flips,
     poison_labels,
 )
-from fedjax_poison.attacks.model_poisoning import (
-    alie,
-    gaussian,
-    inf,
-    ipm,
-    min_max,
-    min_sum,
-    scale,
-    sign_flip,
-)
+from fedjax_poison.attacks.model_poisoning import gaussian, inf, scale, sign_flip
 from fedjax_poison.attacks.threat import draw_malicious, poisoning_now
 
 __all__ = [
     "ATTACKS",
+    "KNOWLEDGE",
     "MEASURES",
     "Attack",
     "AttackConfigError",
@@ -155,19 +149,22 @@ def make_attack(name: str, cfg, **sizes) -> Attack:
 def chain(*parts: Attack) -> Attack:
     """The attacks applied in order: each one's data seam, then each one's update seam.
 
-    Its measure is the first targeted one (backdoor or flip) of the parts, else untargeted.
+    Part i draws its randomness from the round's key folded with i, so that two random
+    parts do not share draws. Its measure is the first targeted one (backdoor or flip) of
+    the parts, else untargeted.
     """
     if len(parts) == 1:
         return parts[0]
+    own_key = lambda ctx, i: ctx._replace(key=jax.random.fold_in(ctx.key, i))
 
     def poison_data(x, y, count, ctx):
-        for part in parts:
-            x, y = part.poison_data(x, y, count, ctx)
+        for i, part in enumerate(parts):
+            x, y = part.poison_data(x, y, count, own_key(ctx, i))
         return x, y
 
     def poison_updates(updates, ctx):
-        for part in parts:
-            updates = part.poison_updates(updates, ctx)
+        for i, part in enumerate(parts):
+            updates = part.poison_updates(updates, own_key(ctx, i))
         return updates
 
     targeted = [p for p in parts if p.measure in ("flip", "backdoor")]

@@ -43,7 +43,8 @@ def adaptive_flip(
         index = head_index[:, source]  # [F]
         rows = updates[:, index]  # [k, F]
         honest_row, _ = benign_moments(rows, ctx.poisoned)
-        blended = replace_rows(rows, (1 - row_blend) * rows + row_blend * honest_row, ctx.poisoned)
+        blended = (1 - row_blend) * rows + row_blend * honest_row[None]  # [k, F]
+        blended = replace_rows(rows, blended, ctx.poisoned)
         blended = jnp.where(flipped.any(), blended, rows)
         return updates.at[:, index].set(blended)
 

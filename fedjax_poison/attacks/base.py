@@ -75,20 +75,37 @@ def replace_rows(updates: jax.Array, crafted: jax.Array, poisoned: jax.Array) ->
     return jnp.where(poisoned[:, None], crafted, updates)
 
 
-def benign_moments(updates: jax.Array, poisoned: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Coordinate-wise mean and standard deviation [d] of the rows not poisoning.
+# What a colluding attacker crafts its update from: 'honest', the round's honest updates
+# (omniscient, as Shejwalkar & Houmansadr's and Xie et al.'s main setting); 'own', the
+# poisoning clients' own trained updates (ALIE's threat model; Shejwalkar & Houmansadr's
+# "unknown benign gradients").
+KNOWLEDGE = ("honest", "own")
 
-    What a colluding, omniscient attacker (ALIE, IPM, MinMax) knows of the honest clients.
-    With no honest row in the round, the moments of all rows (the attackers' own updates,
-    trained on their own data, as ALIE's attackers estimate them).
+
+def known_rows(poisoned: jax.Array, knowledge: str = "honest") -> jax.Array:
+    """[k] bool: the updates the attacker knows ('honest': not poisoning, 'own': poisoning).
+
+    With none of them in the round, all rows (then the attackers' own updates, trained on
+    their own data, stand in for the honest ones).
     """
-    honest = ~poisoned
-    use = jnp.where(honest.any(), honest, jnp.ones_like(honest))
-    w = use.astype(updates.dtype)[:, None]
+    rows = ~poisoned if knowledge == "honest" else poisoned
+    return jnp.where(rows.any(), rows, jnp.ones_like(rows))
+
+
+def moments(updates: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Coordinate-wise mean and sample standard deviation (n - 1, as torch.std) [d] of the
+    rows [k] bool of updates [k, d]; the deviation is 0 for one row."""
+    w = rows.astype(updates.dtype)[:, None]
     n = jnp.maximum(w.sum(), 1.0)
     mean = jnp.sum(w * updates, axis=0) / n
     var = jnp.sum(w * (updates - mean[None]) ** 2, axis=0) / jnp.maximum(n - 1.0, 1.0)
     return mean, jnp.sqrt(var)
+
+
+def benign_moments(updates: jax.Array, poisoned: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Coordinate-wise mean and standard deviation [d] of the rows not poisoning (all rows
+    when every row poisons): what an omniscient colluding attacker knows."""
+    return moments(updates, known_rows(poisoned))
 
 
 def check(ok: bool, field: str, need: str, got) -> None:
