@@ -1,94 +1,320 @@
-"""One table of every defense on one attack: accuracy, source recall, detection, cost.
+"""The attack x defense matrix: attacks against defenses on one dataset, over seeds, one run.
 
     python -m fedjax_poison.compare_defenses --config=configs/fashion_mnist.py \
-        --workdir=runs/defenses --config.attack.malicious_fraction=0.3 --config.num_rounds=30
+        --attacks=label_flip,sign_flip,alie --defenses=fedavg,median,krum --seeds=0,1 \
+        --workdir=runs/matrix --config.attack.malicious_fraction=0.3 --config.num_rounds=30
 
-Runs the config once per defense (`--defenses`, default all) in `workdir/<name>`, then
-writes `defenses.csv` and `defenses.md`: final accuracy, source-class recall, detection
-precision/recall where the rule flags clients, and seconds per round relative to FedAvg.
-A defense that cannot run with the config (e.g. Bulyan with too few clients per round)
-gets a row saying why.
+Every cell is an experiment of ONE run of the simulator (`sweep.attack` x `sweep.defense`
+x `sweep.seed`, mode product: one compiled program), in `workdir/run`. A row 'none' (no
+attack, the same malicious clients behaving honestly) is the reference of each defense.
+Without --attacks, the config's `attack.name` is the one attack row (the old one-attack
+comparison). Writes into workdir:
+
+    matrix.csv   one row per attack x defense: accuracy and the attack's success, mean and
+                 std over seeds (n - 1), n, diverged and degenerate counts, source recall,
+                 detection precision/recall where the rule flags clients, notes
+    matrix.md    tables to paste: rows = attacks, columns = defenses, cells
+                 "accuracy / success"; the accuracy drop against 'none' of the same defense;
+                 detection by the rules that flag clients
+    matrix.png   heatmaps of the accuracy and of each attack's success
+
+An attack's success is its own measure (attacks.MEASURES): a flip's attack success rate
+(source-class test images predicted as the target), a backdoor's (triggered test images
+predicted as the target), and for untargeted attacks the accuracy drop against 'none'
+(paired by seed). A defense that cannot run with the config (e.g. Bulyan with too few
+clients per round) is a note, not a crash; a cell with a diverged seed says so, without
+a number.
 """
 
 import copy
+import math
 import os
+import sys
 
+import ml_collections
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fedjax_poison import configuration, defenses, report, train
-
-COLUMNS = (
-    "defense",
-    "accuracy",
-    "source_recall",
-    "detection_precision",
-    "detection_recall",
-    "time_vs_fedavg",
-    "note",
+from fedjax_poison import (
+    attacks,
+    checkpoint,
+    configuration,
+    data,
+    defenses,
+    errors,
+    experiments,
+    report,
+    sharding,
+    train,
 )
+from fedjax_poison.report import plt
+
+STATS = ("accuracy", "success", "accuracy_drop", "source_recall", "source_recall_loss")
+COLUMNS = ("attack", "defense", "measure", "n", "diverged", "degenerate_rounds")
+COLUMNS += tuple(f"{s}_{m}" for s in STATS for m in ("mean", "std"))
+COLUMNS += ("detection_precision", "detection_recall", "note")
+# What stops with one line instead of a traceback (as launch.py).
+USER_ERRORS = (
+    errors.UserError,
+    configuration.ConfigError,
+    data.DataError,
+    checkpoint.CheckpointError,
+    train.DivergenceError,
+)
+SUCCESS = {  # what the success column means, per measure
+    "flip": "attack success rate (source -> target)",
+    "backdoor": "backdoor success rate (triggered -> target)",
+    "untargeted": "accuracy drop against 'none'",
+    "none": "",
+}
 
 
-def compare(config, workdir: str, names) -> list[dict]:
-    """Runs each defense and returns one row per defense (fedavg first, as the baseline)."""
-    names = ["fedavg"] + [n for n in names if n != "fedavg"]
-    rows, baseline = [], None
-    for name in names:
-        c = copy.deepcopy(config)
-        c.defense.name = name
-        try:
-            summary = train.train_and_evaluate(c, os.path.join(workdir, name))
-        except configuration.ConfigError as e:
-            rows.append({"defense": name, "note": f"not run: {e}"})
-            continue
-        final = summary["final"][0]
-        per_round = summary["train_and_eval_s"] / c.num_rounds
-        baseline = baseline or per_round
-        rows.append(
-            {
-                "defense": name,
-                "accuracy": final["accuracy"],
-                "source_recall": final["source_recall"],
-                "detection_precision": summary.get("detection_precision"),
-                "detection_recall": summary.get("detection_recall"),
-                "time_vs_fedavg": per_round / baseline,
-                "note": "",
-            }
+def plan(config, attack_names, defense_names, seeds):
+    """(the run's config, {defense: why it cannot run}) for the matrix.
+
+    Attack errors stop (ConfigError naming the field); a defense that cannot run is left
+    out with its reason.
+    """
+    c = copy.deepcopy(config)
+    swept = [a for a in configuration.SWEEP_AXES if len(c.sweep[a])]
+    if swept:
+        raise configuration.ConfigError(
+            f"sweep.{swept[0]} is set: the matrix sweeps attack, defense and seed itself; "
+            "run one setting of the other axes at a time"
         )
-        logging.info("%s: %s", name, rows[-1])
-    return rows
+    spec = data.SPECS[c.dataset]
+    notes = {}
+    for name in dict.fromkeys(defense_names):
+        block = ml_collections.ConfigDict(c.defense.to_dict())
+        block.name = name
+        try:
+            defenses.validate(
+                block,
+                clients_per_round=c.clients_per_round,
+                num_clients=c.num_clients,
+                num_classes=spec.num_classes,
+            )
+        except ValueError as e:
+            notes[name] = f"not run: {e}"
+    runnable = [d for d in dict.fromkeys(defense_names) if d not in notes]
+    if not runnable:
+        raise configuration.ConfigError(f"no defense can run with this config: {notes}")
+    c.sweep.attack = tuple(dict.fromkeys(["none", *attack_names]))
+    c.sweep.defense = tuple(runnable)
+    c.sweep.seed = tuple(int(s) for s in dict.fromkeys(seeds))
+    c.sweep.mode = "product"
+    configuration.validate(c)
+    return c, notes
 
 
-def _cell(value) -> str:
-    if value is None:
+def measure_of(c, attack: str) -> str:
+    """The attack's success measure (attacks.MEASURES)."""
+    spec = data.SPECS[c.dataset]
+    sizes = dict(num_classes=spec.num_classes, image_shape=spec.image_shape)
+    sizes.update(clients_per_round=c.clients_per_round)
+    head = np.zeros((1, spec.num_classes), np.int32)
+    return attacks.make_attack(attack, c.attack, **sizes, head_index=head).measure
+
+
+def _stat(values) -> tuple[float, float]:
+    """(mean, sample std) of the finite values; NaN where there are too few."""
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    mean = float(np.mean(v)) if v else math.nan
+    return mean, float(np.std(v, ddof=1)) if len(v) > 1 else math.nan
+
+
+def cells(c, summary: dict, notes: dict) -> list[dict]:
+    """One dict per attack x defense (COLUMNS), from the run's final rows."""
+    final = {(r["attack"], r["defense"], r["seed"]): r for r in summary["final"]}
+    seeds = list(c.sweep.seed)
+    out = []
+    for attack in c.sweep.attack:
+        measure = measure_of(c, attack)
+        sources = [s for s, _ in experiments.attacked_pairs(c, attack, _flips(c))]
+        for defense in c.sweep.defense:
+            rows = [final[(attack, defense, s)] for s in seeds]
+            clean = [final[("none", defense, s)] for s in seeds]
+            out.append(_cell(attack, defense, measure, sources, rows, clean))
+        for defense, note in notes.items():
+            out.append({"attack": attack, "defense": defense, "measure": measure, "note": note})
+    return out
+
+
+def _flips(c):
+    return attacks.parse_flips(c.attack.flips)
+
+
+def _cell(attack, defense, measure, sources, rows, clean) -> dict:
+    """The statistics of one cell over its seeds; rows and clean ('none') paired by seed."""
+    ok = [not r.get("diverged") for r in rows]
+    both = [a and not n.get("diverged") for a, n in zip(ok, clean)]
+    acc = [r["accuracy"] for r, keep in zip(rows, ok) if keep]
+    drop = [n["accuracy"] - r["accuracy"] for r, n, keep in zip(rows, clean, both) if keep]
+    recall = lambda row: float(np.mean([row["recall"][s] for s in sources]))
+    src = [recall(r) for r, keep in zip(rows, ok) if keep] if sources else []
+    loss = [recall(n) - recall(r) for r, n, b in zip(rows, clean, both) if b] if sources else []
+    success = {"flip": None, "backdoor": None, "untargeted": drop, "none": []}[measure]
+    if success is None:
+        success = [r["attack_success_rate"] for r, keep in zip(rows, ok) if keep]
+    cell = {"attack": attack, "defense": defense, "measure": measure, "n": len(rows)}
+    cell["diverged"] = len(rows) - sum(ok)
+    cell["degenerate_rounds"] = sum(r.get("degenerate_rounds", 0) for r in rows)
+    for name, values in zip(STATS, (acc, success, drop, src, loss)):
+        cell[f"{name}_mean"], cell[f"{name}_std"] = _stat(values)
+    for key in ("detection_precision", "detection_recall"):
+        found = [r[key] for r in rows if key in r]
+        cell[key] = float(np.mean(found)) if found else None
+    cell["note"] = ""
+    return cell
+
+
+def _number(value) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return ""
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def write_tables(workdir: str, rows: list[dict]) -> None:
+def _pm(cell: dict, stat: str) -> str:
+    """'0.812 ± 0.004' (the ± part with two seeds or more), '' when undefined."""
+    mean, std = cell.get(f"{stat}_mean", math.nan), cell.get(f"{stat}_std", math.nan)
+    if not math.isfinite(mean):
+        return ""
+    return f"{mean:.3f}" + (f" ± {std:.3f}" if math.isfinite(std) else "")
+
+
+def _diverged(cell: dict) -> str:
+    if not cell["diverged"]:
+        return ""
+    n = cell["n"]
+    return "diverged" if cell["diverged"] == n else f"diverged ({cell['diverged']} of {n})"
+
+
+def title(c) -> str:
+    seeds = ", ".join(str(s) for s in c.sweep.seed)
+    return (
+        f"{data.SPECS[c.dataset].name}: {c.attack.malicious_fraction:.0%} malicious, "
+        f"{c.num_clients} clients, {c.clients_per_round} per round, {c.num_rounds} rounds, "
+        f"seeds {seeds}"
+    )
+
+
+def _grid(attack_names, columns, at, text) -> list[str]:
+    """A markdown table: one row per attack, one column per defense, cells text(cell)."""
+    lines = ["| attack \\ defense | " + " | ".join(columns) + " |"]
+    lines.append("|---" * (len(columns) + 1) + "|")
+    for attack in attack_names:
+        row = [_diverged(at[attack, d]) or text(at[attack, d]) or "–" for d in columns]
+        lines.append(f"| {attack} | " + " | ".join(row) + " |")
+    return lines
+
+
+def _both(cell: dict) -> str:
+    """'accuracy / success' (accuracy alone where the attack has no success measure)."""
+    success = _pm(cell, "success")
+    return _pm(cell, "accuracy") + (f" / {success}" if success else "")
+
+
+def _detection(cell: dict) -> str:
+    return f"{_number(cell['detection_precision'])} / {_number(cell['detection_recall'])}"
+
+
+def markdown(c, table: list[dict], notes: dict) -> str:
+    """matrix.md: accuracy / success, the accuracy drop, detection; then the notes."""
+    ran, names = list(c.sweep.defense), list(c.sweep.attack)
+    at = {(t["attack"], t["defense"]): t for t in table}
+    lines = [f"# Attacks x defenses: {title(c)}", ""]
+    lines += ["Cells: test accuracy / the attack's success, mean ± std over seeds.", ""]
+    lines += _grid(names, ran, at, _both) + ["", "Success per attack:", ""]
+    for attack in names:
+        measure = at[attack, ran[0]]["measure"]
+        lines.append(f"- {attack}: {SUCCESS[measure] or 'no attack (the reference row)'}")
+    lines += ["", "Accuracy drop against 'none' of the same defense (paired by seed):", ""]
+    drop = lambda t: _pm(t, "accuracy_drop") if t["attack"] != "none" else ""
+    lines += _grid(names, ran, at, drop) + [""]
+    flagging = [d for d in ran if at[names[0], d]["detection_precision"] is not None]
+    if flagging:
+        lines += ["Detection by the rules that flag clients (precision / recall):", ""]
+        lines += _grid(names, flagging, at, _detection) + [""]
+    lines += [f"- {d}: {note}" for d, note in notes.items()]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+SHORT = {"flip": "ASR", "backdoor": "backdoor ASR", "untargeted": "acc. drop", "none": ""}
+
+
+def plot(c, table: list[dict], path: str) -> None:
+    """matrix.png: accuracy, and each attack's own success; diverged cells grey, marked."""
+    ran, names = list(c.sweep.defense), list(c.sweep.attack)
+    at = {(t["attack"], t["defense"]): t for t in table}
+    fig, axes = plt.subplots(1, 2, figsize=(5 + 2.6 * len(ran), 1.6 + 0.5 * len(names)))
+    panels = (("accuracy", "test accuracy"), ("success", "the attack's success"))
+    for ax, (stat, label) in zip(axes, panels):
+        values = np.array([[at[a, d][f"{stat}_mean"] for d in ran] for a in names], float)
+        image = ax.imshow(np.clip(values, 0, 1), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for i, a in enumerate(names):
+            for j, d in enumerate(ran):
+                if at[a, d]["diverged"]:
+                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, color="0.6"))
+                text = "diverged" if at[a, d]["diverged"] else _number(values[i, j])[:5]
+                dark = not at[a, d]["diverged"] and values[i, j] > 0.6
+                ax.text(
+                    j, i, text, ha="center", va="center", fontsize=8, color="k" if dark else "w"
+                )
+        ax.set_xticks(range(len(ran)), ran, rotation=30, ha="right")
+        measures = [SHORT[at[a, ran[0]]["measure"]] for a in names]
+        labels = [f"{a} ({m})" if m and stat == "success" else a for a, m in zip(names, measures)]
+        ax.set_yticks(range(len(names)), labels)
+        ax.set_title(label, fontsize=10)
+        fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.suptitle(title(c), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(c, table: list[dict], notes: dict, workdir: str) -> None:
+    """matrix.csv, matrix.md and matrix.png in workdir."""
     csv = [",".join(COLUMNS)] + [
-        ",".join(_cell(r.get(k)).replace(",", ";") for k in COLUMNS) for r in rows
+        ",".join(_number(t.get(k)).replace(",", ";") for k in COLUMNS) for t in table
     ]
-    report.write_text(os.path.join(workdir, "defenses.csv"), "\n".join(csv) + "\n")
-    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)] + [
-        "| " + " | ".join(_cell(r.get(k)) for k in COLUMNS) + " |" for r in rows
-    ]
-    report.write_text(os.path.join(workdir, "defenses.md"), "\n".join(md) + "\n")
+    report.write_text(os.path.join(workdir, "matrix.csv"), "\n".join(csv) + "\n")
+    report.write_text(os.path.join(workdir, "matrix.md"), markdown(c, table, notes))
+    plot(c, table, os.path.join(workdir, "matrix.png"))
+
+
+def compare(config, workdir: str, attack_names, defense_names, seeds) -> list[dict]:
+    """Runs the matrix in workdir/run, writes its tables into workdir, returns the cells."""
+    c, notes = plan(config, attack_names, defense_names, seeds)
+    os.makedirs(workdir, exist_ok=True)
+    summary = train.train_and_evaluate(c, os.path.join(workdir, "run"))
+    table = cells(c, summary, notes)
+    write(c, table, notes, workdir)
+    return table
 
 
 def _cli() -> None:
     """Command line (flags are defined only when this module is the program)."""
     config = config_flags.DEFINE_config_file("config", None, "Config file (a get_config).")
-    workdir = flags.DEFINE_string("workdir", None, "Where the runs and the table go.")
-    names = flags.DEFINE_list("defenses", list(defenses.DEFENSES), "Defense names to compare.")
+    workdir = flags.DEFINE_string("workdir", None, "Where the run and the tables go.")
+    names = flags.DEFINE_list("defenses", list(defenses.DEFENSES), "Defenses (columns).")
+    attack_names = flags.DEFINE_list("attacks", None, "Attacks (rows); default attack.name.")
+    seeds = flags.DEFINE_list("seeds", None, "Seeds; default the config's seed.")
     flags.mark_flags_as_required(["config", "workdir"])
 
     def main(argv):
         del argv
         logging.set_verbosity(logging.INFO)
-        rows = compare(config.value, workdir.value, names.value)
-        write_tables(workdir.value, rows)
-        print(open(os.path.join(workdir.value, "defenses.md")).read())
+        c = config.value
+        chosen = attack_names.value or [c.attack.name]
+        try:
+            sharding.use_cpu_devices(c.mesh.cpu_devices)  # as launch.py: one per core
+            compare(
+                c, workdir.value, chosen, names.value, [int(s) for s in seeds.value or [c.seed]]
+            )
+        except USER_ERRORS as e:
+            sys.exit(f"error: {e}")
+        print(open(os.path.join(workdir.value, "matrix.md")).read())
 
     app.run(main)
 

@@ -1,0 +1,107 @@
+"""The attack x defense matrix on tiny synthetic data: one run, its files, its numbers."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from test_simulation import tiny_config
+
+from fedjax_poison import compare_defenses, configuration
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    """2 attacks (+ 'none') x fedavg, median (+ bulyan, which k = 3 cannot run) x 2 seeds.
+
+    A Gaussian update of std 1e12 passes the server guard (its norm is finite) and
+    overflows the model the rounds after it is averaged in.
+    """
+    workdir = tmp_path_factory.mktemp("matrix")
+    c = tiny_config(num_rounds=4, eval_every=4)
+    c.attack.malicious_fraction, c.attack.gaussian.std = 0.25, 1e12
+    compare_defenses.compare(
+        c, str(workdir), ["label_flip", "gaussian"], ["fedavg", "median", "bulyan"], [0, 1]
+    )
+    summary = json.load(open(workdir / "run" / "summary.json"))
+    rows = list(csv.DictReader(open(workdir / "matrix.csv")))
+    return workdir, summary, {(r["attack"], r["defense"]): r for r in rows}
+
+
+def final(summary, attack, defense, seed):
+    (row,) = [
+        r
+        for r in summary["final"]
+        if (r["attack"], r["defense"], r["seed"]) == (attack, defense, seed)
+    ]
+    return row
+
+
+def test_one_run_with_every_cell_and_the_no_attack_row(matrix):
+    workdir, summary, cells = matrix
+    assert summary["num_experiments"] == 3 * 2 * 2  # attacks incl. none x defenses x seeds
+    assert set(cells) == {
+        (a, d) for a in ("none", "label_flip", "gaussian") for d in ("fedavg", "median", "bulyan")
+    }
+    for name in ("matrix.csv", "matrix.md", "matrix.png"):
+        assert (workdir / name).stat().st_size > 0
+    md = open(workdir / "matrix.md").read()
+    assert "25% malicious" in md and "4 rounds" in md and "seeds 0, 1" in md
+    assert "| attack \\ defense | fedavg | median |" in md  # bulyan is not a column
+    none = cells["none", "fedavg"]
+    assert none["measure"] == "none" and none["success_mean"] == ""
+    assert float(none["accuracy_drop_mean"]) == 0.0
+
+
+def test_mean_and_std_over_seeds_by_hand(matrix):
+    workdir, summary, cells = matrix
+    acc = [final(summary, "label_flip", "median", s)["accuracy"] for s in (0, 1)]
+    clean = [final(summary, "none", "median", s)["accuracy"] for s in (0, 1)]
+    asr = [final(summary, "label_flip", "median", s)["attack_success_rate"] for s in (0, 1)]
+    cell = cells["label_flip", "median"]
+    assert cell["n"] == "2" and cell["diverged"] == "0" and cell["measure"] == "flip"
+    assert float(cell["accuracy_mean"]) == pytest.approx((acc[0] + acc[1]) / 2, abs=1e-4)
+    assert float(cell["accuracy_std"]) == pytest.approx(abs(acc[0] - acc[1]) / 2**0.5, abs=1e-4)
+    drop = [clean[0] - acc[0], clean[1] - acc[1]]  # paired by seed
+    assert float(cell["accuracy_drop_mean"]) == pytest.approx(np.mean(drop), abs=1e-4)
+    assert float(cell["success_mean"]) == pytest.approx(np.mean(asr), abs=1e-4)
+    text = f"{np.mean(acc):.3f} ± {np.std(acc, ddof=1):.3f} / {np.mean(asr):.3f} ± "
+    assert text in open(workdir / "matrix.md").read()
+
+
+def test_a_diverged_cell_says_so_without_a_number(matrix):
+    workdir, summary, cells = matrix
+    assert all(final(summary, "gaussian", "fedavg", s)["diverged"] for s in (0, 1))
+    cell = cells["gaussian", "fedavg"]
+    assert cell["diverged"] == "2" and cell["accuracy_mean"] == "" and cell["success_mean"] == ""
+    lines = open(workdir / "matrix.md").read().splitlines()
+    line = next(x for x in lines if x.startswith("| gaussian |"))  # the first table
+    assert line.split("|")[2].strip() == "diverged"
+    assert cells["label_flip", "fedavg"]["diverged"] == "0"
+
+
+def test_a_defense_that_cannot_run_is_a_note(matrix):
+    workdir, _, cells = matrix
+    note = cells["label_flip", "bulyan"]["note"]
+    assert note.startswith("not run: defense.num_byzantine") and "k=3" in note
+    assert "- bulyan: not run: defense.num_byzantine" in open(workdir / "matrix.md").read()
+    assert math.isnan(float(cells["label_flip", "bulyan"]["accuracy_mean"] or "nan"))
+
+
+def test_one_attack_is_one_row_and_the_old_usage_plans_it():
+    c = tiny_config()
+    run, notes = compare_defenses.plan(c, [c.attack.name], ["fedavg", "bulyan"], [c.seed])
+    assert run.sweep.attack == ("none", "label_flip") and run.sweep.defense == ("fedavg",)
+    assert run.sweep.seed == (0,) and run.sweep.mode == "product" and list(notes) == ["bulyan"]
+
+
+def test_plan_refuses_other_sweeps_and_no_runnable_defense():
+    c = tiny_config()
+    c.sweep.malicious_fraction = (0.1, 0.2)
+    with pytest.raises(configuration.ConfigError, match="sweep.malicious_fraction is set"):
+        compare_defenses.plan(c, ["sign_flip"], ["fedavg"], [0])
+    with pytest.raises(configuration.ConfigError, match="no defense can run"):
+        compare_defenses.plan(tiny_config(), ["sign_flip"], ["bulyan"], [0])
+    with pytest.raises(configuration.ConfigError, match="did you mean 'sign_flip'"):
+        compare_defenses.plan(tiny_config(), ["sign_flp"], ["fedavg"], [0])
