@@ -175,6 +175,14 @@ def client_constraint(mesh: Mesh | None) -> Callable:
     return lambda tree: jax.lax.with_sharding_constraint(tree, sharding)
 
 
+def replicated_constraint(mesh: Mesh | None) -> Callable:
+    """Returns f(tree) that puts arrays whole on every device of the clients axis."""
+    if mesh is None or mesh.shape[CLIENTS] == 1:
+        return lambda tree: tree
+    sharding = NamedSharding(mesh, PartitionSpec())
+    return lambda tree: jax.lax.with_sharding_constraint(tree, sharding)
+
+
 def spmd_axis(mesh: Mesh | None) -> str | None:
     """The mesh axis the experiment vmap maps onto (so client constraints keep it split)."""
     return None if mesh is None else EXPERIMENTS

@@ -177,6 +177,7 @@ def make_round_step(
     head: np.ndarray,
     root_data: ClientData | None = None,
     shard_clients: Callable[[PyTree], PyTree] = lambda tree: tree,
+    gather_clients: Callable[[PyTree], PyTree] = lambda tree: tree,
 ) -> Callable[[ServerState, Scenario, ClientData], tuple[ServerState, RoundRecord]]:
     """Returns round_step(state, scenario, data) -> (state, record) for one experiment.
 
@@ -187,6 +188,8 @@ def make_round_step(
     With settings.client_groups = G > 1, the k clients train as [G, ceil(k / G)] and
     shard_clients places the leading [G] axis (over a mesh's clients axis): each device
     trains its own clients. Slots beyond k train on nothing (count 0) and are dropped.
+    gather_clients then puts the trained clients whole on every device: what follows is
+    the server's, computed alike on every device.
     """
     k, groups = settings.clients_per_round, settings.client_groups
     slots = -(-k // groups) * groups
@@ -203,7 +206,7 @@ def make_round_step(
         split = lambda a: a.reshape(groups, slots // groups, *a.shape[1:])
         grouped = shard_clients(tuple(split(a) for a in (x, y, count, lr, keys)))
         trained = jax.vmap(train_all, in_axes=in_axes)(params, batch_stats, *grouped)
-        return jax.tree.map(lambda a: a.reshape(slots, *a.shape[2:])[:k], trained)
+        return gather_clients(jax.tree.map(lambda a: a.reshape(slots, *a.shape[2:])[:k], trained))
 
     needs_root = any(d.needs_root for d in defense_set)
 

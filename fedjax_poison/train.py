@@ -175,6 +175,7 @@ def setup(c: ml_collections.ConfigDict) -> Setup:
         head_positions,
         root_data(c, dataset) if defense.needs_root else None,
         sharding.client_constraint(mesh),
+        sharding.replicated_constraint(mesh),
     )
     evaluate = metrics.make_evaluate(
         model,
