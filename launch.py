@@ -1,48 +1,97 @@
 """Runs one experiment or one sweep of fedjax-poison from a config file.
 
-    python launch.py --config=configs/fashion_mnist.py --workdir=DIR
+    python launch.py --config=configs/fashion_mnist.py [--workdir=DIR] [--config.FIELD=VALUE ...]
 
-Any config field can be overridden: --config.num_rounds=30 --config.attack.flips='6:0'.
-This is the only place flags are read.
+Without --workdir the run goes to runs/<config name>/<date-time>. Any config field can be
+overridden: --config.num_rounds=30 --config.attack.flips='6:0'. A bad value or field ends
+in one line naming it (exit status 2); Ctrl-C saves the run and prints the command that
+resumes it (exit status 130). This is the only place flags are read.
 """
 
+import logging
+import os
+import shlex
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from fedjax_poison import checkpoint, configuration, data, sharding, train
+import fedjax_poison
+from fedjax_poison import api, train
+from fedjax_poison.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (a get_config).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the run writes its files.")
-flags.mark_flags_as_required(["config", "workdir"])
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Where the run writes its files; default runs/<config name>/<date-time>."
+)
+flags.mark_flags_as_required(["config"])
+
+
+def fail(message: str, status: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every mistake (a bad value, a field the config does not
+    have) in one line instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(str(e).splitlines()[0])
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        fail(_override_error(e))
+
+
+def _override_error(e: Exception) -> str:
+    """ml_collections' message for an override of a missing field, as one line."""
+    text = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").strip("'\"").split())
+    if isinstance(e, UserError) or not text:
+        return text or type(e).__name__
+    return f"--config override: {text}"
+
+
+def config_name(path: str) -> str:
+    """'configs/paper/label_flipping.py:dataset=cifar10' -> 'label_flipping_dataset=cifar10'."""
+    file, _, arg = path.partition(":")
+    name = os.path.splitext(os.path.basename(file))[0]
+    return f"{name}_{arg.replace(',', '_')}" if arg else name
+
+
+def resume_command(workdir: str) -> str:
+    """The command line of this launch, with --workdir set: it resumes the run."""
+    args = [a for a in sys.argv[1:] if not a.startswith("--workdir")]
+    return shlex.join([sys.executable, sys.argv[0], *args, f"--workdir={workdir}"])
+
+
+def configure_logging() -> None:
+    """Our progress lines as `HH:MM:SS message`, without absl's prefix or library noise."""
+    absl_logging.set_verbosity(absl_logging.INFO)
+    formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    absl_logging.get_absl_handler().setFormatter(formatter)
+    api.quiet_libraries()
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
-    c = _CONFIG.value
+        fail(f"unexpected arguments: {argv[1:]}")
+    configure_logging()
+    config = _CONFIG.value
+    workdir = _WORKDIR.value
+    if workdir is None:
+        path = config_flags.get_config_filename(flags.FLAGS["config"])
+        workdir = api.default_workdir(config_name(path))
+        logging.getLogger("fedjax_poison").info("workdir: %s", workdir)
     try:
-        configuration.validate(c)
-        sharding.use_cpu_devices(c.mesh.cpu_devices)
-        d = c.distributed
-        sharding.initialize_distributed(d.coordinator, d.num_processes, d.process_id)
-        summary = train.train_and_evaluate(c, _WORKDIR.value)
-    except (
-        configuration.ConfigError,
-        data.DataError,
-        checkpoint.CheckpointError,
-        train.DivergenceError,
-    ) as e:
-        sys.exit(f"error: {e}")
-    if summary is None:  # not the primary process of a multi-host run
-        return
-    for row in summary["final"]:
-        logging.info(
-            "final: %s", {k: v for k, v in row.items() if k not in ("recall", "precision")}
-        )
+        fedjax_poison.run(config, workdir)
+    except train.Interrupted as e:
+        fail(f"{e}; resume with:\n  {resume_command(e.workdir)}", status=130)
+    except KeyboardInterrupt:  # before the first evaluation, or a second Ctrl-C
+        fail(f"interrupted; what was saved resumes with:\n  {resume_command(workdir)}", 130)
+    except UserError as e:
+        fail(str(e))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

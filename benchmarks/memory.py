@@ -3,7 +3,7 @@
     python benchmarks/memory.py                       # both paper models, a few minutes
     python benchmarks/memory.py --dataset cifar10
 
-Compiles the real `advance` (train.setup) at several k (clients per round) and E
+Compiles the real `advance` (setup.build) at several k (clients per round) and E
 (experiments run at once) and reads XLA's memory analysis: the inputs (client data, test
 set, states), the outputs and the temporaries. The slopes give the bytes each extra
 client of a round and each extra experiment costs; "per GiB" is how many fit in one GiB
@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedjax_poison import configuration, train  # noqa: E402
+from fedjax_poison import configuration, plan, setup  # noqa: E402
 
 GIB = 2**30
 
@@ -47,7 +47,7 @@ def footprint(dataset: str, k: int, num_experiments: int) -> dict:
     c.clients_per_round = k
     if num_experiments > 1:
         c.sweep.seed = tuple(range(num_experiments))
-    s = train.setup(c)
+    s = setup.build(plan.build(c))
     states = s.init_states(jnp.arange(num_experiments, dtype=jnp.int32))
     lowered = s.advance.lower(states, s.scenarios, s.client_data, s.test, jnp.int32(1))
     m = lowered.compile().memory_analysis()

@@ -62,6 +62,8 @@ def _settings(exp: experiments.Experiment) -> dict:
         "schedule": exp.schedule,
         "alpha": exp.alpha,
         "breakpoint": exp.breakpoint,
+        "attack": exp.attack,
+        "defense": exp.defense,
     }
 
 
@@ -87,6 +89,7 @@ def single_config(c, exp):
     )
     c.selection.schedule, c.selection.breakpoint = s["schedule"], s["breakpoint"]
     c.selection.alpha, c.selection.alpha_after = s["alpha"]
+    c.attack.name, c.defense.name = s["attack"], s["defense"]
     return c
 
 

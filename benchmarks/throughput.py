@@ -7,7 +7,7 @@
 
 Measured side by side in one process, on the same clients (k a round, n examples and
 batch B each), for one experiment:
-  1. vectorized round: `train.setup(config)`'s compiled `advance`, the real code path
+  1. vectorized round: `setup.build(plan)`'s compiled `advance`, the real code path
      (selection, gather, vmapped local training, FedAvg; evaluation timed apart), as a run
      places it by default: the round's clients over every device (on CPU, one per core),
      and again on one device (mesh.clients=1);
@@ -48,8 +48,9 @@ from fedjax_poison import (  # noqa: E402
     data,
     metrics,
     models,
+    plan,
+    setup,
     sharding,
-    train,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,7 +89,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat, no PyTorch")
     a = p.parse_args(argv)
-    defaults = configuration.PAPER_DEFAULTS[a.dataset]
+    defaults = data.SPECS[a.dataset].recipe
     a.batch = a.batch or defaults["batch_size"]
     if a.examples_per_client is None:  # the paper's: the training set over 50 clients
         a.examples_per_client = 1200 if a.dataset == "fashion_mnist" else 1000
@@ -124,10 +125,7 @@ def make_config(a, k: int, num_experiments: int = 1, mesh: tuple = ()):
 
 
 def build_model(c):
-    kwargs = dict(conv_impl=train.conv_impl(c.model.conv_impl))
-    if c.model.name == "cifar10_cnn":
-        kwargs["softmax_output"] = c.model.softmax_output
-    return models.make_model(c.model.name, **kwargs)
+    return models.make_model(c.model.to_dict(), data.SPECS[c.dataset].num_classes)
 
 
 def train_flops_per_example(model_name: str, params) -> float:
@@ -169,11 +167,12 @@ def timed(fn, *args):
 
 
 class Vectorized:
-    """The real code path: train.setup's compiled advance for 1 round (+ eval) or 0 (eval only)."""
+    """The real code path: setup.build's compiled advance for 1 round (+ eval) or 0 (eval only)."""
 
     def __init__(self, c):
-        self.s = train.setup(c)
-        seeds = jnp.asarray([e.seed for e in self.s.experiments], jnp.int32)
+        run_plan = plan.build(c)
+        self.s = setup.build(run_plan)
+        seeds = jnp.asarray([e.seed for e in run_plan.experiments], jnp.int32)
         # Placed as train.py places a group: split over the mesh's experiment axis.
         self.states = sharding.by_experiment(self.s.mesh, self.s.init_states(seeds))
         self.scenarios = sharding.by_experiment(self.s.mesh, self.s.scenarios)
@@ -210,7 +209,7 @@ class Loop:
         self.k, self.lr, self.data = c.clients_per_round, c.lr, data_on_device
         self.rng = np.random.default_rng(0)
         self.params, self.stats = models.init_variables(model, jax.random.key(0), spec.image_shape)
-        options = train.compiler_options()
+        options = setup.compiler_options()
         self.local = jax.jit(
             client.make_local_train(model, spec, settings), compiler_options=options
         )
@@ -253,7 +252,7 @@ class Centralized:
         count = jnp.int32(int(np.asarray(data_on_device.count[:k]).sum()))
         self.args = (params, stats, x, y, count, jnp.float32(c.lr), jax.random.key(0))
         t = time.perf_counter()
-        options = train.compiler_options()
+        options = setup.compiler_options()
         self.train = jax.jit(
             client.make_local_train(model, spec, settings), compiler_options=options
         )

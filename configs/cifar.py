@@ -12,8 +12,4 @@ from fedjax_poison import configuration
 
 def get_config(arg=None):
     c = configuration.paper_config("cifar10")
-    if arg == "smoke":
-        c = configuration.smoke(c)
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r}: use configs/cifar.py or :smoke")
-    return c
+    return configuration.variant(c, arg, "configs/cifar.py")

@@ -1,42 +1,28 @@
-"""A run's workdir as a record that survives pre-emption: the workdir guard and checkpoints.
+"""The run's state after an evaluation, and its orbax checkpoints.
 
-A checkpoint is taken after an evaluation, so that the state and the metrics written so
-far agree. It holds what the run loop needs to go on as if it had never stopped:
-
-    arrays   states     the group's stacked ServerState [G], as its list of leaves
-             detected   [G, 4] int64, cumulative (tp, fp, fn, tn) of the defense's flags
-             diverged   [G] int32, the round each experiment first went non-finite (0 = never)
-    meta     Progress   the group of the sweep, the rounds it has done, the metrics.jsonl rows
-                        written up to there, and the time spent so far
+A checkpoint holds exactly a `RunState`: where the run stands (group, round, the rows of
+metrics.jsonl written, time spent) and the arrays the loop carries (the group's server
+states, detection counts, divergence and degenerate rounds). The same command resumes
+from it as if the run had never stopped.
 
 Orbax writes a checkpoint into a temporary folder and renames it once complete, so a kill
 in mid-write leaves the previous one intact; the last two are kept. A step counts rounds
 over the whole sweep (group * num_rounds + round), so steps grow from group to group.
 """
 
-import importlib.metadata
-import json
 import logging as std_logging
 import os
-import platform
-import shutil
 from typing import Any, NamedTuple
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 
-from fedjax_poison import report, sharding
-from fedjax_poison.configuration import ConfigError
+from fedjax_poison import sharding
+from fedjax_poison.errors import UserError
 
-CHECKPOINTS = "checkpoints"  # folder in the workdir
-RUN_FILES = ("config.json", "environment.json", "malicious.json", "metrics.jsonl")
-RUN_FILES += ("summary.json", "curves.png")
-# Fields that may change between the launches of one run: they do not change its results.
-RESUMABLE_FIELDS = ("overwrite", "checkpoint_every")
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+FOLDER = "checkpoints"  # in the workdir
+META = ("group", "round", "lines", "train_s", "compile_s")
 
 
 def _quiet_orbax(record: std_logging.LogRecord) -> bool:
@@ -47,144 +33,48 @@ def _quiet_orbax(record: std_logging.LogRecord) -> bool:
 std_logging.getLogger("absl").addFilter(_quiet_orbax)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint or the metrics beside it cannot be used to resume; the message says why."""
 
 
-class Progress(NamedTuple):
-    """Where a run stands at a checkpoint (JSON in the checkpoint)."""
+class RunState(NamedTuple):
+    """Where a run stands after an evaluation: exactly what a checkpoint holds."""
 
-    group: int  # index into train.experiment_groups
-    round: int  # rounds done by that group
+    group: int  # index into plan.groups
+    round: int  # rounds the group has done
     lines: int  # rows of metrics.jsonl written up to here
     train_s: float  # training and evaluation time so far, over every launch
-    compile_s: float  # compile time of the launch that saved it
-
-
-class Carry(NamedTuple):
-    """The arrays a group's run loop carries from one chunk to the next (host or device)."""
-
-    states: Any  # ServerState [G]
-    detected: np.ndarray  # [G, 4] int64
-    diverged: np.ndarray  # [G] int32, round of the first non-finite value, 0 = none
+    compile_s: float  # compile time of the launch that got here
+    states: Any  # ServerState [G] of the group
+    detected: np.ndarray  # [G, 4] int64, cumulative (tp, fp, fn, tn) of the defense's flags
+    diverged: np.ndarray  # [G] int32, the round an experiment first went non-finite, 0 = never
     degenerate: np.ndarray  # [G] int32, rounds in which the rule kept nobody or one client
 
-
-def claim_workdir(c: ml_collections.ConfigDict, workdir: str, clear: bool = True) -> None:
-    """Refuses a workdir that holds a run of another config, unless c.overwrite replaces it.
-
-    A workdir of the same config (up to RESUMABLE_FIELDS) is kept, to be resumed. With
-    clear=False (the other processes of a multi-host run) nothing is deleted.
-    """
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        if clear:
-            _clear(workdir)  # stray files of an unknown run are never resumed
-        return
-    try:
-        with open(path) as f:
-            old = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} cannot be read ({e}): use another --workdir") from None
-    new = json.loads(report.dumps(c.to_dict()))
-    for key in RESUMABLE_FIELDS:
-        old.pop(key, None)
-        new.pop(key, None)
-    difference = _first_difference(old, new)
-    if difference is None:
-        return
-    field, was, now = difference
-    if not c.overwrite:
-        raise ConfigError(
-            f"workdir {workdir} holds a run of another config ({field} is {was!r} there, "
-            f"{now!r} now): use another --workdir, or --config.overwrite=True to replace it"
-        )
-    if clear:
-        logging.warning("overwrite: replacing the run in %s (%s was %r)", workdir, field, was)
-        _clear(workdir)
+    @property
+    def arrays(self) -> dict:
+        return {
+            "states": self.states,
+            "detected": self.detected,
+            "diverged": self.diverged,
+            "degenerate": self.degenerate,
+        }
 
 
-def _first_difference(old, new, prefix: str = ""):
-    """(field, old value, new value) of the first field that differs, or None."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
-            found = _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
-            if found is not None:
-                return found
-        return None
-    return None if old == new else (prefix.rstrip("."), old, new)
-
-
-def _clear(workdir: str) -> None:
-    for name in RUN_FILES:
-        path = os.path.join(workdir, name)
-        if os.path.exists(path):
-            os.remove(path)
-    shutil.rmtree(os.path.join(workdir, CHECKPOINTS), ignore_errors=True)
-
-
-def environment() -> dict:
-    """Versions and device: same config, seed and environment give bitwise equal metrics."""
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return {
-        "python": platform.python_version(),
-        **versions,
-        "backend": jax.default_backend(),
-        "device_kind": jax.devices()[0].device_kind,
-        "device_count": jax.device_count(),
-    }
-
-
-def write_environment(workdir: str, resumed: bool) -> None:
-    """environment.json: the environment the run started in, and any other it resumed in."""
-    path = os.path.join(workdir, "environment.json")
-    now = environment()
-    if not (resumed and os.path.exists(path)):
-        report.write_json(path, now)
-        return
-    with open(path) as f:
-        record = json.load(f)
-    seen = [{k: v for k, v in record.items() if k != "resumed_in"}] + record.get("resumed_in", [])
-    if now not in seen:
-        logging.warning(
-            "resuming in another environment than %s: metrics may differ from an "
-            "uninterrupted run in the last digits",
-            seen[-1],
-        )
-        record["resumed_in"] = record.get("resumed_in", []) + [now]
-        report.write_json(path, record)
-
-
-def restart_metrics(path: str, progress: Progress | None, group_size: int) -> None:
-    """Cuts metrics.jsonl back to the rows of the checkpoint (all of them if none).
-
-    Rows written after the checkpoint are computed again on resume, so every row is in the
-    file exactly once. A row belongs to group `experiment // group_size`.
-    """
-    if progress is None:
-        report.write_text(path, "")
-        return
-    at = (progress.group, progress.round)
-    report.truncate_lines(path, lambda r: (r.get("experiment", 0) // group_size, r["round"]) <= at)
-    kept = len(report.read_lines(path))
-    if kept != progress.lines:
-        raise CheckpointError(
-            f"{path} was changed: the run wrote {progress.lines} rows up to round "
-            f"{progress.round} of experiment group {progress.group}, the file holds {kept}; "
-            f"delete {os.path.dirname(path)} (or use another --workdir) to start again"
-        )
+def start(group: int, states, train_s: float, lines: int) -> RunState:
+    """The state of a group before its first round."""
+    g = jax.tree.leaves(states)[0].shape[0]
+    zeros = lambda *shape, dtype=np.int32: np.zeros(shape, dtype)
+    return RunState(
+        group, 0, lines, train_s, states, zeros(g, 4, dtype=np.int64), zeros(g), zeros(g)
+    )
 
 
 class Checkpoints:
-    """The orbax checkpoints of one run, in workdir/checkpoints."""
+    """The orbax checkpoints of one run, in `directory`."""
 
-    def __init__(self, workdir: str, keep: int = 2):
-        self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINTS))
+    def __init__(self, directory: str, num_rounds: int, keep: int = 2):
+        self.directory = os.path.abspath(directory)
+        self.num_rounds = num_rounds
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=False,  # the next chunk donates the state's buffers
@@ -195,58 +85,51 @@ class Checkpoints:
             self.directory, options=options, item_names=("arrays", "meta")
         )
 
-    def latest(self) -> Progress | None:
-        """The progress of the last complete checkpoint, or None if there is none."""
+    def latest(self) -> dict | None:
+        """Where the last complete checkpoint stands (META: group, round, ...), or None."""
         step = self.manager.latest_step()
         if step is None:
             return None
         meta = self._restore(step, meta=ocp.args.JsonRestore())["meta"]
-        if not isinstance(meta, dict) or set(meta) != set(Progress._fields):
+        if not isinstance(meta, dict) or set(meta) != set(META):
             raise CheckpointError(
                 f"checkpoint {step} in {self.directory} was written by another version "
-                f"(progress {meta}): delete {self.directory} to start again"
+                f"({meta}): use another --workdir, or --config.overwrite=True to start again"
             )
-        return Progress(**meta)
+        return meta
 
-    def restore(self, progress: Progress, like: Any, num_rounds: int) -> Carry:
-        """The arrays saved with `progress`; `like` is a ServerState [G] of the same shapes."""
+    def restore(self, meta: dict, like: Any) -> RunState:
+        """The state saved with `meta`; `like` is a ServerState [G] of the same shapes."""
         leaves, treedef = jax.tree.flatten(like)
         g = leaves[0].shape[0]
-        target = Carry(
-            [np.zeros(x.shape, x.dtype) for x in leaves],
-            np.zeros((g, 4), np.int64),
-            np.zeros(g, np.int32),
-            np.zeros(g, np.int32),
-        )
-        step = progress.group * num_rounds + progress.round
-        restored = self._restore(step, arrays=ocp.args.StandardRestore(target._asdict()))
-        arrays = restored["arrays"]
-        got = jax.tree.leaves(arrays)
-        want = jax.tree.leaves(target._asdict())
+        target = {
+            "states": [np.zeros(x.shape, x.dtype) for x in leaves],
+            "detected": np.zeros((g, 4), np.int64),
+            "diverged": np.zeros(g, np.int32),
+            "degenerate": np.zeros(g, np.int32),
+        }
+        step = meta["group"] * self.num_rounds + meta["round"]
+        arrays = self._restore(step, arrays=ocp.args.StandardRestore(target))["arrays"]
+        got, want = jax.tree.leaves(arrays), jax.tree.leaves(target)
         if len(got) != len(want) or any(
             a.shape != b.shape or a.dtype != b.dtype for a, b in zip(got, want)
         ):
             raise CheckpointError(
                 f"checkpoint {step} in {self.directory} does not fit this config's state "
-                f"(another model or defense?): delete {self.directory} to start again"
+                "(another model or defense?): use another --workdir"
             )
-        states = jax.tree.unflatten(treedef, arrays["states"])
-        return Carry(states, arrays["detected"], arrays["diverged"], arrays["degenerate"])
+        states = jax.tree.unflatten(treedef, arrays.pop("states"))
+        return RunState(**meta, states=states, **arrays)
 
-    def save(self, progress: Progress, carry: Carry, num_rounds: int) -> None:
+    def save(self, state: RunState) -> None:
         """Saves synchronously and atomically; the oldest of more than `keep` is deleted."""
-        states = [np.asarray(x) for x in jax.tree.leaves(sharding.to_host(carry.states))]
-        arrays = Carry(
-            states,
-            np.asarray(carry.detected),
-            np.asarray(carry.diverged),
-            np.asarray(carry.degenerate),
-        )
+        arrays = dict(state.arrays)
+        arrays["states"] = [np.asarray(x) for x in jax.tree.leaves(sharding.to_host(state.states))]
+        meta = {key: getattr(state, key) for key in META}
         self.manager.save(
-            progress.group * num_rounds + progress.round,
+            state.group * self.num_rounds + state.round,
             args=ocp.args.Composite(
-                arrays=ocp.args.StandardSave(arrays._asdict()),
-                meta=ocp.args.JsonSave(progress._asdict()),
+                arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)
             ),
             force=True,
         )

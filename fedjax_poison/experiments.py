@@ -1,19 +1,24 @@
-"""A config's sweep axes expanded into experiments, and each experiment into a Scenario.
+"""A config's sweep expanded into experiments, and each experiment into a Scenario.
 
 A run is a list of experiments (one when nothing is swept); their scenarios stack on
-a leading experiment axis [E] and advance together in one compiled program.
+a leading experiment axis [E] and advance together in one compiled program. Experiments
+are canonical: what does not apply to an experiment (a flip without label flipping, a
+schedule without attackers) is set to one neutral value, so that identical experiments
+are recognised and run once.
 """
 
 import itertools
+import logging
 from typing import NamedTuple
 
 import jax
-import ml_collections
 import numpy as np
 
-from fedjax_poison import attacks, data, selection
-from fedjax_poison.configuration import SWEEP_AXES, ConfigError
+from fedjax_poison import attacks, selection, sweeps
+from fedjax_poison.fields import ConfigError
 from fedjax_poison.simulation import Scenario
+
+log = logging.getLogger(__name__)
 
 
 class Experiment(NamedTuple):
@@ -21,78 +26,90 @@ class Experiment(NamedTuple):
 
     axes: dict
     malicious_fraction: float
-    flips: attacks.Flips
+    flips: attacks.Flips  # the (source, target) pairs its attack flips; () if none
     seed: int
     schedule: str
     alpha: tuple[float, float]  # before / from the breakpoint
-    breakpoint: int
+    breakpoint: int  # a round number: 'late' and alpha[1] apply from this round on
     attack: str = "label_flip"  # a name of attacks.ATTACKS, or several joined by '+'
-    defense: str = "fedavg"  # a name of defenses.DEFENSES
+    defense: str = "fedavg"  # a name of defenses.DEFENSES, or a chain joined by '+'
+
+    def settings(self) -> tuple:
+        """Everything but the axes: equal settings make equal experiments."""
+        return tuple(self)[1:]
 
 
-def expand(c: ml_collections.ConfigDict) -> list[Experiment]:
-    """The experiments of a config: the product (or zip) of its non-empty sweep axes."""
-    swept = {axis: tuple(c.sweep[axis]) for axis in SWEEP_AXES if len(c.sweep[axis])}
+def expand(c) -> list[Experiment]:
+    """The experiments of a config: the product (or zip) of its non-empty sweep axes,
+    canonical, each distinct one once (in order of first appearance)."""
+    axes = sweeps.swept(c)
     if c.sweep.mode == "zip":
-        combos = [dict(zip(swept, values)) for values in zip(*swept.values())]
+        combos = [dict(zip(axes, values)) for values in zip(*axes.values())]
     else:
-        combos = [dict(zip(swept, values)) for values in itertools.product(*swept.values())]
-    return [_experiment(c, axes) for axes in combos or [{}]]
+        combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    raw = [_experiment(c, combo) for combo in combos or [{}]]
+    sweeps.refuse_inert(axes, raw)
+    for exp in raw:
+        parts = attacks.split_name(exp.attack)
+        pairs = "adaptive_flip" in parts or (
+            "label_flip" in parts and c.attack.label_flip.mapping == "pairs"
+        )
+        if sweeps.attacked(exp) and pairs and not exp.flips:
+            raise ConfigError(
+                f"attack.flips is empty: {exp.attack} with these settings flips nothing; "
+                "set attack.flips (e.g. '6:0'), or attack.name='none' for no attack"
+            )
+    unique: dict[tuple, Experiment] = {}
+    for exp in raw:
+        exp = canonical(exp, c)
+        unique.setdefault(exp.settings(), exp)
+    exps = list(unique.values())
+    if len(exps) < len(raw):
+        log.info("%d combinations of the sweep are %d distinct experiments", len(raw), len(exps))
+    for exp in exps:
+        _check_feasible(exp, c.num_clients, c.clients_per_round)
+    return exps
 
 
-def _experiment(c: ml_collections.ConfigDict, axes: dict) -> Experiment:
-    get = lambda axis, default: axes.get(axis, default)
-    after = c.selection.alpha if c.selection.alpha_after == -1 else c.selection.alpha_after
-    alpha = get("alpha", (c.selection.alpha, after))
-    alpha = tuple(alpha) * (2 // len(alpha)) if isinstance(alpha, (tuple, list)) else (alpha,) * 2
-    attack = get("attack", c.attack.name)
-    exp = Experiment(
-        axes=axes,
-        malicious_fraction=float(get("malicious_fraction", c.attack.malicious_fraction)),
-        flips=attacked_pairs(c, attack, attacks.parse_flips(get("flips", c.attack.flips))),
-        seed=int(get("seed", c.seed)),
-        schedule=get("schedule", c.selection.schedule),
-        alpha=(float(alpha[0]), float(alpha[1])),
-        breakpoint=int(get("breakpoint", c.selection.breakpoint)),
-        attack=attack,
-        defense=get("defense", c.defense.name),
-    )
-    _check_feasible(exp, c.num_clients, c.clients_per_round)
-    return exp
+def _experiment(c, combo: dict) -> Experiment:
+    values = {axis: spec.default(c) for axis, spec in sweeps.AXES.items()}
+    values.update({axis: sweeps.AXES[axis].convert(v) for axis, v in combo.items()})
+    exp = Experiment(axes=combo, **values)
+    return exp._replace(flips=attacked_pairs(c, exp))
 
 
-def attacked_pairs(
-    c: ml_collections.ConfigDict, attack: str, flips: attacks.Flips
-) -> attacks.Flips:
-    """The (source, target) label pairs an attack flips: `flips` for label_flip's 'pairs'
-    mapping and adaptive_flip, the mapping's pairs for the others, () for attacks that flip
-    no labels (their source recall is then undefined)."""
-    parts = attacks.split_name(attack)
+def attacked_pairs(c, exp: Experiment) -> attacks.Flips:
+    """The (source, target) pairs the experiment's attack flips: its `flips` for label_flip's
+    'pairs' mapping and adaptive_flip, the mapping's own pairs for label_flip's others,
+    () for attacks that flip no labels (their source recall is then undefined)."""
+    parts = attacks.split_name(exp.attack)
     if "label_flip" in parts:
         lf = c.attack.label_flip
-        return attacks.mapping_pairs(lf.mapping, flips, lf.target, c_num_classes(c))
-    return flips if "adaptive_flip" in parts else ()
+        from fedjax_poison import data
+
+        num_classes = data.SPECS[c.dataset].num_classes
+        return attacks.mapping_pairs(lf.mapping, exp.flips, lf.target, num_classes)
+    return exp.flips if "adaptive_flip" in parts else ()
 
 
-def c_num_classes(c: ml_collections.ConfigDict) -> int:
-    return data.SPECS[c.dataset].num_classes
-
-
-def attack_set(exps: list[Experiment]) -> list[str]:
-    """The run's attacks, each once, in order of first use (scenario.attack indexes it)."""
-    return list(dict.fromkeys(e.attack for e in exps))
-
-
-def defense_set(exps: list[Experiment]) -> list[str]:
-    """The run's defenses, each once, in order of first use (scenario.defense indexes it)."""
-    return list(dict.fromkeys(e.defense for e in exps))
+def canonical(exp: Experiment, c) -> Experiment:
+    """The experiment with settings that change nothing set to neutral values: without
+    attackers, no attack, no flip and the 'always' schedule; alpha and the breakpoint of
+    the config where the schedule does not use them."""
+    if not sweeps.attacked(exp):
+        exp = exp._replace(malicious_fraction=0.0, attack="none", flips=(), schedule="always")
+    if not sweeps.AXES["alpha"].matters(exp):
+        exp = exp._replace(alpha=sweeps.AXES["alpha"].default(c))
+    if not sweeps.uses_breakpoint(exp):
+        exp = exp._replace(breakpoint=sweeps.AXES["breakpoint"].default(c))
+    return exp
 
 
 def _check_feasible(exp: Experiment, num_clients: int, k: int) -> None:
     """Rejects schedules the client pools cannot honour (instead of silently bending them)."""
     bad = int(round(exp.malicious_fraction * num_clients))
     good = num_clients - bad
-    where = f"(experiment {exp.axes})" if exp.axes else ""
+    where = f"(experiment {label(exp)})" if exp.axes else ""
     if exp.schedule in ("early", "late") and good < k:
         raise ConfigError(
             f"selection.schedule={exp.schedule!r} needs >= clients_per_round ({k}) honest "
@@ -108,19 +125,52 @@ def _check_feasible(exp: Experiment, num_clients: int, k: int) -> None:
                 )
 
 
+def clean_twins(exps: list[Experiment], c) -> list[int | None]:
+    """For each experiment, the one without attackers and every other setting equal (itself
+    for an experiment without attackers), or None when the sweep has no such experiment."""
+    index = {e.settings(): i for i, e in enumerate(exps)}
+    twin = lambda e: canonical(e._replace(malicious_fraction=0.0), c).settings()
+    return [index.get(twin(e)) for e in exps]
+
+
+def attack_set(exps: list[Experiment]) -> list[str]:
+    """The run's attacks, each once, in order of first use (scenario.attack indexes it)."""
+    return list(dict.fromkeys(e.attack for e in exps))
+
+
+def defense_set(exps: list[Experiment]) -> list[str]:
+    """The run's defenses, each once, in order of first use (scenario.defense indexes it)."""
+    return list(dict.fromkeys(e.defense for e in exps))
+
+
+class Window(NamedTuple):
+    """The rounds in which malicious clients poison: first and last (1-based), every n-th."""
+
+    start: int
+    end: int
+    every: int
+
+
 def scenario(
-    exp: Experiment, c: ml_collections.ConfigDict, num_classes: int, exps: list[Experiment]
+    exp: Experiment,
+    exps: list[Experiment],
+    window: Window,
+    num_clients: int,
+    num_classes: int,
 ) -> Scenario:
-    """The arrays of one experiment of `exps` (host numpy; stacked and placed by the caller)."""
-    end = c.num_rounds if c.attack.end_round == -1 else c.attack.end_round
+    """The arrays of one experiment of `exps` (host numpy; stacked and placed by the caller).
+
+    The round counts from 0 inside the program: round r (1-based) has index r - 1.
+    """
     return Scenario(
         seed=np.int32(exp.seed),
-        malicious=attacks.draw_malicious(exp.seed, c.num_clients, exp.malicious_fraction),
+        malicious=attacks.draw_malicious(exp.seed, num_clients, exp.malicious_fraction),
         flip=attacks.flip_table(exp.flips, num_classes),
         schedule=np.int32(selection.SCHEDULES.index(exp.schedule)),
-        breakpoint=np.int32(exp.breakpoint),
+        breakpoint=np.int32(exp.breakpoint - 1),  # the index of the first round 'from' it
         alpha=np.asarray(exp.alpha, np.float32),
-        poison_window=np.asarray([c.attack.start_round, end, c.attack.every], np.int32),
+        # [first index, end index (exclusive), every]
+        poison_window=np.asarray([window.start - 1, window.end, window.every], np.int32),
         attack=np.int32(attack_set(exps).index(exp.attack)),
         defense=np.int32(defense_set(exps).index(exp.defense)),
     )
@@ -133,7 +183,8 @@ def stack(scenarios: list[Scenario]) -> Scenario:
 
 def label(exp: Experiment) -> str:
     """A short human-readable name, e.g. 'malicious_fraction=0.1 flips=6:0 seed=1'."""
-    parts = [
-        f"{k}={attacks.format_flips(exp.flips) if k == 'flips' else v}" for k, v in exp.axes.items()
-    ]
+    parts = []
+    for k, v in exp.axes.items():
+        v = attacks.format_flips(attacks.parse_flips(v)) if k == "flips" else v
+        parts.append(f"{k}={v}")
     return " ".join(parts) or "single"

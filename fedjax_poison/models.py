@@ -11,8 +11,9 @@ Both models name their output layer `head`; the defenses read its kernel
   library takes as they are, plus cheap copies (benchmarks/README.md has the measurements).
 """
 
+import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -275,8 +276,10 @@ class _Layers:
 
 
 class FashionMnistCNN(nn.Module):
-    """Table 6: 2 x (conv 5x5 -> BatchNorm -> ReLU -> max-pool 2) -> dense 10; 29,034 params."""
+    """Table 6: 2 x (conv 5x5 -> BatchNorm -> ReLU -> max-pool 2) -> dense C; 29,034 params
+    with C = 10 classes. Takes 28 x 28 x 1 images (Fashion-MNIST, MNIST)."""
 
+    num_classes: int = 10
     conv_impl: str = "im2col"
 
     @nn.compact
@@ -287,16 +290,18 @@ class FashionMnistCNN(nn.Module):
             x = layers.batch_norm(x, mask)
             x = layers.max_pool(nn.relu(x))
         x = x.reshape(x.shape[0], -1)  # [B, 1568]
-        return layers.dense(10, name=HEAD)(x)
+        return layers.dense(self.num_classes, name=HEAD)(x)
 
 
 class Cifar10CNN(nn.Module):
-    """Table 5: 3 x (2 x (conv 3x3 -> ReLU -> BatchNorm) -> max-pool 2) -> dense 128 -> dense 10.
+    """Table 5: 3 x (2 x (conv 3x3 -> ReLU -> BatchNorm) -> max-pool 2) -> dense 128 -> dense C.
 
-    551,466 params. `softmax_output=True` reproduces the original code, whose last layer
-    ends in a softmax that the cross-entropy then applies a second time.
+    551,466 params with C = 10 classes. Takes 32 x 32 x 3 images (CIFAR-10, CIFAR-100).
+    `softmax_output=True` reproduces the original code, whose last layer ends in a softmax
+    that the cross-entropy then applies a second time.
     """
 
+    num_classes: int = 10
     conv_impl: str = "im2col"
     softmax_output: bool = False
 
@@ -310,21 +315,34 @@ class Cifar10CNN(nn.Module):
             x = layers.max_pool(x)
         x = x.reshape(x.shape[0], -1)  # [B, 2048]
         x = layers.dense(128)(x)
-        x = layers.dense(10, name=HEAD)(x)
+        x = layers.dense(self.num_classes, name=HEAD)(x)
         return nn.softmax(x) if self.softmax_output else x
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
+MODELS: dict[str, type[nn.Module]] = {
     "fashion_mnist_cnn": FashionMnistCNN,
     "cifar10_cnn": Cifar10CNN,
 }
+# The input each model is built for (H, W, C).
+INPUT_SHAPES = {"fashion_mnist_cnn": (28, 28, 1), "cifar10_cnn": (32, 32, 3)}
+CONV_IMPLS = ("auto", "im2col", "xla")
 
 
-def make_model(name: str, **kwargs: Any) -> nn.Module:
-    """Builds a registered model by name."""
-    if name not in MODELS:
-        raise ValueError(f"model.name must be one of {sorted(MODELS)}, got {name!r}")
-    return MODELS[name](**kwargs)
+def config_block(name: str) -> dict:
+    """The `model.` config block of a model: its name and its fields' defaults, with
+    conv_impl 'auto' (im2col on CPU, XLA's convolution elsewhere); num_classes comes from
+    the dataset."""
+    fields = {f.name: f.default for f in dataclasses.fields(MODELS[name])}
+    fields = {k: v for k, v in fields.items() if k not in ("num_classes", "parent", "name")}
+    return {"name": name, **fields, "conv_impl": "auto"}
+
+
+def make_model(block: Mapping[str, Any], num_classes: int) -> nn.Module:
+    """The model of a `model.` config block ({'name': ..., its fields}) for C classes."""
+    kwargs = {k: v for k, v in block.items() if k != "name"}
+    if kwargs.get("conv_impl", "auto") == "auto":
+        kwargs["conv_impl"] = "im2col" if jax.default_backend() == "cpu" else "xla"
+    return MODELS[block["name"]](num_classes=num_classes, **kwargs)
 
 
 def init_variables(model: nn.Module, key: jax.Array, image_shape: tuple[int, int, int]):

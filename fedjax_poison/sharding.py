@@ -19,10 +19,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from fedjax_poison.errors import UserError
+
 EXPERIMENTS, CLIENTS = "experiments", "clients"
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
     """The requested mesh does not fit the devices or the run's shapes."""
 
 

@@ -93,7 +93,7 @@ def source_recall_loss(rows: Sequence[dict], clean_rows: Sequence[dict]) -> floa
 def other_accuracy(recall: Sequence[float], flips: attacks.Flips) -> float:
     """Mean recall [C] of the classes that are neither a source nor a target of the flips."""
     touched = {c for pair in flips for c in pair}
-    others = [_nan(r) for c, r in enumerate(recall) if c not in touched]
+    others = [_nan(r) for c, r in enumerate(recall or []) if c not in touched]
     return float(np.mean(others)) if others else float("nan")
 
 

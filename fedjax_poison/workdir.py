@@ -15,15 +15,12 @@ nothing in it is deleted. LOCK holds an flock while a run uses the workdir; the 
 it when that process ends, however it ends, so a lock never outlives its run.
 """
 
-import codecs
 import contextlib
 import datetime
 import errno
 import fcntl
 import json
-import math
 import os
-import secrets
 import shutil
 import socket
 import sys
@@ -31,7 +28,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 from absl import logging
 
-from fedjax_poison import errors
+from fedjax_poison import files
+from fedjax_poison.files import WorkdirError, clean, dumps
 
 TOOL = "fedjax_poison"
 FORMAT = 1
@@ -41,30 +39,6 @@ LOCK = ".lock"
 RESUMABLE_FIELDS = ("overwrite", "checkpoint_every")
 FILE, FOLDER, OWNED = "file", "folder", "owned"
 _held: set = set()  # (device, inode) of the lock files this process holds
-
-
-class WorkdirError(errors.UserError):
-    """The workdir cannot be claimed, read or written; one line naming the path and what to do."""
-
-
-def clean(value):
-    """JSON-safe: NaN and inf become null, numpy scalars and arrays become Python values."""
-    if isinstance(value, Mapping):
-        return {clean(k): clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean(v) for v in value]
-    if hasattr(value, "tolist"):
-        return clean(value.tolist())
-    if hasattr(value, "to_dict"):  # an ml_collections.ConfigDict
-        return clean(value.to_dict())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def dumps(obj) -> str:
-    """One line of strict JSON (no NaN) for `obj` after `clean`."""
-    return json.dumps(clean(obj), allow_nan=False)
 
 
 class Workdir:
@@ -104,7 +78,7 @@ class Workdir:
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as e:
-            raise _error(path, e, "create") from None
+            raise files.error(path, e, "create") from None
         lock = _take_lock(path)
         try:
             return cls._open(path, lock, json.loads(dumps(config)), overwrite, resumable_fields)
@@ -117,7 +91,7 @@ class Workdir:
         """Locks the workdir of an existing run, whatever its config, to add files to it."""
         path = _check_path(path)
         missing = WorkdirError(
-            f"workdir {_show(path)} holds no run ({MARKER} is missing): name a run's workdir"
+            f"workdir {files.show(path)} holds no run ({MARKER} is missing): name a run's workdir"
         )
         if not os.path.isdir(path) or _read_marker(path) is None:
             raise missing  # before the lock file: a stranger's folder gets nothing new
@@ -147,8 +121,8 @@ class Workdir:
         field, was, now = difference
         if not overwrite:
             raise WorkdirError(
-                f"workdir {_show(path)} holds a run of another config ({field} is "
-                f"{_short(was)} there, {_short(now)} now): use another --workdir, or "
+                f"workdir {files.show(path)} holds a run of another config ({field} is "
+                f"{files.short(was)} there, {files.short(now)} now): use another --workdir, or "
                 "--config.overwrite=True to replace it"
             )
         logging.warning("overwrite: replacing the run in %s (%s was %r)", path, field, was)
@@ -178,7 +152,7 @@ class Workdir:
         if self._paths.get(name) != OWNED:
             if os.path.lexists(path):
                 raise WorkdirError(
-                    f"{_show(path)} exists but was not made by this run: move it out of the "
+                    f"{files.show(path)} exists but was not made by this run: move it out of the "
                     "workdir, or use another --workdir"
                 )
             self._make_parents(name)
@@ -186,7 +160,7 @@ class Workdir:
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as e:
-            raise _error(path, e, "create") from None
+            raise files.error(path, e, "create") from None
         return path
 
     def join(self, name: str) -> str:
@@ -208,29 +182,17 @@ class Workdir:
         The file is readable by others as far as the umask allows (0644 under umask 022).
         """
         if self.primary:
-            _write_atomic(self._prepare(name), bytes(data))
+            files.write_atomic(self._prepare(name), bytes(data))
 
     def append_lines(self, name: str, rows: Iterable[Mapping]) -> None:
         """Appends one JSON line per row, on disk when it returns; on failure, none of them."""
-        data = b"".join(_row_line(row) for row in rows)
+        data = b"".join(files.row_line(row) for row in rows)
         if self.primary and data:
-            _append(self._prepare(name), data)
+            files.append(self._prepare(name), data)
 
     def read_lines(self, name: str) -> list[dict]:
-        """The rows of JSON-lines file `name` ([] if missing); never changes the file.
-
-        A last line without its newline that was cut off (a killed writer) is dropped; any
-        other line that is not a JSON object raises WorkdirError naming it.
-        """
-        path = self.join(name)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        except OSError as e:
-            raise _error(path, e, "read") from None
-        return _parse_lines(path, data)
+        """The rows of JSON-lines file `name` (see files.read_lines); never changes it."""
+        return files.read_lines(self.join(name))
 
     def truncate_lines(self, name: str, keep: Callable[[dict], bool]) -> int:
         """Rewrites `name` keeping the rows for which keep(row) is true; returns how many.
@@ -240,6 +202,23 @@ class Workdir:
         rows = [row for row in self.read_lines(name) if keep(row)]
         self.write_text(name, "".join(dumps(row) + "\n" for row in rows))
         return len(rows)
+
+    def exists(self, name: str) -> bool:
+        """Whether file `name` exists in the workdir."""
+        return os.path.isfile(self.join(name))
+
+    def read_json(self, name: str):
+        """The JSON value of file `name`; WorkdirError naming it if it cannot be read."""
+        path = self.join(name)
+        try:
+            with open(path, "rb") as f:
+                return json.loads(f.read().decode("utf-8"))
+        except OSError as e:
+            raise files.error(path, e, "read") from None
+        except (ValueError, RecursionError):
+            raise WorkdirError(
+                f"{files.show(path)} is not JSON: the file was changed or damaged; fix or delete it"
+            ) from None
 
     def release(self) -> None:
         """Gives up the lock; the workdir cannot be written through this object afterwards."""
@@ -281,7 +260,7 @@ class Workdir:
                 try:
                     os.mkdir(path)
                 except OSError as e:
-                    raise _error(path, e, "create") from None
+                    raise files.error(path, e, "create") from None
 
     def _record(self, name: str, kind: str) -> None:
         before = self._paths.get(name)
@@ -298,7 +277,7 @@ class Workdir:
 
     def _save_marker(self) -> None:
         marker = {**self._header, "paths": dict(sorted(self._paths.items()))}
-        _write_atomic(
+        files.write_atomic(
             os.path.join(self.path, MARKER), (json.dumps(marker, indent=2) + "\n").encode()
         )
 
@@ -309,10 +288,12 @@ def _check_path(path) -> str:
     if not text.strip():
         raise WorkdirError("--workdir is empty (an unset variable?): name the folder of the run")
     if "\0" in text:
-        raise WorkdirError(f"--workdir {_show(text)} holds a NUL character: name another folder")
+        raise WorkdirError(
+            f"--workdir {files.show(text)} holds a NUL character: name another folder"
+        )
     path = os.path.abspath(text)
     if os.path.lexists(path) and not os.path.isdir(path):
-        raise WorkdirError(f"--workdir {_show(path)} is a file, not a folder: name a folder")
+        raise WorkdirError(f"--workdir {files.show(path)} is a file, not a folder: name a folder")
     return path
 
 
@@ -323,13 +304,13 @@ def _refuse_foreign(path: str) -> None:
     except FileNotFoundError:
         return
     except OSError as e:
-        raise _error(path, e, "list") from None
+        raise files.error(path, e, "list") from None
     if names and MARKER not in names:
         more = f" and {len(names) - 1} more" if len(names) > 1 else ""
         raise WorkdirError(
-            f"workdir {_show(path)} holds {_show(names[0])}{more} but no {MARKER}, so it is not "
-            "a run's (or one of an older version): use a new or empty --workdir; nothing "
-            "was deleted"
+            f"workdir {files.show(path)} holds {files.show(names[0])}{more} but no {MARKER}, "
+            "so it is not a run's (or one of an older version): use a new or empty --workdir; "
+            "nothing was deleted"
         )
 
 
@@ -339,7 +320,7 @@ def _take_lock(path: str):
     try:
         lock = open(lock_path, "a+", encoding="utf-8")
     except OSError as e:
-        raise _error(lock_path, e, "lock") from None
+        raise files.error(lock_path, e, "lock") from None
     key = os.fstat(lock.fileno())[1:3]  # inode, device: flock on NFS is per process
     try:
         if key in _held:
@@ -348,7 +329,7 @@ def _take_lock(path: str):
     except OSError:
         lock.close()
         raise WorkdirError(
-            f"workdir {_show(path)} is in use by {_holder(lock_path)}: wait for that run to "
+            f"workdir {files.show(path)} is in use by {_holder(lock_path)}: wait for that run to "
             "end, or use another --workdir"
         ) from None
     _held.add(key)
@@ -365,7 +346,7 @@ def _holder(lock_path: str) -> str:
     try:
         with open(lock_path, encoding="utf-8", errors="replace") as f:
             info = json.load(f)
-        argv = _show(" ".join(map(str, info["argv"])))
+        argv = files.show(" ".join(map(str, info["argv"])))
         return f"pid {info['pid']} on {info['host']} since {info['since']} ({argv[:200]})"
     except (OSError, ValueError, KeyError, TypeError):
         return "another process"
@@ -391,7 +372,7 @@ def _read_marker(path: str) -> dict | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise _error(marker_path, e, "read") from None
+        raise files.error(marker_path, e, "read") from None
     except (ValueError, RecursionError):
         marker = None
     paths = marker.get("paths") if isinstance(marker, dict) else None
@@ -402,7 +383,7 @@ def _read_marker(path: str) -> dict | None:
         and all(_valid_name(n) and k in (FILE, FOLDER, OWNED) for n, k in paths.items())
     ):
         raise WorkdirError(
-            f"{_show(marker_path)} is damaged or of another version of {TOOL}: nothing was "
+            f"{files.show(marker_path)} is damaged or of another version of {TOOL}: nothing was "
             "deleted; move the workdir's files away by hand, or use another --workdir"
         )
     return marker
@@ -457,118 +438,4 @@ def _delete(root: str, name: str, kind: str) -> None:
         pass
     except OSError as e:
         if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            raise _error(path, e, "delete") from None
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    """Writes a temporary file beside `path`, puts it on disk, then renames it to `path`."""
-    folder, base = os.path.split(path)
-    temp = os.path.join(folder, f".{base}.{secrets.token_hex(4)}.tmp")
-    fd = None
-    try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-        _write_all(fd, data)
-        os.fsync(fd)
-        os.close(fd)
-        fd = None
-        os.replace(temp, path)
-    except OSError as e:
-        if fd is not None:
-            os.close(fd)
-        with contextlib.suppress(OSError):
-            os.remove(temp)
-        raise _error(path, e, "write") from None
-
-
-def _append(path: str, data: bytes) -> None:
-    """Appends `data` and puts it on disk; on failure, cuts the file back to its old size."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    except OSError as e:
-        raise _error(path, e, "write") from None
-    try:
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            raise WorkdirError(
-                f"{_show(path)} ends in a cut-off line: rewrite it (truncate_lines) first"
-            )
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, size)
-            raise
-    except OSError as e:
-        raise _error(path, e, "write") from None
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _row_line(row) -> bytes:
-    if not isinstance(row, Mapping):
-        raise TypeError(f"a JSON-lines row must be a mapping, got {type(row).__name__}")
-    return (dumps(row) + "\n").encode("utf-8")
-
-
-def _parse_lines(path: str, data: bytes) -> list[dict]:
-    lines = data.split(b"\n")
-    last = lines.pop()  # b"" when the file ends with a newline
-    rows = [_parse_line(path, n, line) for n, line in enumerate(lines, 1)]
-    if last:
-        try:
-            rows.append(_parse_line(path, len(lines) + 1, last))
-        except WorkdirError:
-            if not _cut_off(last):
-                raise
-    return rows
-
-
-def _parse_line(path: str, number: int, line: bytes) -> dict:
-    try:
-        row = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError:
-        problem = "is not UTF-8 text"
-    except (ValueError, RecursionError):
-        problem = "is not JSON"
-    else:
-        if isinstance(row, dict):
-            return row
-        problem = f"is a JSON {type(row).__name__}, not an object"
-    raise WorkdirError(
-        f"{_show(path)} line {number} {problem}: the file was changed or damaged; fix or "
-        "delete that line (the file was left as it is)"
-    )
-
-
-def _cut_off(line: bytes) -> bool:
-    """Whether a last line without a newline is what a killed writer leaves: part of a row."""
-    try:
-        text = codecs.getincrementaldecoder("utf-8")().decode(line, final=False)
-    except UnicodeDecodeError:
-        return False
-    return text.startswith("{")
-
-
-def _show(text: str) -> str:
-    """`text` on one line: control characters escaped."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def _short(value) -> str:
-    text = _show(repr(value))
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _error(path: str, e: OSError, verb: str) -> WorkdirError:
-    reason = e.strerror or type(e).__name__
-    advice = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
-    return WorkdirError(
-        f"cannot {verb} {_show(path)}: {reason}: {advice}, or use another --workdir"
-    )
+            raise files.error(path, e, "delete") from None

@@ -304,7 +304,9 @@ def bad_sweeps(draw):
             st.lists(st.floats(0, 1), min_size=3, max_size=4),
             st.just(()),
         ),
-        "breakpoint": st.one_of(st.integers(max_value=-1), st.floats(), st.booleans()),
+        "breakpoint": st.one_of(st.integers(max_value=0), st.floats(), st.booleans()),
+        "attack": st.one_of(st.integers(), st.just("lable_flip"), st.just("none+scale")),
+        "defense": st.one_of(st.integers(), st.just("krum+median"), st.just("medain")),
     }[axis]
     good = st.lists(st.sampled_from(_good_values(axis)), max_size=2)
     values = draw(good) + [draw(bad)] + draw(good)
@@ -318,7 +320,9 @@ def _good_values(axis: str):
         "seed": (0, 7),
         "schedule": ("always",),
         "alpha": (0.0,),
-        "breakpoint": (0, 75),
+        "breakpoint": (1, 75),
+        "attack": ("label_flip", "sign_flip"),
+        "defense": ("fedavg", "median"),
     }[axis]
 
 
@@ -352,7 +356,9 @@ def schedules_are_checked_against_the_client_pools(n, k_share, fraction, schedul
     k = max(1, round(k_share * n))
     bad = int(round(fraction * n))
     good = n - bad
-    if schedule in ("early", "late"):
+    if bad == 0:  # no attacker: every schedule runs as 'always' (nobody to schedule)
+        feasible = fraction == 0
+    elif schedule in ("early", "late"):
         feasible = good >= k
     elif schedule == "availability":
         feasible = alpha * k <= bad and (1 - alpha) * k <= good
@@ -368,6 +374,8 @@ def schedules_are_checked_against_the_client_pools(n, k_share, fraction, schedul
     c = build(**changes)
     if feasible:
         assert len(check(c)) == 1
+    elif bad == 0:  # a fraction of the clients that is nobody
+        assert_refused(c, "attack.malicious_fraction", "sweep.malicious_fraction")
     else:
         assert_refused(c, "selection.schedule", "selection.alpha")
 
@@ -381,7 +389,7 @@ def schedules_are_checked_against_the_client_pools(n, k_share, fraction, schedul
     checkpoints=st.integers(0, 5),
     fraction=st.floats(0, 1),
     flips=st.sampled_from(["6:0", "1:3,4:6", "", "5:3"]),
-    seeds=st.lists(st.integers(-(2**31), 2**31 - 1), max_size=3),
+    seeds=st.lists(st.integers(-(2**31), 2**31 - 1), max_size=3, unique=True),
     defense=st.sampled_from(["fedavg", "median", "trimmed_mean", "pca", "krum", "foolsgold"]),
     overwrite=st.booleans(),
 )
@@ -389,6 +397,8 @@ def valid_configs_pass(
     dataset, n, k_share, rounds, eval_every, checkpoints, fraction, flips, seeds, defense, overwrite
 ):
     k = max(1, round(k_share * n))
+    if round(fraction * n) == 0 or not flips:  # no attacker, or a flip that flips nothing
+        fraction = 0.0
     if defense == "pca":
         k = max(k, 2) if n >= 2 else 1
         defense = defense if k >= 2 else "fedavg"

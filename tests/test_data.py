@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from fedjax_poison import data
+from fedjax_poison import data, partition
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -18,7 +18,7 @@ FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 def test_partition_iid_paper_sizes_disjoint_and_covering():
-    indices = data.partition_iid(60000, 50, 4, np.random.default_rng(0))
+    indices = partition.partition_iid(60000, 50, 4, np.random.default_rng(0))
     assert indices.shape == (50, 1200)  # 15,000 batches of 4, 300 per client
     np.testing.assert_array_equal(np.sort(indices.ravel()), np.arange(60000))
 
@@ -26,7 +26,7 @@ def test_partition_iid_paper_sizes_disjoint_and_covering():
 def test_partition_iid_deals_batches_round_robin():
     # 26 examples, batches of 2: 13 batches; 3 clients get 4 each, the 13th is dropped.
     perm = np.random.default_rng(7).permutation(26)
-    indices = data.partition_iid(26, 3, 2, np.random.default_rng(7))
+    indices = partition.partition_iid(26, 3, 2, np.random.default_rng(7))
     assert indices.shape == (3, 8)
     batches = perm.reshape(13, 2)
     for c in range(3):
@@ -35,8 +35,8 @@ def test_partition_iid_deals_batches_round_robin():
 
 
 def test_partition_iid_too_few_batches():
-    with pytest.raises(ValueError, match="no data"):
-        data.partition_iid(10, 6, 2, np.random.default_rng(0))  # 5 batches, 6 clients
+    with pytest.raises(data.DataError, match="num_clients=6: 10 training examples make 5 batches"):
+        partition.partition_iid(10, 6, 2, np.random.default_rng(0))  # 5 batches, 6 clients
 
 
 def _histograms(labels, indices, count):
@@ -46,7 +46,9 @@ def _histograms(labels, indices, count):
 def test_partition_dirichlet_counts_and_skew():
     labels = np.repeat(np.arange(10), 600)  # 6000 examples, 600 per class
     for alpha, check in [(0.05, lambda top: top.mean() > 0.6), (1000.0, lambda top: top < 0.2)]:
-        indices, count = data.partition_dirichlet(labels, 20, alpha, np.random.default_rng(1), 10)
+        indices, count = partition.partition_dirichlet(
+            labels, 20, alpha, np.random.default_rng(1), 10
+        )
         assert count.sum() == 6000 and count.min() >= 1 and count.dtype == np.int32
         assert indices.shape == (20, count.max())
         real = np.concatenate([row[:k] for row, k in zip(indices, count)])
@@ -59,7 +61,7 @@ def test_partition_dirichlet_counts_and_skew():
 
 def test_partition_dirichlet_no_client_left_empty():
     labels = np.arange(30) % 10
-    indices, count = data.partition_dirichlet(labels, 25, 0.01, np.random.default_rng(0), 10)
+    indices, count = partition.partition_dirichlet(labels, 25, 0.01, np.random.default_rng(0), 10)
     assert count.sum() == 30 and count.min() >= 1
     real = np.concatenate([row[:k] for row, k in zip(indices, count)])
     np.testing.assert_array_equal(np.sort(real), np.arange(30))
@@ -68,12 +70,12 @@ def test_partition_dirichlet_no_client_left_empty():
 def test_make_client_data_gathers_and_pads():
     x = np.arange(6, dtype=np.uint8).reshape(6, 1, 1, 1) + 10  # example i has pixel 10 + i
     y = np.array([0, 1, 2, 3, 4, 5])
-    cd = data.make_client_data(x, y, np.array([[0, 1, 2], [3, 4, 4]]), np.array([3, 2]))
+    cd = partition.make_client_data(x, y, np.array([[0, 1, 2], [3, 4, 4]]), np.array([3, 2]))
     assert cd.x.shape == (2, 3, 1, 1, 1) and cd.x.dtype == np.uint8
     np.testing.assert_array_equal(cd.x[:, :, 0, 0, 0], [[10, 11, 12], [13, 14, 0]])
     np.testing.assert_array_equal(cd.y, [[0, 1, 2], [3, 4, 0]])
     assert cd.y.dtype == np.int32 and cd.count.tolist() == [3, 2]
-    full = data.make_client_data(x, y, np.array([[5, 0]]))
+    full = partition.make_client_data(x, y, np.array([[5, 0]]))
     assert full.count.tolist() == [2] and full.y.tolist() == [[5, 0]]
 
 
@@ -96,14 +98,18 @@ def test_normalize_known_pixels():
 # --- synthetic -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["fashion_mnist", "cifar10"])
+@pytest.mark.parametrize("name", sorted(data.SPECS))
 def test_synthetic_shapes_determinism_and_balance(name):
     ds = data.load_dataset(name, "synthetic", synthetic_sizes=(200, 50), seed=3)
     h, w, c = data.SPECS[name].image_shape
     assert ds.source == "synthetic" and ds.spec is data.SPECS[name]
     assert ds.x_train.shape == (200, h, w, c) and ds.x_test.shape == (50, h, w, c)
     assert ds.x_train.dtype == np.uint8 and ds.y_train.dtype == np.int32
-    assert np.bincount(ds.y_train).tolist() == [20] * 10
+    num_classes = data.SPECS[name].num_classes
+    assert (
+        np.bincount(ds.y_train, minlength=num_classes).tolist()
+        == [200 // num_classes] * num_classes
+    )
     again = data.synthetic_dataset(data.SPECS[name], 200, 50, seed=3)
     np.testing.assert_array_equal(ds.x_train, again.x_train)
     np.testing.assert_array_equal(ds.y_test, again.y_test)
@@ -192,6 +198,31 @@ def test_files_cifar10_fake(tmp_path):
     assert data.load_dataset("cifar10", "auto", str(tmp_path)).source == "files"
 
 
+def test_files_mnist_fake_reads_like_fashion_mnist(tmp_path):
+    arrays = _write_fake_fmnist(tmp_path)
+    ds = data.load_dataset("mnist", "files", str(tmp_path))
+    np.testing.assert_array_equal(ds.x_test[..., 0], arrays["t10k"][0])
+    assert ds.spec.class_names[7] == "7"
+
+
+def test_files_cifar100_fake_reads_the_fine_labels(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    fine, coarse = [0, 99, 35, 98, 7], [0, 19, 14, 14, 3]
+    for name, part in (("train", slice(0, 3)), ("test", slice(3, 5))):
+        rows = images[part].transpose(0, 3, 1, 2).reshape(-1, 3072)
+        batch = {b"data": rows, b"fine_labels": fine[part], b"coarse_labels": coarse[part]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    ds = data.load_dataset("cifar100", "files", str(tmp_path))  # the archive's folder inside
+    assert ds.y_train.tolist() == [0, 99, 35] and ds.y_test.tolist() == [98, 7]
+    np.testing.assert_array_equal(ds.x_test, images[3:])
+    names = ds.spec.class_names
+    assert len(names) == 100 and (names[35], names[98]) == ("girl", "woman")
+
+
 def test_files_missing_names_file_and_fix(tmp_path):
     with pytest.raises(data.DataError) as e:
         data.load_dataset("fashion_mnist", "files", str(tmp_path))
@@ -241,8 +272,8 @@ def test_auto_without_data_lists_the_ways(tmp_path):
 
 
 def test_unknown_name_or_source():
-    with pytest.raises(ValueError, match="'cifar10', 'fashion_mnist'"):
-        data.load_dataset("mnist")
+    with pytest.raises(data.DataError, match="'cifar10', 'cifar100', 'fashion_mnist', 'mnist'"):
+        data.load_dataset("svhn")
     with pytest.raises(ValueError, match="'auto', 'tfds', 'files', 'synthetic'"):
         data.load_dataset("cifar10", "disk")
 

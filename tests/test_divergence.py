@@ -19,7 +19,7 @@ import launch
 from fedjax_poison import simulation, train
 
 
-def test_a_single_run_that_diverges_stops_in_one_line(tmp_path, monkeypatch):
+def test_a_single_run_that_diverges_stops_in_one_line(tmp_path, monkeypatch, capsys):
     argv = [
         "launch.py",
         "--config=configs/fashion_mnist.py:smoke",
@@ -41,11 +41,12 @@ def test_a_single_run_that_diverges_stops_in_one_line(tmp_path, monkeypatch):
             launch.main(["launch.py"])
     finally:
         flags.FLAGS.unparse_flags()
-    message = info.value.code
+    assert info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     first = rows[-1]["diverged_round"]
     assert message == (
-        f"error: experiment 0 diverged in round {first}: a non-finite loss or parameter "
+        f"error: the model diverged in round {first}: a non-finite loss or parameter "
         f"(lower lr or momentum?); metrics up to round {rows[-1]['round']} are in "
         f"{tmp_path}/metrics.jsonl"
     )
@@ -80,7 +81,9 @@ def test_in_a_sweep_only_the_diverged_experiment_is_marked(tmp_path, monkeypatch
     for row, clean_row in zip(rows, clean_rows, strict=True):
         if row["experiment"] == 1 and row["round"] >= 3:
             assert row["diverged"] and row["diverged_round"] == 3
-            assert row["loss"] is None  # NaN is written as null
+            # A NaN model's predictions are no results: every measure is null.
+            assert row["loss"] is None and row["accuracy"] is None
+            assert row["attack_success_rate"] is None and row["recall"] is None
         elif row["experiment"] == 1:
             assert row == clean_row  # round 2, before the NaN
         else:

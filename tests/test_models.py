@@ -6,12 +6,16 @@ import pytest
 from fedjax_poison import models
 
 
+def build(name, num_classes=10, **fields):
+    return models.make_model({**models.config_block(name), **fields}, num_classes)
+
+
 @pytest.mark.parametrize(
     "name,shape,expected",
     [("fashion_mnist_cnn", (28, 28, 1), 29_034), ("cifar10_cnn", (32, 32, 3), 551_466)],
 )
 def test_parameter_counts_match_the_paper(name, shape, expected):
-    params, _ = models.init_variables(models.make_model(name), jax.random.key(0), shape)
+    params, _ = models.init_variables(build(name), jax.random.key(0), shape)
     assert models.count_params(params) == expected
 
 
@@ -21,8 +25,8 @@ def test_parameter_counts_match_the_paper(name, shape, expected):
 def test_im2col_and_xla_convolutions_agree(name, shape):
     x = jax.random.uniform(jax.random.key(1), (3, *shape))
     fast, ref = (
-        models.make_model(name, conv_impl="im2col"),
-        models.make_model(name, conv_impl="xla"),
+        build(name, conv_impl="im2col"),
+        build(name, conv_impl="xla"),
     )
     params, stats = models.init_variables(fast, jax.random.key(0), shape)
     variables = {"params": params, "batch_stats": stats}
@@ -38,21 +42,21 @@ def test_im2col_and_xla_convolutions_agree(name, shape):
 
 
 def test_head_kernel_has_one_column_per_class():
-    params, _ = models.init_variables(
-        models.make_model("fashion_mnist_cnn"), jax.random.key(0), (28, 28, 1)
-    )
+    params, _ = models.init_variables(build("fashion_mnist_cnn"), jax.random.key(0), (28, 28, 1))
     assert params[models.HEAD]["kernel"].shape == (7 * 7 * 32, 10)
+    params, _ = models.init_variables(build("cifar10_cnn", 100), jax.random.key(0), (32, 32, 3))
+    assert params[models.HEAD]["kernel"].shape == (128, 100)  # CIFAR-100: 100 classes
 
 
 def test_original_cifar_softmax_output_is_optional():
-    model = models.make_model("cifar10_cnn", softmax_output=True)
+    model = build("cifar10_cnn", softmax_output=True)
     params, stats = models.init_variables(model, jax.random.key(0), (32, 32, 3))
     out = model.apply({"params": params, "batch_stats": stats}, jnp.ones((2, 32, 32, 3)))
     np.testing.assert_allclose(out.sum(-1), 1.0, rtol=1e-5)
 
 
 def test_batch_norm_mask_ignores_padding_examples():
-    model = models.make_model("fashion_mnist_cnn")
+    model = build("fashion_mnist_cnn")
     params, stats = models.init_variables(model, jax.random.key(0), (28, 28, 1))
     x = jax.random.uniform(jax.random.key(2), (4, 28, 28, 1))
     junk = x.at[2:].set(1e3)
@@ -69,6 +73,9 @@ def test_batch_norm_mask_ignores_padding_examples():
         np.testing.assert_allclose(u, v, rtol=1e-5)
 
 
-def test_unknown_model_is_a_clear_error():
-    with pytest.raises(ValueError, match="model.name must be one of"):
-        models.make_model("resnet")
+def test_config_blocks_list_each_models_own_fields():
+    assert models.config_block("fashion_mnist_cnn") == {
+        "name": "fashion_mnist_cnn",
+        "conv_impl": "auto",
+    }
+    assert models.config_block("cifar10_cnn")["softmax_output"] is False

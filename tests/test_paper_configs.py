@@ -19,9 +19,14 @@ def test_label_flipping(dataset):
     c = load("label_flipping", f"dataset={dataset}")
     configuration.validate(c)
     exps = experiments.expand(c)
-    assert len(exps) == 8 * 3 * 3
+    # 7 attacked fractions x 3 flips x 3 seeds, and one clean run per seed: the clean
+    # twins of the three flips are the same experiment, run once.
+    assert len(exps) == 7 * 3 * 3 + 3
     assert {e.malicious_fraction for e in exps} == {0, 0.02, 0.04, 0.1, 0.2, 0.3, 0.4, 0.5}
-    assert {attacks.format_flips(e.flips) for e in exps} == set(paper.FLIPS[dataset])
+    flips = {attacks.format_flips(e.flips) for e in exps}
+    assert flips == set(paper.FLIPS[dataset]) | {""}
+    clean = [e for e in exps if e.malicious_fraction == 0]
+    assert [(e.attack, e.seed) for e in clean] == [("none", 0), ("none", 1), ("none", 2)]
     assert {e.seed for e in exps} == {0, 1, 2} and {e.schedule for e in exps} == {"always"}
     assert set(exps[0].axes) == {"malicious_fraction", "flips", "seed"}
     assert 0 < c.sweep.max_parallel < len(exps)
@@ -65,4 +70,4 @@ def test_fields_stay_overridable():
     c = load("label_flipping", "dataset=fashion_mnist")
     c.sweep.seed, c.sweep.flips = (0,), ("6:0",)
     configuration.validate(c)
-    assert len(experiments.expand(c)) == 8
+    assert len(experiments.expand(c)) == 8  # 7 attacked fractions and the clean run

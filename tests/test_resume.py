@@ -17,7 +17,7 @@ import sys
 import pytest
 from test_simulation import tiny_config
 
-from fedjax_poison import checkpoint, configuration, train
+from fedjax_poison import checkpoint, errors, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = (
@@ -48,7 +48,7 @@ sys.path.insert(0, os.getcwd())
 from absl import app
 from orbax.checkpoint._src.path import atomicity
 import launch
-from fedjax_poison import checkpoint, report
+from fedjax_poison import checkpoint, report, workdir
 
 kind, _, at = os.environ.get("KILL", "none:0").partition(":")
 calls = [0]
@@ -70,13 +70,13 @@ def wrap(owner, name, before=False):
         return result
     setattr(owner, name, wrapped)
 
-original_append = report.append_lines
-def append_lines(path, rows):
+original_append = workdir.Workdir.append_lines
+def append_lines(self, name, rows):
     rows = list(rows)
-    print("appended", json.dumps([[r.get("experiment", 0), r["round"]] for r in rows]), flush=True)
-    original_append(path, rows)
+    print("appended", json.dumps([[r["experiment"], r["round"]] for r in rows]), flush=True)
+    original_append(self, name, rows)
     kill_at("append_lines")
-report.append_lines = append_lines
+workdir.Workdir.append_lines = append_lines
 wrap(checkpoint.Checkpoints, "save")
 wrap(report, "plot_curves", before=True)
 original_finalize = atomicity.AtomicRenameTemporaryPath.finalize
@@ -84,7 +84,7 @@ async def finalize(self, *args, **kwargs):
     kill_at("finalize")  # inside a checkpoint's commit: the folders are written, not renamed
     return await original_finalize(self, *args, **kwargs)
 atomicity.AtomicRenameTemporaryPath.finalize = finalize
-app.run(launch.main)
+app.run(launch.main, flags_parser=launch.parse_flags)
 """
 
 
@@ -100,6 +100,7 @@ def launch(workdir, flags, kill=None):
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         KILL=kill or "none:0",
     )
+    os.makedirs(os.path.dirname(workdir), exist_ok=True)
     driver = os.path.join(os.path.dirname(workdir), "driver.py")
     with open(driver, "w") as f:
         f.write(DRIVER)
@@ -140,9 +141,10 @@ def outputs(workdir):
 
 def test_single_run_killed_at_six_points_resumes_identically(tmp_path):
     flags = ["--config.num_rounds=12", "--config.checkpoint_every=4"]
-    reference = str(tmp_path / "reference")
+    # Figures are titled with the workdir's name: both runs get the same one.
+    reference = str(tmp_path / "reference" / "run")
     assert launch(reference, flags)[0] == 0
-    work = str(tmp_path / "work")
+    work = str(tmp_path / "work" / "run")
     # Evaluations after rounds 2, 4, ..., 12; checkpoints after rounds 4, 8 and 12.
     # Each launch: its kill point, the rounds it computes, its last checkpoint after it.
     plan = [
@@ -176,9 +178,10 @@ def test_sweep_killed_in_its_second_group_resumes_identically(tmp_path):
         "--config.sweep.max_parallel=2",
         "--config.defense.name=fedavg",  # quicker to compile; pca's memory is tested above
     ]
-    reference = str(tmp_path / "reference")
+    # Figures are titled with the workdir's name: both runs get the same one.
+    reference = str(tmp_path / "reference" / "run")
     assert launch(reference, flags)[0] == 0
-    work = str(tmp_path / "work")
+    work = str(tmp_path / "work" / "run")
     code, appended = launch(work, flags, "append_lines:5")
     assert code == -signal.SIGKILL and appended[-1] == (2, 4)
     code, appended = launch(work, flags, "finalize:2")  # in checkpoint (2, 4)'s commit
@@ -201,7 +204,7 @@ def test_overwrite_replaces_a_run_of_another_config(tmp_path):
     c = tiny_config(num_rounds=2)
     train.train_and_evaluate(c, str(tmp_path))
     c.num_rounds = 4
-    with pytest.raises(configuration.ConfigError, match="num_rounds is 2 there, 4 now"):
+    with pytest.raises(errors.UserError, match="num_rounds is 2 there, 4 now"):
         train.train_and_evaluate(c, str(tmp_path))
     c.overwrite = True
     train.train_and_evaluate(c, str(tmp_path))

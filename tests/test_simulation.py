@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_poison import client, configuration, simulation, train
+from fedjax_poison import client, configuration, plan, simulation, train
 
 METRIC_KEYS = {
     "round",
@@ -74,7 +74,7 @@ def test_one_compile_per_run_and_no_python_loop_over_clients(tmp_path, monkeypat
 def test_run_writes_every_output(tmp_path):
     c = tiny_config(**{"attack.malicious_fraction": 0.5})
     summary = train.train_and_evaluate(c, str(tmp_path))
-    for name in ("config.json", "metrics.jsonl", "summary.json", "curves.png", "malicious.json"):
+    for name in ("config.json", "metrics.jsonl", "summary.json", "curves.png", "experiments.json"):
         assert os.path.getsize(tmp_path / name) > 0, name
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["round"] for r in rows] == [2, 4, 5]
@@ -83,7 +83,7 @@ def test_run_writes_every_output(tmp_path):
     assert summary["final"][0]["accuracy"] == rows[-1]["accuracy"]
     for key in ("compile_s", "rounds_per_s", "examples_per_s"):
         assert summary[key] > 0
-    malicious = json.load(open(tmp_path / "malicious.json"))[0]["malicious_clients"]
+    malicious = json.load(open(tmp_path / "experiments.json"))[0]["malicious_clients"]
     assert len(malicious) == 4  # half of 8 clients
     assert json.load(open(tmp_path / "config.json"))["attack"]["malicious_fraction"] == 0.5
 
@@ -126,7 +126,11 @@ def test_sweep_equals_each_experiment_alone(tmp_path):
         ("data.source", "web", "data.source must be one of"),
         ("num_rounds", 0, "num_rounds must be a positive integer"),
         ("batch_size", -4, "batch_size must be a positive integer"),
-        ("dataset", "mnist", "dataset must be one of"),
+        ("dataset", "svhn", "dataset must be one of"),
+        ("attack.start_round", 9, "attack.start_round must be <= num_rounds"),
+        ("attack.flips", "", "attack.flips is empty: label_flip with these settings flips nothing"),
+        ("sweep.seed", (0, 0), "sweep.seed lists 0 twice"),
+        ("attack.malicious_fraction", 0.05, "is no attacker at all"),
     ],
 )
 def test_bad_config_stops_with_the_field_named(field, value, message, tmp_path):
@@ -135,8 +139,8 @@ def test_bad_config_stops_with_the_field_named(field, value, message, tmp_path):
 
 
 def test_experiment_groups_pad_the_last_group():
-    assert train.experiment_groups(5, 2) == [[0, 1], [2, 3], [4, 4]]
-    assert train.experiment_groups(3, 0) == [[0, 1, 2]]
+    assert plan.experiment_groups(5, 2) == [[0, 1], [2, 3], [4, 4]]
+    assert plan.experiment_groups(3, 0) == [[0, 1, 2]]
 
 
 def test_chunked_sweep_matches_the_whole_sweep(tmp_path):

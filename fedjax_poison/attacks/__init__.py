@@ -103,8 +103,8 @@ def default_config(flips: str = "") -> ml_collections.ConfigDict:
     c.name = "label_flip"  # one of ATTACKS, or several joined by '+'
     c.malicious_fraction = 0.0
     c.flips = flips  # source:target pairs of label_flip (mapping 'pairs') and adaptive_flip
-    c.start_round = 0  # malicious clients poison in rounds [start_round, end_round)
-    c.end_round = -1  # -1 = until the last round
+    c.start_round = 1  # malicious clients poison in rounds start_round..end_round (from 1)
+    c.end_round = -1  # the last round that poisons; -1 = the last round of the run
     c.every = 1  # poison every n-th round of the window
     for name in ATTACKS:
         defaults = block_defaults(name)

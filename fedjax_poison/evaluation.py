@@ -1,0 +1,73 @@
+"""The rows of metrics.jsonl: one per experiment and evaluation, from what the device returned.
+
+Each row holds the evaluation's measures (from the confusion matrix), what the rounds since
+the last evaluation did (from their records), the defense's cumulative detection counts,
+and the stable measures: the mean of a measure over the experiment's last W evaluations
+(`<measure>_window`), which does not swing with how many attackers one round selected.
+A diverged experiment's measures are null from its divergence on: a NaN model's
+predictions are not results.
+"""
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from fedjax_poison import metrics
+
+MEASURES = ("accuracy", "recall", "precision", "source_recall", "target_precision")
+MEASURES += ("attack_success_rate", "loss")
+STABLE = ("accuracy", "source_recall", "attack_success_rate")
+
+
+def experiment_row(exp_index: int, exp, attack, confusion: np.ndarray, round_done: int) -> dict:
+    """The measures of one evaluation: confusion [V, C, C] (V = 2 with the triggered test set)."""
+    row = {"round": round_done, "experiment": exp_index}
+    row.update({k: list(v) if isinstance(v, tuple) else v for k, v in exp.axes.items()})
+    row.update(metrics.summarize(confusion[0], exp.flips))
+    if attack.measure == "backdoor":
+        row["attack_success_rate"] = metrics.backdoor_success(confusion[1], attack.target)
+    return row
+
+
+def chunk_facts(records, g: int) -> dict:
+    """What the rounds of a chunk did for slot g: records [G, R, k] ([G, R] for flags of rounds)."""
+    return {
+        "malicious_selected": int(records.malicious[g, -1].sum()),
+        "poisoned_selected": int(records.poisoned[g, -1].sum()),
+        "poisoned_rounds": int(records.poisoned[g].any(-1).sum()),  # rounds of the chunk
+        "loss": float(records.loss[g, -1].mean()),
+        "invalid_updates": int((~records.valid[g]).sum()),
+    }
+
+
+def detection(detected: np.ndarray, flags_last_round: np.ndarray) -> dict:
+    """The defense's flags: cumulative (tp, fp, fn, tn) [4] and the evaluated round's flags."""
+    tp, fp, fn, tn = (int(v) for v in detected)
+    return {
+        "flagged": int(flags_last_round.sum()),
+        "detection": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
+        "detection_precision": tp / max(tp + fp, 1),
+        "detection_recall": tp / max(tp + fn, 1),
+    }
+
+
+def blank_diverged(row: dict, diverged_round: int) -> dict:
+    """The row of an experiment that went non-finite: its measures null, the round named."""
+    if diverged_round:
+        for key in MEASURES:
+            row[key] = None
+        row["diverged_round"] = diverged_round
+    row["diverged"] = bool(diverged_round)
+    return row
+
+
+def add_window(row: dict, history: Sequence[dict], window: int) -> dict:
+    """Adds `<measure>_window`: the mean over the last `window` rows (this one included) of
+    the experiment; null when any of them is null (undefined, or diverged)."""
+    recent = [*history[-(window - 1) :], row] if window > 1 else [row]
+    for key in STABLE:
+        values = [r.get(key) for r in recent]
+        ok = all(v is not None and math.isfinite(v) for v in values)
+        row[f"{key}_window"] = float(np.mean(values)) if ok else None
+    return row

@@ -1,0 +1,130 @@
+"""A validated config turned into plain data, once: the only reader of a ConfigDict past
+validation. Everything below (setup, the run loop, the writer) takes a `Plan`."""
+
+import dataclasses
+
+from fedjax_poison import client, configuration, data, experiments
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    source: str  # auto | tfds | files | synthetic
+    dir: str | None
+    partition: str  # iid | dirichlet
+    dirichlet_alpha: float
+    partition_seed: int
+    synthetic_sizes: tuple[int, int]  # (train, test)
+
+
+@dataclasses.dataclass(frozen=True)
+class LrSchedule:
+    """The paper's step schedule: lr * decay_factor ** (step // decay_every), >= min_lr."""
+
+    lr: float
+    decay_factor: float
+    decay_every: int
+    min_lr: float
+    per_participation: bool  # the step counts a client's rounds (the original code's quirk)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything a run needs from its config, as plain values."""
+
+    config: dict  # the validated config, as written to config.json
+    spec: data.DatasetSpec
+    data: DataSettings
+    model: dict  # the `model.` block: name and the model's fields
+    num_clients: int
+    clients_per_round: int
+    num_rounds: int
+    train: client.TrainSettings
+    lr: LrSchedule
+    attack: dict  # the `attack.` block (each attack's parameters)
+    defense: dict  # the `defense.` block
+    window: experiments.Window  # the rounds in which attackers poison
+    experiments: tuple[experiments.Experiment, ...]
+    clean_twins: tuple[int | None, ...]  # [E]
+    groups: tuple[tuple[int, ...], ...]  # experiments run at once, padded to equal size
+    eval_every: int
+    eval_batch_size: int
+    eval_window: int  # evaluations in the stable measures
+    checkpoint_every: int
+    save_features: bool
+    overwrite: bool
+    tensorboard: bool
+    mesh_clients: int  # 0: automatic
+    mesh_experiments: int
+
+
+def build(c) -> Plan:
+    """Validates the config and turns it into a Plan; raises ConfigError naming a field."""
+    configuration.validate(c)
+    exps = experiments.expand(c)
+    end = c.num_rounds if c.attack.end_round == -1 else min(c.attack.end_round, c.num_rounds)
+    return Plan(
+        config=c.to_dict(),
+        spec=data.SPECS[c.dataset],
+        data=DataSettings(
+            c.data.source,
+            c.data.dir or None,
+            c.data.partition,
+            c.data.dirichlet_alpha,
+            c.data.partition_seed,
+            (c.data.synthetic_train, c.data.synthetic_test),
+        ),
+        model=c.model.to_dict(),
+        num_clients=c.num_clients,
+        clients_per_round=c.clients_per_round,
+        num_rounds=c.num_rounds,
+        train=client.TrainSettings(c.batch_size, c.local_epochs, c.momentum, c.augment),
+        lr=LrSchedule(c.lr, c.lr_decay_factor, c.lr_decay_every, c.min_lr, c.lr_per_participation),
+        attack=c.attack.to_dict(),
+        defense=c.defense.to_dict(),
+        window=experiments.Window(c.attack.start_round, end, c.attack.every),
+        experiments=tuple(exps),
+        clean_twins=tuple(experiments.clean_twins(exps, c)),
+        groups=tuple(
+            tuple(g) for g in experiment_groups(len(exps), c.sweep.max_parallel, c.mesh.experiments)
+        ),
+        eval_every=c.eval_every,
+        eval_batch_size=c.eval_batch_size,
+        eval_window=eval_window(c.eval_window, c.num_rounds, c.eval_every),
+        checkpoint_every=c.checkpoint_every,
+        save_features=c.save_features,
+        overwrite=c.overwrite,
+        tensorboard=c.tensorboard,
+        mesh_clients=c.mesh.clients,
+        mesh_experiments=c.mesh.experiments,
+    )
+
+
+def eval_window(configured: int, num_rounds: int, eval_every: int) -> int:
+    """Evaluations in the stable measures: as configured, or those of the last 10% of the
+    rounds (at least one)."""
+    if configured:
+        return configured
+    evaluations = -(-num_rounds // eval_every)
+    return max(1, round(0.1 * num_rounds / eval_every), 1) if evaluations else 1
+
+
+def experiment_groups(
+    num_experiments: int, max_parallel: int, multiple: int = 1
+) -> list[list[int]]:
+    """Experiment indices in groups of at most max_parallel (0 = all), padded to equal size.
+
+    Padding repeats the group's last experiment; its duplicate rows are dropped, and equal
+    sizes keep every group on the one compiled program. Sizes round up to a multiple of
+    `multiple` (the devices of the experiment axis).
+    """
+    size = min(max_parallel or num_experiments, num_experiments)
+    size = -(-size // multiple) * multiple
+    groups = [
+        list(range(i, min(i + size, num_experiments))) for i in range(0, num_experiments, size)
+    ]
+    return [g + [g[-1]] * (size - len(g)) for g in groups]
+
+
+def members(group: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(slot, experiment) of a group's real members: padding slots left out."""
+    return [(g, e) for g, e in enumerate(group) if group.index(e) == g]

@@ -1,0 +1,156 @@
+"""launch.py as a user meets it: one line and status 2 for a mistake, the workdir guarded,
+Ctrl-C saved and resumed, a run without --workdir, a terminal without library noise."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(REPO, "launch.py")
+SMOKE = f"--config={os.path.join(REPO, 'configs', 'fashion_mnist.py')}:smoke"
+TINY = [
+    SMOKE,
+    "--config.data.synthetic_train=480",
+    "--config.data.synthetic_test=200",
+    "--config.num_clients=8",
+    "--config.clients_per_round=3",
+    "--config.batch_size=20",
+    "--config.eval_batch_size=100",
+    "--config.tensorboard=False",
+]
+
+
+def env():
+    return dict(
+        os.environ,
+        JAX_COMPILATION_CACHE_DIR=os.path.expanduser("~/.cache/fedjax_poison_tests"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        PYTHONUNBUFFERED="1",
+    )
+
+
+def launch(*args, cwd=REPO, timeout=600):
+    return subprocess.run(
+        [sys.executable, LAUNCH, *args],
+        cwd=cwd,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def one_line_error(proc) -> str:
+    """The error line of a launch that stopped on a user mistake (status 2, no traceback)."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--config.attack.malicious_frac=0.5"], 'did you mean "malicious_fraction"'),
+        (["--config.num_clients=1000", "--config.clients_per_round=5"], "num_clients=1000"),
+        (["--config.mesh.clients=9"], "mesh.experiments x mesh.clients = 1 x 9 needs 9"),
+        (["--config.num_rounds=abc"], "--config.num_rounds=abc"),
+        (["--config.attack.name=lable_flip"], "did you mean 'label_flip'"),
+        (["--config.defense.name=medain"], "defense.name"),
+        (["--config.attack.scale.factor=-1", "--config.attack.name=scale"], "attack.scale.factor"),
+        (["--config.sweep.alpha=(0.1, 0.2)"], "sweep.alpha changes no experiment"),
+        (["--config.attack.start_round=99"], "attack.start_round must be <= num_rounds"),
+    ],
+)
+def test_a_mistake_is_one_line_and_status_2(args, expected, tmp_path):
+    proc = launch(*TINY, *args, f"--workdir={tmp_path / 'w'}")
+    assert expected in one_line_error(proc)
+
+
+def test_a_config_file_variant_that_does_not_exist(tmp_path):
+    proc = launch(f"{SMOKE.rsplit(':', 1)[0]}:tiny", f"--workdir={tmp_path}")
+    assert "unknown variant 'tiny'" in one_line_error(proc)
+
+
+def test_the_workdir_is_guarded(tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    message = one_line_error(launch(*TINY, f"--workdir={foreign}"))
+    assert "thesis.tex" in message and "nothing was deleted" in message
+    assert os.listdir(foreign) == ["thesis.tex"]
+    # An unset shell variable: --workdir= must not become the current folder.
+    message = one_line_error(launch(*TINY, "--workdir=", cwd=foreign))
+    assert "--workdir is empty" in message and os.listdir(foreign) == ["thesis.tex"]
+
+
+def wait_for(proc, text: str, lines: list, limit: float = 600) -> None:
+    """Reads proc's stderr into `lines` until a line holds `text`."""
+    end = time.time() + limit
+    while time.time() < end:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return
+    raise AssertionError("".join(lines)[-3000:])
+
+
+def test_lock_ctrl_c_and_resume(tmp_path):
+    """A second launch on a running workdir is refused; Ctrl-C saves the run and prints the
+    command that resumes it; that command finishes it with the rows of a run never stopped."""
+    flags = [*TINY, "--config.num_rounds=40", "--config.eval_every=1"]
+    reference = launch(*flags, f"--workdir={tmp_path / 'reference'}")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert "TPU" not in reference.stderr and "Traceback" not in reference.stderr
+    for text in ("compiling the round", "compiled in", "rounds/s", "ETA", "results in"):
+        assert text in reference.stderr, text
+
+    work = tmp_path / "work"
+    proc = subprocess.Popen(
+        [sys.executable, LAUNCH, *flags, f"--workdir={work}"],
+        cwd=REPO,
+        env=env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = []
+    try:
+        wait_for(proc, "round 2/40", lines)
+        second = launch(*flags, f"--workdir={work}")
+        assert f"is in use by pid {proc.pid}" in one_line_error(second)
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, "".join(lines) + rest
+    resume = rest.split("resume with:\n", 1)[1].strip().splitlines()[0].strip()
+    assert resume.endswith(f"--workdir={work}")
+    rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
+    stopped = rows[-1]["round"]
+    assert stopped < 40
+
+    finished = subprocess.run(
+        resume, shell=True, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert f"resuming after round {stopped}" in finished.stderr
+    read = lambda d: open(d / "metrics.jsonl").read()
+    assert read(work) == read(tmp_path / "reference")
+
+
+def test_without_workdir_the_run_goes_to_runs(tmp_path):
+    proc = launch(*TINY, "--config.num_rounds=2", "--config.eval_every=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (stamp,) = os.listdir(tmp_path / "runs" / "fashion_mnist_smoke")
+    workdir = tmp_path / "runs" / "fashion_mnist_smoke" / stamp
+    assert f"workdir: {os.path.join('runs', 'fashion_mnist_smoke', stamp)}" in proc.stderr
+    assert (workdir / "summary.json").stat().st_mode & 0o777 == 0o644  # others can read
