@@ -178,11 +178,15 @@ def legend(fig, handles, ncol=3) -> None:
     fig.legend(handles=handles, loc="outside lower center", ncol=min(ncol, len(handles)))
 
 
-def extra_handles(rows, marks: bool) -> list:
-    """Legend entries for the band and the selection marks, where the figure has them."""
+def extra_handles(rows, marks=None) -> list:
+    """Legend entries for the band and the selection marks (rounds), where there are any."""
     out = [Patch(color="0.5", alpha=0.3, label=BAND)] if any(r["seeds"] > 1 for r in rows) else []
+    if marks is None:
+        return out
+    if not marks:
+        return out + [Line2D([], [], ls="none", label="no malicious client was ever selected")]
     label = "rounds in which a malicious client was selected"
-    return out + ([Line2D([], [], color="C3", marker="|", ls="none", label=label)] if marks else [])
+    return out + [Line2D([], [], color="C3", marker="|", ls="none", label=label)]
 
 
 def mark_selections(axes, rounds) -> None:
@@ -250,9 +254,9 @@ def curves_figure(run: tables.Run, table, rows):
             label = ", ".join(setting_label(k, members[0][k], names) for k in facet_keys)
             axes[i, 0].set_title(label, loc="left")
     marks = selection_rounds(run, table, rows)
-    if marks is not None:
+    if marks:
         mark_selections(axes.flat, marks)
-    legend(fig, hue_handles(rows, hue, colors, names) + extra_handles(rows, marks is not None))
+    legend(fig, hue_handles(rows, hue, colors, names) + extra_handles(rows, marks))
     fig.suptitle(title(run, rows, " and ".join(LABELS[m] for m in metrics) + " over rounds"))
     return fig
 
@@ -383,7 +387,7 @@ def rounds_figure(run: tables.Run, table, rows):
     if breakpoints:
         top = ax.secondary_xaxis("top")
         top.set_xticks(breakpoints, [f"breakpoint (round {b})" for b in breakpoints])
-    legend(fig, handles + extra_handles(rows, False), ncol=2)
+    legend(fig, handles + extra_handles(rows), ncol=2)
     fig.suptitle(title(run, rows, f"{LABELS[metric]} over rounds"))
     return fig
 
@@ -466,7 +470,7 @@ def overlay_figure(runs, tables_, rows_of):
     handles = draw_lines(axes[0], metrics, merged_lines(entries, keys, names))
     for ax, metric in zip(axes[0], metrics):
         format_axes(ax, metric)
-    legend(fig, handles + extra_handles(every, False), ncol=2)
+    legend(fig, handles + extra_handles(every), ncol=2)
     described = []
     for run in runs:
         synthetic = ", synthetic data" if run.data_source == "synthetic" else ""
