@@ -454,6 +454,37 @@ def test_lfighter_flags_the_denser_cluster():
     assert verdict.scores[3:].min() > verdict.scores[:3].max()
 
 
+def test_flame_keeps_the_majority_direction_clipped_to_the_median_norm():
+    # Three updates point along x (norms 4, 2, 1), two elsewhere: the majority is kept
+    # (min cluster size 5 // 2 + 1 = 3) and clipped to the median norm 2 of all five.
+    rows = [[4, 0], [2, 0], [1, 0], [0, 1], [0, -5]]
+    verdict, _ = hand("flame", rows, flame_lambda=0.0)
+    np.testing.assert_array_equal(verdict.flags, [False] * 3 + [True] * 2)
+    np.testing.assert_allclose(verdict.delta, [(2 + 2 + 1) / 3, 0], rtol=1e-6)
+    np.testing.assert_allclose(verdict.weights, [1 / 3] * 3 + [0, 0], rtol=1e-6)
+
+
+def test_dnc_drops_the_update_along_the_top_singular_vector():
+    # d=2 < b: every iteration sees both coordinates. Centered rows (mean (2, 2)):
+    # (-1,-2), (-2,-1), (-3,-2), (-2,-3), (8,8); the top singular vector is (1,1)/sqrt(2),
+    # squared projections 4.5, 4.5, 12.5, 12.5, 128: f=1, c=1 drops the last.
+    rows = [[1, 0], [0, 1], [-1, 0], [0, -1], [10, 10]]
+    verdict, _ = hand("dnc", rows, num_byzantine=1, dnc_c=1.0)
+    np.testing.assert_allclose(verdict.scores, [4.5, 4.5, 12.5, 12.5, 128], rtol=1e-5)
+    np.testing.assert_array_equal(verdict.flags, [False] * 4 + [True])
+    np.testing.assert_allclose(verdict.delta, [0, 0], atol=1e-6)
+
+
+def test_signguard_filters_by_norm_band_and_sign_majority():
+    # Sign fractions (positive, zero, negative): three honest rows and the big one (3/4, 0,
+    # 1/4), the sign-flipped row (1/4, 0, 3/4). Norms 2, 2, 2, 2, 20: median 2, the big row
+    # is 10x the median, outside [0.1, 3].
+    rows = [[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, -1, -1, 1], [10, 10, 10, -10]]
+    verdict, _ = hand("signguard", rows, signguard_fraction=1.0)
+    np.testing.assert_array_equal(verdict.flags, [False] * 3 + [True] * 2)
+    np.testing.assert_allclose(verdict.delta, [1, 1 / 3, 1 / 3, 1 / 3], rtol=1e-6)
+
+
 def test_nobody_kept_means_no_change_and_no_weight():
     delta, weights = defenses.weighted_mean(jnp.ones((4, 3)), jnp.zeros(4))
     np.testing.assert_allclose(delta, jnp.zeros(3))
