@@ -74,10 +74,11 @@ def group_label(row: dict, keys, names) -> str:
     text = ", ".join(setting_label(k, row[k], names) for k in keys)
     if tables.is_clean(row) and "no attack" not in text:
         text = f"{text} (no attack)" if text else "no attack"
-    seeds = row["seeds"] - row["diverged"]
-    if row["diverged"]:
-        text += f" [{row['diverged']} of {row['seeds']} seeds diverged]"
-    return text if seeds else f"{text}: diverged"
+    if row["diverged"] == row["seeds"]:
+        return f"{text} [diverged]" if row["seeds"] == 1 else f"{text} [all seeds diverged]"
+    return text + (
+        f" [{row['diverged']} of {row['seeds']} seeds diverged]" if row["diverged"] else ""
+    )
 
 
 def title(run: tables.Run, rows, what: str) -> str:
@@ -86,7 +87,8 @@ def title(run: tables.Run, rows, what: str) -> str:
     dataset = run.config.get("dataset", "?")
     if run.data_source == "synthetic":
         dataset += " (synthetic data)"
-    first, varying = rows[0], set(tables.varying(rows, tables.GROUP_KEYS))
+    attacked = [r for r in rows if not tables.is_clean(r)] or rows  # clean ones say so
+    first, varying = attacked[0], set(tables.varying(attacked, tables.GROUP_KEYS))
     shown = [k for k in ("attack", "flips", "malicious_fraction", "defense") if k not in varying]
     if first["schedule"] != "always" and "schedule" not in varying:
         shown += ["schedule", "alpha"] if first["schedule"] == "availability" else ["schedule"]
@@ -113,9 +115,10 @@ def flips_of(run: tables.Run, row: dict):
     return pairs
 
 
-def group_curve(run, table, row, metric) -> stats.Curve:
-    """Mean and CI95 of a metric over rounds, over a group's seeds that did not diverge."""
-    pairs = flips_of(run, row)
+def group_curve(run, table, row, metric, pairs=()) -> stats.Curve:
+    """Mean and CI95 of a metric over rounds, over a group's seeds that did not diverge; a
+    group without flips is read on `pairs`, else on those of what it is the twin of."""
+    pairs = tables.parse_flips(row["flips"]) or pairs or flips_of(run, row)
     series = [tables.series(run.rows[e], metric, pairs) for e in used(table, row)]
     return stats.mean_curve(series)
 
@@ -174,8 +177,22 @@ def panel_metrics(rows) -> list[str]:
 
 
 def legend(fig, handles, ncol=3) -> None:
-    """One legend for the figure, below the axes."""
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(ncol, len(handles)))
+    """One legend for the figure, below the axes, in as many columns as its width holds."""
+    width = int(fig.get_figwidth() * 15)  # characters of the legend's font in a row
+    for h in handles:
+        h.set_label("\n".join(textwrap.wrap(h.get_label(), width - 8)))
+    longest = max(len(line) for h in handles for line in h.get_label().split("\n"))
+    ncol = max(1, min(ncol, len(handles), width // (longest + 8)))
+    fig.legend(handles=handles, loc="outside lower center", ncol=ncol)
+
+
+def split_keys(rows, keys, by):
+    """The keys that vary within a value of `by` (flips that come with the attack do not)."""
+    values = {str(r[by]) for r in rows} if by else {None}
+    within = lambda k: any(
+        len({str(r[k]) for r in rows if not by or str(r[by]) == v}) > 1 for v in values
+    )
+    return [k for k in keys if k != by and within(k)]
 
 
 def extra_handles(rows, marks=None) -> list:
@@ -222,6 +239,7 @@ def hue_handles(rows, hue, colors, names) -> list:
             label += " (no attack)" if tables.is_clean(r) and "no attack" not in label else ""
             handles[key] = Line2D([], [], label=label, **style_of(r, hue, colors))
     keys = tables.varying(rows, tables.GROUP_KEYS)
+    keys = [k for k in keys if k == hue or k in split_keys(rows, keys, hue)]
     left_out = [group_label(r, keys, names) for r in rows if r["diverged"]]
     return list(handles.values()) + [Line2D([], [], ls="none", label=t) for t in left_out]
 
@@ -232,20 +250,24 @@ def curves_figure(run: tables.Run, table, rows):
     names = tables.class_names(run.config.get("dataset", ""))
     metrics, keys = panel_metrics(rows), tables.varying(rows, tables.GROUP_KEYS)
     hue = next((k for k in HUE_ORDER if k in keys), None)
-    facet_keys = [k for k in keys if k != hue]
+    facet_keys = split_keys(rows, keys, hue)
     facet = lambda r: tuple(str(r[k]) for k in facet_keys)
-    facets = list(dict.fromkeys(facet(r) for r in rows))
+    attacked = [r for r in rows if not tables.is_clean(r)] or rows
+    facets = list(dict.fromkeys(facet(r) for r in attacked))
     fig, axes = plt.subplots(
         len(facets), len(metrics), squeeze=False, sharex=True, layout="constrained",
         figsize=(1.5 + 3.6 * len(metrics), 1.8 + 2.4 * len(facets)),
     )  # fmt: skip
     colors = hue_colors(rows, hue)
     for i, values in enumerate(facets):
-        members = [r for r in rows if facet(r) == values]
+        members = [r for r in rows if facet(r) == values]  # and clean runs of no facet:
+        members += [r for r in rows if tables.is_clean(r) and facet(r) not in facets]
+        pairs = next((tables.parse_flips(r["flips"]) for r in members if r["flips"]), [])
         for ax, metric in zip(axes[i], metrics):
             drawn = []
             for row in members:
-                curve = group_curve(run, table, row, metric)
+                twin_pairs = pairs if tables.is_clean(row) else ()  # a clean run: a baseline
+                curve = group_curve(run, table, row, metric, twin_pairs)
                 if not any(same_curve(curve, c) for c in drawn):
                     drawn.append(curve)
                     draw_curve(ax, curve, style_of(row, hue, colors))
@@ -426,9 +448,8 @@ def matrix_figure(run: tables.Run, table, rows):
     names = tables.class_names(run.config.get("dataset", ""))
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
-    within = lambda k: any(len({r[k] for r in rows if r["attack"] == a}) > 1 for a in attacks)
-    other = [k for k in tables.varying(rows, tables.GROUP_KEYS) if k not in ("attack", "defense")]
-    other = [k for k in other if within(k)]
+    other = split_keys(rows, tables.varying(rows, tables.GROUP_KEYS), "attack")
+    other = [k for k in other if k != "defense"]
     combo = lambda r: tuple(str(r[k]) for k in other)
     combos = list(dict.fromkeys(combo(r) for r in rows))
     fig, axes = plt.subplots(
@@ -491,7 +512,7 @@ def build_figures(run: tables.Run, table, by_seed) -> dict:
             figures["source_recall_vs_fraction"] = fraction_figure(run, table, by_seed)
         if keys & {"schedule", "alpha", "breakpoint"}:
             figures["recall_over_rounds"] = rounds_figure(run, table, by_seed)
-        if keys & {"attack", "defense"}:
+        if len({r["attack"] for r in by_seed} - {"none"}) > 1 or "defense" in keys:
             figures["matrix"] = matrix_figure(run, table, by_seed)
     return figures
 

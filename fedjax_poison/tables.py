@@ -321,7 +321,8 @@ def header_lines(run: Run) -> list[str]:
         f"- clients: {c.get('num_clients', '?')}, {c.get('clients_per_round', '?')} per round",
         f"- rounds: {num_rounds}, evaluated every {every}"
         + (f"; the run stopped after round {done}" if num_rounds and done < num_rounds else ""),
-        f"- stable measures: the mean of each experiment's last W={run.window} evaluations"
+        f"- stable measures: the mean of each experiment's last W={run.window} evaluation"
+        + ("s" if run.window > 1 else "")
         + window
         + "; `<metric>_final` in the CSV files is the last evaluation's value",
         "- across seeds: mean ± half-width of the 95% confidence interval (Student t, n - 1 "
