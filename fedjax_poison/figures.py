@@ -330,12 +330,14 @@ def fraction_figure(run: tables.Run, table, rows):
     names = tables.class_names(run.config.get("dataset", ""))
     keys = tables.varying([r for r in rows if not tables.is_clean(r)], tables.GROUP_KEYS)
     keys = [k for k in keys if k != "malicious_fraction"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), layout="constrained")
+    metrics = list(dict.fromkeys([measure_of(rows), "accuracy"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(1 + 4.5 * len(metrics), 4.4), squeeze=False,
+                             layout="constrained")  # fmt: skip
     handles = []
     for i, (first, points) in enumerate(fraction_lines(run, rows)):
         style = dict(CLEAN) if tables.is_clean(first) else {"color": COLORS[i % 9]}
         pairs = flips_of(run, first)
-        for ax, metric in zip(axes, (measure_of(rows), "accuracy")):
+        for ax, metric in zip(axes[0], metrics):
             spreads = [stable_spread(run, table, exps, metric, pairs) for _, exps in points]
             yerr = [0 if math.isnan(s.ci95) else s.ci95 for s in spreads]
             x = [f for f, _ in points]

@@ -198,6 +198,9 @@ def read_run(path: str, window: int | None = None, name: str | None = None) -> t
 def make_run(path, config, exps, rows, summary, window=None, name=None) -> tables.Run:
     """A Run of normalized experiments and all metrics rows."""
     source = summary.get("data_source") or config.get("data", {}).get("source", "?")
+    for item in summary.get("diverged") or []:  # for runs whose rows do not say so
+        if 0 <= item.get("experiment", -1) < len(exps):
+            exps[item["experiment"]].setdefault("diverged_round", item.get("round"))
     return tables.Run(
         name=name or os.path.basename(os.path.normpath(os.path.abspath(path))),
         config=config,

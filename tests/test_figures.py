@@ -175,3 +175,11 @@ def test_matrix_of_attacks_and_defenses_says_which_cell_diverged():
     assert fig.get_suptitle().startswith("lf_run: attacks x defenses")
     image = accuracy.images[0].get_array()
     assert np.ma.is_masked(image[2, 1]) and image[0, 0] == pytest.approx(0.8)
+
+
+def test_an_untargeted_attack_is_shown_by_its_accuracy():
+    settings = sweep(seeds=(0,), attack="sign_flip", flips="")
+    run, table, by_seed = build(settings, lambda e, r: 0.5)
+    built = figures.build_figures(run, table, by_seed)
+    assert [ax.get_ylabel() for ax in built["curves"].axes] == ["test accuracy"]
+    assert [ax.get_ylabel() for ax in built["source_recall_vs_fraction"].axes] == ["test accuracy"]

@@ -180,6 +180,16 @@ def test_an_interrupted_run(tmp_path):
     assert "the run stopped after round 15" in (tmp_path / "results.md").read_text()
 
 
+def test_divergence_named_only_in_the_summary_still_empties_the_cells(tmp_path):
+    write_workdir(tmp_path)
+    summary = {"data_source": "files", "diverged": [{"experiment": 1, "round": 12}]}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    run = report.read_run(str(tmp_path))
+    table = tables.experiment_table(run)
+    assert table[1]["diverged"] == 12 and np.isnan(table[1]["source_recall"])
+    assert run.data_source == "files"
+
+
 def test_selections_come_from_the_records(tmp_path):
     write_workdir(tmp_path)
     assert report.read_selections(str(tmp_path)) == {0: [], 1: [2, 4]}
