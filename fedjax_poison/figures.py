@@ -525,8 +525,9 @@ def save(fig, name: str, writer) -> list[str]:
     meta = {"Title": fig.get_suptitle()}
     for ext in ("png", "pdf"):
         buffer = io.BytesIO()
+        dated = {"CreationDate": None} if ext == "pdf" else {}  # the same run, the same bytes
         with plt.style.context(STYLE):
-            fig.savefig(buffer, format=ext, dpi=DPI, metadata=meta)
+            fig.savefig(buffer, format=ext, dpi=DPI, metadata={**meta, **dated})
         writer.write_bytes(f"{name}.{ext}", buffer.getvalue())
         files.append(f"{name}.{ext}")
     plt.close(fig)

@@ -65,7 +65,7 @@ def test_the_title_says_what_ran():
     assert "defense fedavg" in title and "2 seeds" in title
 
 
-def test_figures_are_written_as_png_at_150_dpi_and_pdf_with_their_title():
+def test_figures_are_written_as_png_at_150_dpi_and_pdf_with_their_title_and_no_date():
     run, table, by_seed = build(sweep(), lambda e, r: 0.8 - 0.1 * e)
     fig = figures.curves_figure(run, table, by_seed)
 
@@ -81,6 +81,9 @@ def test_figures_are_written_as_png_at_150_dpi_and_pdf_with_their_title():
     assert png.info["dpi"] == pytest.approx((150, 150), abs=0.05)
     assert png.text["Title"].startswith("lf_run: ") and "synthetic data" in png.text["Title"]
     assert writer.files["curves.pdf"].startswith(b"%PDF")
+    first = dict(writer.files)
+    figures.save(figures.curves_figure(run, table, by_seed), "curves", writer)
+    assert writer.files == first  # the same run, the same bytes (no date in the PDF)
 
 
 def test_seeds_are_one_mean_line_with_a_band_and_the_clean_run_is_grey_dashed():
