@@ -29,6 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fedjax_poison import errors, figures, stats, tables  # noqa: E402
+from fedjax_poison import workdir as workdir_lib  # noqa: E402
 
 
 class ReportError(errors.UserError):
@@ -306,8 +307,6 @@ def unique_names(paths: Sequence[str]) -> list[str]:
 def open_writer(workdir: str, dest: str):
     """A writer into dest: the run's own Workdir (listing the files it writes) when dest
     is a workdir with the run's marker, else a FolderWriter."""
-    from fedjax_poison import workdir as workdir_lib
-
     if os.path.abspath(dest) != os.path.abspath(workdir) or not os.path.exists(
         os.path.join(workdir, workdir_lib.MARKER)
     ):
