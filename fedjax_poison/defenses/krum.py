@@ -47,18 +47,24 @@ def spread_from(d2: jax.Array, alive: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(alive[None, :], d2, 0.0), axis=1)
 
 
-def krum_scores(updates: jax.Array, valid: jax.Array, num_byzantine: int) -> jax.Array:
-    """Krum score of each valid row of updates [k, d] in the updates' own units -> [k]
-    (finite, or +inf where that overflows float32; +inf for invalid rows)."""
+def geometry(updates: jax.Array, valid: jax.Array):
+    """(squared distances of the rows scaled by s [k, k], their projections for the last
+    tie-break [k], s): s a power of two that keeps every square finite."""
     s = scale_of(updates, valid)
-    scaled = scores_from(sq_distances(updates / s), valid, num_byzantine)
+    return sq_distances(updates / s), tiebreak(updates / s), s
+
+
+def reported(d2, valid, num_byzantine: int, s) -> jax.Array:
+    """Krum scores in the updates' own units [k]: finite, or +inf where that overflows
+    float32, and for invalid rows."""
+    scaled = scores_from(d2, valid, num_byzantine)
     return jnp.where(valid, rescale(scaled, s * s), jnp.inf)
 
 
-def _scaled(updates, valid):
-    """(squared distances of the scaled rows [k, k], projections for the last tie-break [k])."""
-    s = scale_of(updates, valid)
-    return sq_distances(updates / s), tiebreak(updates / s)
+def krum_scores(updates: jax.Array, valid: jax.Array, num_byzantine: int) -> jax.Array:
+    """Krum score of each row of updates [k, d] among the valid rows -> [k] (`reported`)."""
+    d2, _, s = geometry(updates, valid)
+    return reported(d2, valid, num_byzantine, s)
 
 
 def lowest_by_krum(d2, key, alive, num_byzantine: int, count) -> jax.Array:
@@ -72,10 +78,10 @@ def krum(*, num_byzantine: int) -> Defense:
     `num_byzantine`, neighbours n - f - 2 of the n valid rows (see the module docstring)."""
 
     def aggregate(valid, updates, view):
-        d2, key = _scaled(updates, valid)
+        d2, key, s = geometry(updates, valid)
         share = lowest_by_krum(d2, key, valid, num_byzantine, 1)
         delta, weights = weighted_mean(updates, share)
-        scores = krum_scores(updates, valid, num_byzantine)
+        scores = reported(d2, valid, num_byzantine, s)
         return make_verdict(delta, weights, scores=scores, valid=valid)
 
     return stateless(aggregate)
@@ -90,9 +96,9 @@ def multi_krum(*, num_byzantine: int, multi_krum_m: int, mode: str) -> Defense:
         n = valid.sum()
         m = jnp.minimum(multi_krum_m, n) if multi_krum_m > 0 else n - num_byzantine
         m = jnp.maximum(m, jnp.minimum(n, 1))
-        d2, key = _scaled(updates, valid)
+        d2, key, s = geometry(updates, valid)
         share = lowest_by_krum(d2, key, valid, num_byzantine, m)
-        scores = krum_scores(updates, valid, num_byzantine)
+        scores = reported(d2, valid, num_byzantine, s)
         aggregate = weighted_mean(updates, share)
         return flagging_verdict(updates, share <= 0, scores, mode, aggregate, valid=valid)
 
@@ -106,14 +112,14 @@ def bulyan_counts(n: jax.Array, num_byzantine: int) -> tuple[jax.Array, jax.Arra
     return theta, jnp.minimum(jnp.maximum(theta - 2 * num_byzantine, 1), theta)
 
 
-def bulyan_select(updates, valid, num_byzantine: int, theta):
-    """Bulyan's first phase: pick theta rows one at a time, each the lowest Krum score
-    among the rows not yet picked -> (picked [k] bool, share [k] in [0, 1]).
+def bulyan_select(d2, key, valid, num_byzantine: int, theta):
+    """Bulyan's first phase over the `geometry` of the rows: pick theta rows one at a time,
+    each the lowest Krum score among the rows not yet picked -> (picked [k] bool, share [k]
+    in [0, 1]).
 
-    Rows tied on score and tie-break key are identical: which of them is picked changes no
-    value, and `share` spreads the picks equally over identical rows."""
-    k = updates.shape[0]
-    d2, key = _scaled(updates, valid)
+    Rows tied on every key are identical (at distance 0, same projection): which of them is
+    picked changes no value, and `share` spreads the picks equally over identical rows."""
+    k = valid.shape[0]
 
     def pick(i, chosen):
         alive = valid & ~chosen
@@ -122,7 +128,7 @@ def bulyan_select(updates, valid, num_byzantine: int, theta):
         return jnp.where(i < theta, chosen.at[first].set(True), chosen)
 
     chosen = lax.fori_loop(0, k, pick, jnp.zeros((k,), bool))
-    same = jnp.all(updates[:, None, :] == updates[None, :, :], axis=-1) & valid[None, :]
+    same = (d2 == 0) & (key[:, None] == key[None, :]) & valid[None, :]
     share = (same.astype(jnp.float32) @ chosen.astype(jnp.float32)) / jnp.maximum(same.sum(1), 1)
     return chosen, jnp.where(valid, share, 0.0)
 
@@ -149,10 +155,11 @@ def bulyan(*, num_byzantine: int, mode: str) -> Defense:
 
     def aggregate(valid, updates, view):
         theta, beta = bulyan_counts(valid.sum(), num_byzantine)
-        picked, share = bulyan_select(updates, valid, num_byzantine, theta)
+        d2, key, s = geometry(updates, valid)
+        picked, share = bulyan_select(d2, key, valid, num_byzantine, theta)
         delta = trimmed_around_median(updates, picked, beta)
         weights = share / jnp.maximum(theta, 1).astype(jnp.float32)
-        scores = krum_scores(updates, valid, num_byzantine)
+        scores = reported(d2, valid, num_byzantine, s)
         return flagging_verdict(updates, share <= 0, scores, mode, (delta, weights), valid=valid)
 
     return stateless(aggregate, flags_clients=True)
