@@ -108,6 +108,13 @@ def test_chains_are_validated(name, k, message):
     assert message in str(error.value) and "defense." in str(error.value)
 
 
+def test_pre_aggregators_check_their_own_arguments():
+    with pytest.raises(ValueError, match="defense.bucket_size must be >= 1, got 0"):
+        defenses.PRE_AGGREGATORS["bucketing"](bucket_size=0)
+    with pytest.raises(ValueError, match="defense.num_byzantine must be >= 0"):
+        defenses.PRE_AGGREGATORS["nnm"](num_byzantine=-1)
+
+
 def test_block_mode_is_for_pca_alone():
     cfg = defenses.default_config()
     cfg.name, cfg.mode = "nnm+pca", "block"

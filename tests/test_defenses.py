@@ -546,6 +546,12 @@ def test_auc_matches_sklearn():
         ({"min_separation": -1.0}, 5, "defense.min_separation must be >= 0"),
         ({"cc_tau": -1.0}, 5, "defense.cc_tau must be >= 0"),
         ({"min_separation": float("inf")}, 5, "defense.min_separation must be a finite number"),
+        ({"bucket_size": 0}, 5, "defense.bucket_size must be >= 1"),
+        ({"flame_lambda": -0.1}, 5, "defense.flame_lambda must be >= 0"),
+        ({"name": "dnc", "dnc_c": 5.0}, 5, "dnc removes floor(c*f)=5 of k=5"),
+        ({"signguard_upper": 0.5}, 5, "defense.signguard_upper must be >= 1"),
+        ({"signguard_fraction": 0.0}, 5, "defense.signguard_fraction must be in (0, 1]"),
+        ({"name": "nope+median"}, 5, "'nope' is not one"),
     ],
 )
 def test_validate_names_the_field(overrides, k, message):
@@ -554,6 +560,30 @@ def test_validate_names_the_field(overrides, k, message):
     with pytest.raises(ValueError) as error:
         defenses.validate(cfg, clients_per_round=k, num_clients=50, num_classes=10)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "factory, kwargs, message",
+    [
+        (
+            "dnc",
+            {
+                "num_byzantine": 1,
+                "dnc_iters": 0,
+                "dnc_subsample": 9,
+                "dnc_c": 1.0,
+                "mode": "filter",
+            },
+            "dnc_iters",
+        ),
+        ("flame", {"flame_lambda": -1.0, "mode": "filter"}, "flame_lambda"),
+        ("trimmed_mean", {"trim": 1, "trim_ratio": 0.6}, "trim_ratio"),
+        ("bulyan", {"num_byzantine": 1, "mode": "quarantine"}, "mode"),
+    ],
+)
+def test_factories_check_their_own_arguments(factory, kwargs, message):
+    with pytest.raises(ValueError, match=f"defense.{message} must be"):
+        defenses.DEFENSES[factory](**kwargs)
 
 
 def test_defaults_validate_for_the_paper_setup():

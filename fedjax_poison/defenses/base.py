@@ -64,6 +64,16 @@ class Defense(NamedTuple):
     flags_clients: bool  # flags are meaningful (detection precision/recall)
 
 
+def require(ok: bool, field: str, need: str, got) -> None:
+    """A factory's check of its own argument, named after its `defense.` config field."""
+    if not ok:
+        raise ValueError(f"defense.{field} must be {need}, got {got!r}")
+
+
+def require_mode(mode: str) -> None:
+    require(mode in MODES, "mode", f"one of {list(MODES)}", mode)
+
+
 def no_memory() -> tuple:
     return ()
 

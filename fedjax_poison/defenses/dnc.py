@@ -6,7 +6,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_poison.defenses.base import Defense, flagging_verdict, no_memory, weighted_mean
+from fedjax_poison.defenses.base import (
+    Defense,
+    flagging_verdict,
+    no_memory,
+    require,
+    require_mode,
+    weighted_mean,
+)
 from fedjax_poison.defenses.numeric import (
     clean,
     masked_mean,
@@ -45,6 +52,11 @@ def dnc(
     scale exactly; squares of 1e18 cannot overflow). Scores: the mean outlier score over
     the iterations, in the updates' units (+inf where that overflows).
     """
+    require(num_byzantine >= 0, "num_byzantine", ">= 0", num_byzantine)
+    require(dnc_iters >= 1, "dnc_iters", ">= 1", dnc_iters)
+    require(dnc_subsample >= 1, "dnc_subsample", ">= 1", dnc_subsample)
+    require(dnc_c >= 0, "dnc_c", ">= 0", dnc_c)
+    require_mode(mode)
     removed = int(dnc_c * num_byzantine + 1e-9)
 
     def apply(view, memory):

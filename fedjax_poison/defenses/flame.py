@@ -13,7 +13,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_poison.defenses.base import Defense, flagging_verdict, no_memory
+from fedjax_poison.defenses.base import (
+    Defense,
+    flagging_verdict,
+    no_memory,
+    require,
+    require_mode,
+)
 from fedjax_poison.defenses.cluster import majority_cluster
 from fedjax_poison.defenses.numeric import clean, masked_mean, masked_median, norms, unit_rows
 
@@ -38,6 +44,8 @@ def flame(*, flame_lambda: float, mode: str) -> Defense:
     alone, so it is the same for every ordering of the clients. Scores: the mean cosine
     distance to the kept updates.
     """
+    require(flame_lambda >= 0, "flame_lambda", ">= 0", flame_lambda)
+    require_mode(mode)
 
     def apply(view, memory):
         valid, updates = clean(view)

@@ -16,7 +16,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fedjax_poison.defenses.base import Defense, flagging_verdict, make_verdict, weighted_mean
+from fedjax_poison.defenses.base import (
+    Defense,
+    flagging_verdict,
+    make_verdict,
+    require,
+    require_mode,
+    weighted_mean,
+)
 from fedjax_poison.defenses.numeric import (
     lowest_shares,
     masked_median,
@@ -76,6 +83,7 @@ def lowest_by_krum(d2, key, alive, num_byzantine: int, count) -> jax.Array:
 def krum(*, num_byzantine: int) -> Defense:
     """The update with the lowest Krum score (Blanchard et al., NeurIPS 2017); f =
     `num_byzantine`, neighbours n - f - 2 of the n valid rows (see the module docstring)."""
+    require(num_byzantine >= 0, "num_byzantine", ">= 0", num_byzantine)
 
     def aggregate(valid, updates, view):
         d2, key, s = geometry(updates, valid)
@@ -91,6 +99,9 @@ def multi_krum(*, num_byzantine: int, multi_krum_m: int, mode: str) -> Defense:
     """Mean of the m updates with the lowest Krum scores; the rest are flagged (Blanchard
     et al., NeurIPS 2017). m = `multi_krum_m` (at most n), or n - f when it is -1, n the
     valid rows."""
+    require(num_byzantine >= 0, "num_byzantine", ">= 0", num_byzantine)
+    require(multi_krum_m == -1 or multi_krum_m >= 1, "multi_krum_m", ">= 1 or -1", multi_krum_m)
+    require_mode(mode)
 
     def aggregate(valid, updates, view):
         n = valid.sum()
@@ -152,6 +163,8 @@ def bulyan(*, num_byzantine: int, mode: str) -> Defense:
     """Krum-select theta = n - 2f updates, then per coordinate average the beta = theta - 2f
     values closest to their median (El Mhamdi et al., ICML 2018); n the valid rows, each
     count at least 1. Unpicked rows are flagged."""
+    require(num_byzantine >= 0, "num_byzantine", ">= 0", num_byzantine)
+    require_mode(mode)
 
     def aggregate(valid, updates, view):
         theta, beta = bulyan_counts(valid.sum(), num_byzantine)

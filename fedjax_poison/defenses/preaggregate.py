@@ -24,7 +24,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_poison.defenses.base import Defense, RoundView, Verdict, make_verdict, weighted_mean
+from fedjax_poison.defenses.base import (
+    Defense,
+    RoundView,
+    Verdict,
+    make_verdict,
+    require,
+    weighted_mean,
+)
 from fedjax_poison.defenses.numeric import clean, hash32, lowest_shares, scale_of, sq_distances
 from fedjax_poison.defenses.robust import clip_scales
 
@@ -56,6 +63,7 @@ def mixed(view: RoundView, mix: jax.Array, valid: jax.Array, ids: jax.Array) -> 
 def clipping(*, clip_norm: float) -> PreAggregator:
     """`norm_clipping` before another rule: each valid row scaled to norm at most
     `clip_norm` (0: the median norm of the valid rows), then passed on (Sun et al., 2019)."""
+    require(clip_norm >= 0, "clip_norm", ">= 0 (0: median norm)", clip_norm)
 
     def apply(view, memory):
         valid, updates = clean(view)
@@ -75,6 +83,7 @@ def bucketing(*, bucket_size: int) -> PreAggregator:
     client changes no other client's place. The rule after it keeps f = `num_byzantine`:
     each attacker spoils at most one bucket.
     """
+    require(bucket_size >= 1, "bucket_size", ">= 1", bucket_size)
 
     def apply(view, memory):
         valid = clean(view)[0]
@@ -101,6 +110,7 @@ def nnm(*, num_byzantine: int) -> PreAggregator:
     mean of its n - f nearest valid rows, itself included (n the valid rows, f =
     `num_byzantine`, at least one). Rows at equal distance at the cut share the places left.
     """
+    require(num_byzantine >= 0, "num_byzantine", ">= 0", num_byzantine)
 
     def apply(view, memory):
         valid, updates = clean(view)

@@ -13,7 +13,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fedjax_poison.defenses.base import Defense, Verdict, make_verdict, no_memory, weighted_mean
+from fedjax_poison.defenses.base import (
+    Defense,
+    Verdict,
+    make_verdict,
+    no_memory,
+    require,
+    weighted_mean,
+)
 from fedjax_poison.defenses.numeric import (
     clean,
     masked_mean,
@@ -73,6 +80,8 @@ def trimmed_mean(*, trim: int, trim_ratio: float) -> Defense:
     """Coordinate-wise mean after dropping the t largest and t smallest values (Yin et al.,
     ICML 2018). t is a count: `trim`, or floor(trim_ratio * n) when trim is -1, n the valid
     rows (the paper's beta fraction times n, rounded down)."""
+    require(trim >= -1, "trim", ">= 0 (or -1 for trim_ratio)", trim)
+    require(0 <= trim_ratio < 0.5, "trim_ratio", "in [0, 0.5)", trim_ratio)
 
     def aggregate(valid, updates, view) -> Verdict:
         k, n = updates.shape[0], valid.sum()
@@ -92,6 +101,8 @@ def geometric_median(*, gm_iters: int, gm_eps: float) -> Defense:
     IEEE TSP 2022): weights 1 / max(nu, distance) with nu = `gm_eps` in update units, as in
     RFA's smoothing; `gm_iters` + 1 steps. The result is the weighted mean of the last step.
     """
+    require(gm_iters >= 1, "gm_iters", ">= 1", gm_iters)
+    require(gm_eps > 0, "gm_eps", "> 0", gm_eps)
 
     def aggregate(valid, updates, view) -> Verdict:
         s = scale_of(updates, valid)  # Weiszfeld commutes with scaling; distances stay finite
@@ -122,6 +133,7 @@ def clip_scales(updates: jax.Array, valid: jax.Array, clip_norm: float) -> jax.A
 def norm_clipping(*, clip_norm: float) -> Defense:
     """Scale each update to norm at most `clip_norm` (0: the median norm of the valid
     updates), then average (Sun et al., "Can you really backdoor FL?", 2019)."""
+    require(clip_norm >= 0, "clip_norm", ">= 0 (0: median norm)", clip_norm)
 
     def aggregate(valid, updates, view) -> Verdict:
         scale = clip_scales(updates, valid, clip_norm)
@@ -139,6 +151,8 @@ def centered_clipping(*, num_params: int, cc_tau: float, cc_iters: int) -> Defen
     momentum in the paper); `cc_tau` 0 means the median distance of the valid updates to
     that center. With no valid update the center stays where it was.
     """
+    require(cc_tau >= 0, "cc_tau", ">= 0 (0: median distance)", cc_tau)
+    require(cc_iters >= 1, "cc_iters", ">= 1", cc_iters)
 
     def init():
         return jnp.zeros((num_params,), jnp.float32)

@@ -6,7 +6,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_poison.defenses.base import Defense, flagging_verdict, no_memory
+from fedjax_poison.defenses.base import (
+    Defense,
+    flagging_verdict,
+    no_memory,
+    require,
+    require_mode,
+)
 from fedjax_poison.defenses.cluster import two_means
 from fedjax_poison.defenses.numeric import (
     clean,
@@ -66,6 +72,12 @@ def signguard(
     as in its simpler variant. The coordinates come from a key derived from the round
     alone. Scores: distance of the sign features to the kept rows' mean features.
     """
+    lower, upper, fraction = signguard_lower, signguard_upper, signguard_fraction
+    require(0 <= lower <= 1, "signguard_lower", "in [0, 1] (the median norm passes)", lower)
+    require(upper >= 1, "signguard_upper", ">= 1 (the median norm passes)", upper)
+    require(0 < fraction <= 1, "signguard_fraction", "in (0, 1]", fraction)
+    require(kmeans_iters >= 1, "kmeans_iters", ">= 1", kmeans_iters)
+    require_mode(mode)
 
     def apply(view, memory):
         valid, updates = clean(view)

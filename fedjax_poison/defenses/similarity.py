@@ -15,6 +15,8 @@ from fedjax_poison.defenses.base import (
     cosine_matrix,
     flagging_verdict,
     no_memory,
+    require,
+    require_mode,
     weighted_mean,
 )
 from fedjax_poison.defenses.cluster import farthest_pair, masked_mean, two_means
@@ -55,6 +57,7 @@ def foolsgold(*, num_clients: int, num_classes: int, head_features: int, mode: s
     FoolsGold often zeroes every client of a round: the model does not move and the round
     counts in `degenerate_rounds` (30% label flipping, k=5: every round).
     """
+    require_mode(mode)
 
     def init():
         return jnp.zeros((num_clients, num_classes * head_features), jnp.float32)
@@ -77,6 +80,7 @@ def foolsgold(*, num_clients: int, num_classes: int, head_features: int, mode: s
 def fltrust(*, mode: str) -> Defense:
     """Trust = ReLU(cosine with the server's root update); updates rescaled to the root's
     norm, averaged by trust (Cao et al., NDSS 2021). Zero trust = flagged."""
+    require_mode(mode)
 
     def apply(view, memory):
         valid, updates = clean(view)
@@ -111,6 +115,8 @@ def lfighter(*, kmeans_iters: int, mode: str) -> Defense:
     into 2 with k-means; flag the cluster that is smaller and/or denser, i.e. has the lower
     size-weighted inverse density (Jebreel et al., "LFighter", Neural Networks 2024).
     k-means runs on the valid rows scaled by a power of two (it commutes with scaling)."""
+    require(kmeans_iters >= 1, "kmeans_iters", ">= 1", kmeans_iters)
+    require_mode(mode)
 
     def apply(view, memory):
         valid, updates = clean(view)
