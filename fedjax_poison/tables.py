@@ -1,315 +1,365 @@
-"""A sweep's report: one table row per experiment, means over seeds, and the sweep's plots.
+"""A run's tables: one row per experiment, statistics across seeds, and results.md.
 
-Reads the metrics rows of a run (one per experiment and evaluation, as in metrics.jsonl)
-with the experiments they belong to, and writes into the workdir:
+    results.csv          one row per experiment: its settings, the stable measures (means
+                         over the last W evaluations, see stats), then `<metric>_final`
+    results_by_seed.csv  experiments equal in all but the seed, grouped: `<metric>_mean`,
+                         `_std` (n - 1), `_n`, `_ci95` (Student t), and the paired difference
+                         to the clean twin (same seed) `<metric>_vs_clean_mean/_ci95/_n`
+    results.md           the same to read: mean ± CI95 with n, under a header saying what ran
 
-    results.csv          one row per experiment: its axes, then the final-round metrics
-    results_by_seed.csv  the same grouped over seeds: `<metric>_mean`, `<metric>_std`, `seeds`
-    results.md           both tables, mean ± std, and what each column means
-    source_recall_vs_fraction.png   when malicious_fraction is swept
-    recall_over_rounds.png          when schedule, alpha or breakpoint is swept
-
-Std is the sample standard deviation over seeds (n - 1); it is empty for one seed.
-A NaN (no clean twin, no flip) is an empty cell.
+A diverged experiment has empty metric cells and its round in `diverged`; it is left out
+of every mean, and n says how many seeds were used. NaN (no flip, no twin) is an empty cell.
 """
 
+import csv
+import io
 import math
-import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
-from fedjax_poison import attacks, data, experiments, report
-from fedjax_poison.configuration import SWEEP_AXES
-from fedjax_poison.report import plt
+from fedjax_poison import stats
 
-FINAL_METRICS = ("accuracy", "source_recall", "target_precision", "attack_success_rate")
-METRICS = FINAL_METRICS + ("source_recall_loss", "other_accuracy")
-_DESCRIPTIONS = {
-    "accuracy": "test accuracy after the last round",
-    "source_recall": "recall of the source class(es) after the last round",
-    "target_precision": "precision of the target class(es) after the last round",
-    "attack_success_rate": "share of source-class test examples predicted as the target",
-    "source_recall_loss": "max over evaluations of (source recall of the clean twin - this "
-    "one); the clean twin has malicious_fraction 0 and every other setting equal; empty "
-    "when the sweep has none",
-    "other_accuracy": "mean recall of the classes that are neither a source nor a target "
-    "(close to the clean run's when the attack is targeted)",
+SETTINGS = ("attack", "defense", "malicious_fraction", "flips", "seed")
+SETTINGS += ("schedule", "alpha", "breakpoint")
+GROUP_KEYS = tuple(k for k in SETTINGS if k != "seed")
+SERIES = ("accuracy", "source_recall", "attack_success_rate", "target_precision")
+SERIES += ("other_accuracy",)
+GAPS = {"source_recall_loss": "source_recall", "accuracy_drop": "accuracy"}  # twin - this
+STABLE = ("accuracy", "source_recall", "attack_success_rate", "source_recall_loss")
+STABLE += ("accuracy_drop", "other_accuracy", "target_precision")
+FINAL = tuple(f"{m}_final" for m in STABLE)
+VS_CLEAN = ("accuracy", "source_recall", "attack_success_rate")  # this - twin, same seed
+METRICS = STABLE + FINAL + tuple(f"{m}_vs_clean" for m in VS_CLEAN)
+DETECTION = ("detection_precision", "detection_recall")
+INFO = ("measure", "clean_twin", "rounds_done", "diverged", "window")
+DESCRIPTIONS = {
+    "accuracy": "test accuracy",
+    "source_recall": "recall of the attacked (source) class(es)",
+    "attack_success_rate": "share of the attacked test images predicted as the target "
+    "(flips: source-class images; backdoors: triggered images)",
+    "source_recall_loss": "source recall of the clean twin minus this one's, on the same "
+    "rounds; the clean twin is the experiment without attack and every other setting equal",
+    "accuracy_drop": "accuracy of the clean twin minus this one's, on the same rounds",
+    "other_accuracy": "mean recall of the classes that are neither a source nor a target",
+    "target_precision": "precision of the target class(es)",
 }
 
 
-def _nan(value) -> float:
-    return float("nan") if value is None else float(value)
+class Run(NamedTuple):
+    """What a report reads from a workdir (see report.read_run)."""
+
+    name: str  # names the run in titles and combined tables (its folder's name)
+    config: dict  # config.json
+    experiments: list  # [E] dicts: SETTINGS, label, measure, clean_twin, ... (experiments.json)
+    rows: list  # [E] lists of the experiment's metrics rows, by round
+    data_source: str  # the data used ('files' | 'tfds' | 'synthetic'), else the config's
+    window: int  # W: evaluations a stable measure averages
+    selections: dict  # experiment -> rounds in which a malicious client was selected
 
 
-def uses_breakpoint(exp: experiments.Experiment) -> bool:
-    """Whether the experiment's selection changes at its breakpoint round."""
-    return exp.schedule in ("early", "late") or (
-        exp.schedule == "availability" and exp.alpha[0] != exp.alpha[1]
-    )
+def class_names(dataset: str) -> tuple[str, ...]:
+    """The dataset's class names (data.SPECS), or () for an unknown dataset."""
+    from fedjax_poison import data  # imports jax: only when a name is needed
+
+    spec = data.SPECS.get(dataset)
+    return spec.class_names if spec else ()
 
 
-def axis_columns(exps: Sequence[experiments.Experiment]) -> list[str]:
-    """The axes a table shows: the swept ones, `schedule` always, alpha/breakpoint if used."""
-    swept = set(exps[0].axes)
-    uses_alpha = any(e.schedule == "availability" for e in exps)
-    shown = swept | {"schedule"}
-    shown |= {"alpha"} if uses_alpha else set()
-    shown |= {"breakpoint"} if any(uses_breakpoint(e) for e in exps) else set()
-    return [axis for axis in SWEEP_AXES if axis in shown]
+def parse_flips(flips) -> list[tuple[int, int]]:
+    """'6:0,1:3' (or [[6, 0], [1, 3]]) -> [(6, 0), (1, 3)]; '' or None -> []."""
+    if not flips:
+        return []
+    if isinstance(flips, str):
+        return [tuple(int(c) for c in pair.split(":")) for pair in flips.split(",")]
+    return [(int(s), int(t)) for s, t in flips]
 
 
-def axis_values(exp: experiments.Experiment) -> dict:
-    """Every axis of an experiment as a table value; alpha 'before/after' when they differ."""
-    before, after = exp.alpha
-    return {
-        "malicious_fraction": exp.malicious_fraction,
-        "flips": attacks.format_flips(exp.flips),
-        "seed": exp.seed,
-        "schedule": exp.schedule,
-        "alpha": f"{before:g}" if before == after else f"{before:g}/{after:g}",
-        "breakpoint": exp.breakpoint,
-        "attack": exp.attack,
-        "defense": exp.defense,
-    }
+def flip_names(flips, names: Sequence[str]) -> str:
+    """'Shirt→T-shirt/top' for flips '6:0' (class numbers without names); 'no flip'."""
+    name = lambda c: names[c] if c < len(names) else str(c)
+    pairs = parse_flips(flips)
+    return ", ".join(f"{name(s)}→{name(t)}" for s, t in pairs) if pairs else "no flip"
 
 
-def clean_twin(exps: Sequence[experiments.Experiment], e: int) -> int | None:
-    """The experiment with malicious_fraction 0 and every other setting equal to e's, if any."""
-    mine = exps[e]._replace(axes={}, malicious_fraction=0.0)
-    for i, other in enumerate(exps):
-        if other.malicious_fraction == 0 and other._replace(axes={}) == mine:
-            return i
-    return None
+def is_clean(exp: dict) -> bool:
+    """Whether an experiment (or a group of them) ran without attack."""
+    fraction = float(exp["malicious_fraction"])
+    return exp["measure"] == "none" or exp["attack"] == "none" or fraction == 0
 
 
-def source_recall_loss(rows: Sequence[dict], clean_rows: Sequence[dict]) -> float:
-    """Max over the evaluation rounds both have of clean minus this source recall."""
-    clean = {r["round"]: _nan(r["source_recall"]) for r in clean_rows}
-    gaps = [clean[r["round"]] - _nan(r["source_recall"]) for r in rows if r["round"] in clean]
-    return float(np.max(gaps)) if gaps else float("nan")
+def format_setting(key: str, value) -> str:
+    """A setting as a table cell: alpha '0.5' or '0/0.6' (before/from the breakpoint)."""
+    if key == "alpha":
+        before, after = value if isinstance(value, (list, tuple)) else (value, value)
+        return f"{before:g}" if before == after else f"{before:g}/{after:g}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def other_accuracy(recall: Sequence[float], flips: attacks.Flips) -> float:
-    """Mean recall [C] of the classes that are neither a source nor a target of the flips."""
-    touched = {c for pair in flips for c in pair}
-    others = [_nan(r) for c, r in enumerate(recall or []) if c not in touched]
-    return float(np.mean(others)) if others else float("nan")
+def row_value(row: dict, metric: str, pairs: Sequence[tuple[int, int]]) -> float:
+    """One evaluation's metric; source_recall and other_accuracy from its per-class recall
+    with the given flip pairs (so a clean twin is read on the attacked classes)."""
+    recall = row.get("recall")
+    if metric in ("source_recall", "other_accuracy") and recall and pairs:
+        touched = {c for pair in pairs for c in pair}
+        if metric == "source_recall":
+            classes = [s for s, _ in pairs]
+        else:
+            classes = [c for c in range(len(recall)) if c not in touched]
+        values = [stats.as_float(recall[c]) for c in classes]
+        return float(np.mean(values)) if values else math.nan
+    if metric in ("source_recall", "other_accuracy"):
+        return math.nan  # no flip: no source class
+    return stats.as_float(row.get(metric))
 
 
-def rows_by_experiment(rows: Sequence[dict], num_experiments: int) -> list[list[dict]]:
-    """The rows [E] of each experiment, ordered by round (single runs carry no 'experiment')."""
-    mine = [[] for _ in range(num_experiments)]
-    for r in rows:
-        mine[r.get("experiment", 0)].append(r)
-    return [sorted(m, key=lambda r: r["round"]) for m in mine]
+def series(rows: Sequence[dict], metric: str, pairs) -> dict[int, float]:
+    """{round: value} of a metric over an experiment's rows (see row_value)."""
+    return {r["round"]: row_value(r, metric, pairs) for r in rows}
 
 
-def experiment_table(rows: Sequence[dict], exps: Sequence[experiments.Experiment]) -> list[dict]:
-    """One dict per experiment: 'experiment', every axis (see axis_values), then METRICS."""
-    per_exp = rows_by_experiment(rows, len(exps))
-    table = []
-    for e, (exp, mine) in enumerate(zip(exps, per_exp)):
-        entry = {"experiment": e, **axis_values(exp)}
-        final = mine[-1] if mine else {}
-        entry.update({m: _nan(final.get(m)) for m in FINAL_METRICS})
-        twin = clean_twin(exps, e)
-        entry["source_recall_loss"] = (
-            float("nan") if twin is None else source_recall_loss(mine, per_exp[twin])
-        )
-        entry["other_accuracy"] = other_accuracy(final.get("recall", []), exp.flips)
-        table.append(entry)
-    return table
+def diverged_round(run: Run, e: int) -> int | None:
+    """The round in which experiment e diverged, or None."""
+    for r in run.rows[e]:
+        if r.get("diverged"):
+            return int(r.get("diverged_round") or r["round"])
+    return run.experiments[e].get("diverged_round")
 
 
-def aggregate_over_seeds(table: Sequence[dict], keys: Sequence[str]) -> list[dict]:
-    """Experiments grouped by `keys` (in order of appearance): mean and std of each metric."""
-    groups: dict[tuple, list[dict]] = {}
-    for entry in table:
-        groups.setdefault(tuple(entry[k] for k in keys), []).append(entry)
-    out = []
-    for key, members in groups.items():
-        row = dict(zip(keys, key))
-        row["seeds"] = len(members)
-        for m in METRICS:
-            values = np.asarray([entry[m] for entry in members], np.float64)
-            row[f"{m}_mean"] = float(np.mean(values))
-            row[f"{m}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
-        out.append(row)
-    return out
+def experiment_row(run: Run, e: int) -> dict:
+    """Experiment e's settings, INFO and METRICS (NaN when undefined or diverged)."""
+    exp, rows = run.experiments[e], run.rows[e]
+    entry = {"run": run.name, "experiment": e, "label": exp["label"]}
+    entry.update({k: format_setting(k, exp[k]) for k in SETTINGS})
+    twin = exp.get("clean_twin")
+    entry.update(measure=exp["measure"], clean_twin="" if twin is None else twin)
+    entry.update(rounds_done=max((r["round"] for r in rows), default=0), window=run.window)
+    entry["diverged"] = diverged_round(run, e)
+    entry.update({m: math.nan for m in METRICS})
+    if entry["diverged"] is not None:
+        return entry
+    pairs = parse_flips(exp["flips"])
+    mine = {m: series(rows, m, pairs) for m in SERIES}
+    for m in SERIES:
+        entry[m], entry[f"{m}_final"] = stats.tail_mean(mine[m], run.window), stats.final(mine[m])
+    if twin is not None and diverged_round(run, twin) is None:
+        twin_exp, twin_rows = run.experiments[twin], run.rows[twin]
+        for gap, m in GAPS.items():
+            ref = series(twin_rows, m, pairs)
+            entry[gap] = stats.window_gap(mine[m], ref, run.window)
+            entry[f"{gap}_final"] = stats.window_gap(mine[m], ref, 1)
+        entry["accuracy_vs_clean"] = -entry["accuracy_drop"]
+        entry["source_recall_vs_clean"] = -entry["source_recall_loss"]
+        if parse_flips(twin_exp["flips"]) == pairs:  # its success rate is on the same flips
+            ref = series(twin_rows, "attack_success_rate", pairs)
+            gap = stats.window_gap(mine["attack_success_rate"], ref, run.window)
+            entry["attack_success_rate_vs_clean"] = -gap
+    for key in DETECTION:
+        entry[key] = stats.as_float(rows[-1].get(key)) if rows else math.nan
+    return entry
 
 
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return "" if not math.isfinite(value) else f"{value:.6g}"
-    return str(value)
+def experiment_table(run: Run) -> list[dict]:
+    """One experiment_row per experiment of the run."""
+    return [experiment_row(run, e) for e in range(len(run.experiments))]
 
 
-def format_csv(table: Sequence[dict], columns: Sequence[str]) -> str:
-    """Comma-separated, a header line, NaN as an empty cell (no value here needs quoting)."""
-    lines = [",".join(columns)]
-    lines += [",".join(_cell(row[c]) for c in columns) for row in table]
-    return "\n".join(lines) + "\n"
+def by_seed_table(table: Sequence[dict]) -> list[dict]:
+    """Experiments equal in all but the seed, grouped (stats.over_seeds): seeds, diverged
+    (how many), then mean, std, n and ci95 of every metric over the other seeds."""
+    metrics = STABLE + FINAL + tuple(f"{v}_vs_clean" for v in VS_CLEAN)
+    return stats.over_seeds(table, ("run", *GROUP_KEYS), ("measure",), metrics)
 
 
-def _md_cell(value, std=None) -> str:
-    if isinstance(value, float) and not math.isfinite(value):
+def varying(entries: Sequence[dict], keys: Sequence[str]) -> list[str]:
+    """The keys whose values differ between entries."""
+    return [k for k in keys if len({str(e[k]) for e in entries}) > 1]
+
+
+def by_seed_columns() -> list[str]:
+    """The columns of results_by_seed.csv after the settings."""
+    cols = ["measure", "seeds", "diverged"]
+    cols += [f"{m}_{p}" for m in STABLE + FINAL for p in ("mean", "std", "n", "ci95")]
+    return cols + [f"{m}_vs_clean_{p}" for m in VS_CLEAN for p in ("mean", "ci95", "n")]
+
+
+def experiment_columns(table: Sequence[dict]) -> list[str]:
+    """The columns of results.csv (detection only where a rule flagged clients)."""
+    detection = [k for k in DETECTION if any(math.isfinite(e.get(k, math.nan)) for e in table)]
+    return ["experiment", "label", *SETTINGS, *INFO, *METRICS, *detection]
+
+
+def cell(value) -> str:
+    """A CSV cell: NaN and None empty, floats with 6 significant digits."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return ""
-    if std is not None and math.isfinite(std):
-        return f"{value:.3f} ± {std:.3f}"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def format_csv(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """A header line, then one line per row; cells quoted where they need it."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([[cell(row.get(c)) for c in columns] for row in rows])
+    return out.getvalue()
+
+
+def write_tables(run: Run, writer, table=None, by_seed=None) -> list[str]:
+    """results.csv, results_by_seed.csv and results.md through writer.write_text."""
+    table = experiment_table(run) if table is None else table
+    by_seed = by_seed_table(table) if by_seed is None else by_seed
+    files = {
+        "results.csv": format_csv(table, experiment_columns(table)),
+        "results_by_seed.csv": format_csv(by_seed, [*GROUP_KEYS, *by_seed_columns()]),
+        "results.md": format_markdown(run, table, by_seed),
+    }
+    for name, text in files.items():
+        writer.write_text(name, text)
+    return list(files)
+
+
+SHOWN = ("accuracy", "source_recall", "attack_success_rate", "source_recall_loss")
+SHOWN += ("accuracy_drop", "other_accuracy")
+
+
+def _num(value) -> str:
+    return "" if not math.isfinite(value) else f"{value:.3f}"
+
+
+def _pm(row: dict, metric: str) -> str:
+    """'0.812 ± 0.004' (the ± part from two seeds on); '(n=k)' where n differs from the
+    group's seeds used; '' when undefined."""
+    mean, ci, n = (row[f"{metric}_{p}"] for p in ("mean", "ci95", "n"))
+    if not math.isfinite(mean):
+        return ""
+    text = _num(mean) + (f" ± {ci:.3f}" if math.isfinite(ci) else "")
+    return text + (f" (n={n})" if n != row["seeds"] - row["diverged"] else "")
 
 
 def _md_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(cells) + " |" for cells in body]
+    """A Markdown table, leaving out the columns (after the first) that are empty."""
+    keep = [i for i, _ in enumerate(header) if i == 0 or any(cells[i] for cells in body)]
+    lines = ["| " + " | ".join(header[i] for i in keep) + " |", "|" + "---|" * len(keep)]
+    return lines + ["| " + " | ".join(cells[i] for i in keep) + " |" for cells in body]
 
 
-def format_markdown(table, by_seed, axes: Sequence[str], config) -> str:
-    """Both tables as Markdown, under a line saying what was run."""
-    keys = [a for a in axes if a != "seed"]
-    text = [
-        f"# {config['dataset']}: {len(table)} experiment(s)",
-        "",
-        f"{config['num_clients']} clients, {config['clients_per_round']} per round, "
-        f"{config['num_rounds']} rounds, data.source={config['data']['source']}.",
-        "",
-        "## Per experiment",
-        "",
+def _diverged(row: dict) -> str:
+    rounds = ", ".join(str(r) for r in row["diverged_rounds"])
+    return f"{row['diverged']} (round {rounds})" if row["diverged"] else ""
+
+
+def seed_tables(by_seed: Sequence[dict], keys: Sequence[str]) -> list[str]:
+    """Markdown: mean ± CI95 over seeds per group; then the paired differences to the
+    clean twin where there are any."""
+    used = lambda row: row["seeds"] - row["diverged"]
+    n = lambda row: str(used(row)) if not row["diverged"] else f"{used(row)} of {row['seeds']}"
+    body = [
+        [*(format_setting(k, row[k]) for k in keys), n(row), _diverged(row)]
+        + [_pm(row, m) for m in SHOWN]
+        for row in by_seed
     ]
-    fmt = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
-    text += _md_table(
-        ["experiment", *axes, *METRICS],
-        [
-            [str(row["experiment"]), *(fmt(row[a]) for a in axes)]
-            + [_md_cell(row[m]) for m in METRICS]
-            for row in table
-        ],
-    )
+    lines = ["## Across seeds: mean ± CI95", ""]
+    lines += _md_table([*keys, "n", "diverged", *SHOWN], body)
+    if any(row[f"{m}_vs_clean_n"] for row in by_seed for m in VS_CLEAN):
+        lines += ["", "## Against the clean twin, paired by seed: mean ± CI95 (n)", ""]
+        body = [
+            [*(format_setting(k, row[k]) for k in keys)]
+            + [_pm({**row, "seeds": -1, "diverged": 0}, f"{m}_vs_clean") for m in VS_CLEAN]
+            for row in by_seed
+            if any(row[f"{m}_vs_clean_n"] for m in VS_CLEAN)
+        ]
+        lines += _md_table([*keys, *(f"{m} - clean" for m in VS_CLEAN)], body)
+    return lines
+
+
+def experiment_lines(table: Sequence[dict], keys: Sequence[str]) -> list[str]:
+    """Markdown: one row per experiment, the stable measures then two final-round ones."""
+    final = ("accuracy_final", "source_recall_final")
+    body = [
+        [str(e["experiment"]), *(str(e[k]) for k in keys)]
+        + ["" if e["diverged"] is None else f"round {e['diverged']}"]
+        + [_num(e[m]) for m in (*SHOWN, *final)]
+        for e in table
+    ]
+    lines = ["## Per experiment", ""]
+    return lines + _md_table(["experiment", *keys, "diverged", *SHOWN, *final], body)
+
+
+def setting_lines(run: Run) -> list[str]:
+    """Markdown list items: each setting with its value(s), flips with class names."""
+    names = class_names(run.config.get("dataset", ""))
+    schedules = {e["schedule"] for e in run.experiments}
+    hidden = set() if "availability" in schedules else {"alpha"}
+    hidden |= set() if schedules - {"always"} else {"breakpoint"}
+    lines = []
+    for key in (k for k in SETTINGS if k not in hidden):
+        values = list(dict.fromkeys(format_setting(key, e[key]) for e in run.experiments))
+        if key == "flips":
+            values = [f"{v} ({flip_names(v, names)})" if v else "none" for v in values]
+        lines.append(f"- {key}: {', '.join(values)}" + (" (swept)" if len(values) > 1 else ""))
+    return lines
+
+
+def header_lines(run: Run) -> list[str]:
+    """What ran: dataset and the data used, settings, clients, rounds, W, the statistics."""
+    c = run.config
+    source = c.get("data", {}).get("source", "?")
+    num_rounds, every = c.get("num_rounds"), c.get("eval_every")
+    done = max((r["round"] for rows in run.rows for r in rows), default=0)
+    window = ""
+    if num_rounds and every:
+        last = stats.evaluation_rounds(num_rounds, every)[-run.window :]
+        window = f" (rounds {last[0]} to {last[-1]})" if len(last) > 1 else f" (round {last[0]})"
+    return [
+        f"# {run.name}: {c.get('dataset', '?')}, {len(run.experiments)} experiment(s)",
+        "",
+        f"- dataset: {c.get('dataset', '?')}; data source used: {run.data_source}"
+        + (f" (config: data.source={source})" if source != run.data_source else ""),
+        *setting_lines(run),
+        f"- clients: {c.get('num_clients', '?')}, {c.get('clients_per_round', '?')} per round",
+        f"- rounds: {num_rounds}, evaluated every {every}"
+        + (f"; the run stopped after round {done}" if num_rounds and done < num_rounds else ""),
+        f"- stable measures: the mean of each experiment's last W={run.window} evaluation"
+        + ("s" if run.window > 1 else "")
+        + window
+        + "; `<metric>_final` in the CSV files is the last evaluation's value",
+        "- across seeds: mean ± half-width of the 95% confidence interval (Student t, n - 1 "
+        "degrees of freedom; none for n = 1); n: the seeds used (a diverged one is not)",
+    ]
+
+
+def format_markdown(run: Run, table: Sequence[dict], by_seed: Sequence[dict]) -> str:
+    """results.md: the header, the tables across seeds (when there are several), the table
+    per experiment, and what each column means."""
+    keys = varying(by_seed, GROUP_KEYS) if len(by_seed) > 1 else []
+    text = header_lines(run) + [""]
     if any(row["seeds"] > 1 for row in by_seed):
-        text += ["", "## Mean ± std over seeds", ""]
-        text += _md_table(
-            [*keys, "seeds", *METRICS],
-            [
-                [*(fmt(row[k]) for k in keys), str(row["seeds"])]
-                + [_md_cell(row[f"{m}_mean"], row[f"{m}_std"]) for m in METRICS]
-                for row in by_seed
-            ],
-        )
-    text += ["", "## Columns", ""]
-    text += [f"- `{m}`: {_DESCRIPTIONS[m]}." for m in METRICS]
+        text += seed_tables(by_seed, keys) + [""]
+    text += experiment_lines(table, varying(table, SETTINGS)) + ["", "## Columns", ""]
+    text += [f"- `{m}`: {DESCRIPTIONS[m]}." for m in STABLE]
     return "\n".join(text) + "\n"
 
 
-def _legend_name(row: dict, keys: Sequence[str], class_names: Sequence[str]) -> str:
-    parts = []
-    for k in keys:
-        if k == "flips":
-            pairs = attacks.parse_flips(row[k])
-            names = ", ".join(f"{class_names[s]}→{class_names[t]}" for s, t in pairs)
-            parts.append(f"flip {row[k]} ({names})" if pairs else "no flip")
-        elif k == "alpha" and "/" in row[k]:
-            parts.append(f"alpha={row[k]} (before/from the breakpoint)")
-        else:
-            parts.append(f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}")
-    return ", ".join(parts) or "mean over seeds"
+def write_sweep_report(workdir: str, rows: list[dict], exps: list, config) -> None:
+    """The tables and figures of a run whose experiments the caller holds (see
+    report.write_report, which reads them from the workdir instead)."""
+    from fedjax_poison import report  # report builds on this module
+
+    run = report.run_from(workdir, config, exps, rows)
+    report.write_run(run, report.FolderWriter(workdir))
 
 
-def _over_seeds(seeds: int) -> str:
-    return f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
-
-
-def _varying(table: Sequence[dict], keys: Sequence[str]) -> list[str]:
-    return [k for k in keys if len({row[k] for row in table}) > 1]
-
-
-def plot_fraction(path: str, by_seed: Sequence[dict], line_keys, class_names, title) -> None:
-    """Final source recall and accuracy vs malicious fraction, a line per group of line_keys."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
-    lines: dict[tuple, list[dict]] = {}
-    for row in by_seed:
-        lines.setdefault(tuple(row[k] for k in line_keys), []).append(row)
-    for members in lines.values():
-        members = sorted(members, key=lambda r: r["malicious_fraction"])
-        x = [r["malicious_fraction"] for r in members]
-        name = _legend_name(members[0], line_keys, class_names)
-        for ax, metric in zip(axes, ("source_recall", "accuracy")):
-            std = [0.0 if math.isnan(r[f"{metric}_std"]) else r[f"{metric}_std"] for r in members]
-            mean = [r[f"{metric}_mean"] for r in members]
-            ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=name)
-    for ax, ylabel in zip(axes, ("source-class recall (final round)", "test accuracy (final)")):
-        ax.set_xlabel("malicious fraction of the clients")
-        ax.set_ylabel(ylabel)
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{title} ({_over_seeds(max(row['seeds'] for row in by_seed))})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_rounds(path, table, per_exp, exps, line_keys, class_names, title) -> None:
-    """Source recall over rounds, mean over seeds (± std band), a line per group of line_keys."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    lines: dict[tuple, list[int]] = {}
-    for entry in table:
-        lines.setdefault(tuple(entry[k] for k in line_keys), []).append(entry["experiment"])
-    for members in lines.values():
-        n = min(len(per_exp[e]) for e in members)  # a run cut short has fewer
-        rounds = [r["round"] for r in per_exp[members[0]][:n]]
-        recall = np.asarray(
-            [[_nan(r["source_recall"]) for r in per_exp[e][:n]] for e in members], np.float64
-        )  # [seeds, evaluations]
-        mean = recall.mean(0)
-        (line,) = ax.plot(
-            rounds, mean, label=_legend_name(table[members[0]], line_keys, class_names)
+def format_combined_markdown(runs: Sequence[Run], by_seed: Sequence[dict]) -> str:
+    """combined_results.md: what each run is, then one table across seeds with a run column."""
+    lines = [f"# {len(runs)} runs side by side", ""]
+    for run in runs:
+        c = run.config
+        lines.append(
+            f"- {run.name}: {c.get('dataset', '?')}, data source {run.data_source}, "
+            f"{len(run.experiments)} experiment(s), {c.get('num_rounds', '?')} rounds, "
+            f"W={run.window}"
         )
-        if len(members) > 1:
-            std = recall.std(0, ddof=1)
-            ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-    for b in sorted({e.breakpoint for e in exps if uses_breakpoint(e)}):
-        ax.axvline(b, color="black", linestyle=":", linewidth=1)
-        ax.annotate(f"breakpoint (round {b})", (b, 0.02), rotation=90, fontsize=8)
-    ax.set_xlabel("round")
-    ax.set_ylabel("source-class recall")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(f"{title} ({_over_seeds(max(len(m) for m in lines.values()))})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_sweep_report(
-    workdir: str, rows: list[dict], exps: list[experiments.Experiment], config
-) -> None:
-    """Writes the tables and, when their axes are swept, the plots of a run into workdir."""
-    axes = axis_columns(exps)
-    keys = [a for a in axes if a != "seed"]
-    table = experiment_table(rows, exps)
-    by_seed = aggregate_over_seeds(table, keys)
-    stats = [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
-    join = lambda name: os.path.join(workdir, name)
-    report.write_text(join("results.csv"), format_csv(table, ["experiment", *axes, *METRICS]))
-    report.write_text(join("results_by_seed.csv"), format_csv(by_seed, [*keys, "seeds", *stats]))
-    report.write_text(join("results.md"), format_markdown(table, by_seed, axes, config))
-
-    class_names = data.SPECS[config["dataset"]].class_names
-    title = f"{config['dataset']}, {config['num_rounds']} rounds"
-    swept = set(exps[0].axes)
-    if "malicious_fraction" in swept:
-        # The flip names its line even when it is the only one.
-        line_keys = [
-            k
-            for k in keys
-            if k != "malicious_fraction" and (k == "flips" or k in _varying(by_seed, [k]))
-        ]
-        plot_fraction(join("source_recall_vs_fraction.png"), by_seed, line_keys, class_names, title)
-    if swept & {"schedule", "alpha", "breakpoint"}:
-        per_exp = rows_by_experiment(rows, len(exps))
-        line_keys = _varying(table, keys)
-        plot_rounds(
-            join("recall_over_rounds.png"), table, per_exp, exps, line_keys, class_names, title
-        )
+    keys = ["run", *varying(by_seed, GROUP_KEYS)]
+    return "\n".join(lines + [""] + seed_tables(by_seed, keys)) + "\n"

@@ -1,14 +1,38 @@
-"""Every defense: one contract test over the registry, then numbers checked by hand."""
+"""Every defense: one contract over the registry (hostile rows, invalid rows, row order,
+memory), then numbers checked by hand.
+
+Programs are compiled once per (rule, k) and applied to a batch of views with vmap; the
+other defense test files reuse them through `run`.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_poison import defenses
+from fedjax_poison import defenses, simulation
 
 K, D, C, F = 10, 50, 3, 4
 NAMES = sorted(defenses.DEFENSES)
+CHAINS = [
+    "nnm+krum",
+    "bucketing+median",
+    "norm_clipping+trimmed_mean",
+    "norm_clipping+bucketing+median",
+]
+RULES = NAMES + CHAINS
+BATCH = 16  # views per compiled call: one shape, one compile
+FLAGGING = {"pca", "multi_krum", "bulyan", "foolsgold", "fltrust", "lfighter"}
+FLAGGING |= {"flame", "dnc", "signguard"}
+PCA_VALID = "pca honours valid in source_pca.py"
+SMALL = {"pca": {"window": 2}}  # settings that keep a rule's program small
+# Tests compile many small programs and run each a few times: skip LLVM's optimizations.
+QUICK = {"xla_backend_optimization_level": 0}
+
+
+def compiled(fn, *args):
+    """fn compiled for args, quickly."""
+    return jax.jit(fn).lower(*args).compile(compiler_options=QUICK)
 
 
 def build(name, *, k=K, d=D, num_classes=C, head_features=F, num_clients=20, **overrides):
@@ -26,10 +50,14 @@ def build(name, *, k=K, d=D, num_classes=C, head_features=F, num_clients=20, **o
 
 
 def make_view(updates, head_rows=None, *, ids=None, round_=20, root=None, global_head=None):
-    updates = jnp.asarray(updates, jnp.float32)
+    """A round as the server builds it: non-finite rows zeroed and marked invalid; head rows
+    read from the first C*F coordinates unless given."""
+    updates, valid = simulation.guard(jnp.asarray(updates, jnp.float32))
     k, d = updates.shape
-    if head_rows is None:
-        head_rows = jnp.reshape(jnp.arange(k * C * F, dtype=jnp.float32) % 7, (k, C, F))
+    if head_rows is None and d >= C * F:
+        head_rows = updates[:, : C * F].reshape(k, C, F)
+    elif head_rows is None:
+        head_rows = jnp.zeros((k, C, F))
     head_rows = jnp.asarray(head_rows, jnp.float32)
     return defenses.RoundView(
         updates=updates,
@@ -38,37 +66,221 @@ def make_view(updates, head_rows=None, *, ids=None, round_=20, root=None, global
         client_ids=jnp.arange(k, dtype=jnp.int32) if ids is None else jnp.asarray(ids, jnp.int32),
         round=jnp.int32(round_),
         root_update=jnp.zeros(d) if root is None else jnp.asarray(root, jnp.float32),
-        valid=jnp.ones((k,), bool),
+        valid=valid,
     )
 
 
-def random_view(seed, outlier=False):
-    rng = np.random.default_rng(seed)
-    updates = rng.normal(size=(K, D))
-    if outlier:
-        updates[3] *= 100.0
+def random_rows(seed, k=K):
+    return np.random.default_rng(seed).normal(size=(k, D))
+
+
+def random_view(seed, rows=None, root=None):
+    rng = np.random.default_rng(seed + 1000)
+    rows = random_rows(seed) if rows is None else rows
     return make_view(
-        updates,
-        rng.normal(size=(K, C, F)),
-        ids=rng.permutation(20)[:K],
-        root=rng.normal(size=D),
+        rows,
+        ids=rng.permutation(20)[: rows.shape[0]],
+        root=rng.normal(size=D) if root is None else root,
         global_head=jnp.asarray(rng.normal(size=(C, F)), jnp.float32),
     )
 
 
-def apply_once(defense, view, memory=None):
-    memory = defense.init() if memory is None else memory
-    return jax.jit(defense.apply)(view, memory)
+def hostile_cases() -> dict[str, np.ndarray]:
+    """Rows [K, D] as clients might send them; the first four arrive invalid."""
+    base = random_rows(0)
+    cases = {}
+    for label, row, value in [("nan", 2, np.nan), ("+inf", 7, np.inf), ("-inf", 0, -np.inf)]:
+        cases[label] = base.copy()
+        cases[label][row, 5] = value
+    cases["1e20"] = base.copy()
+    cases["1e20"][9] = 1e20  # finite entries, but the norm overflows float32
+    cases["1e18"] = base.copy()
+    cases["1e18"][4] = 1e18  # finite norm; squared distances overflow
+    cases["1e18 pair"] = cases["1e18"].copy()
+    cases["1e18 pair"][7] = -1e18
+    cases["tiny"] = base.copy()
+    cases["tiny"][:3] *= 1e-30
+    cases["duplicated"] = base.copy()
+    cases["duplicated"][[1, 5]] = base[0]
+    cases["all equal"] = np.tile(base[:1], (K, 1))
+    cases["-1e6"] = base.copy()
+    cases["-1e6"][6] = -1e6
+    cases["outlier"] = base.copy()
+    cases["outlier"][3] *= 100.0
+    cases["random"] = base
+    return cases
+
+
+HOSTILE = hostile_cases()
+INVALID_ROW = {"nan": 2, "+inf": 7, "-inf": 0, "1e20": 9}
+
+_PROGRAMS = {}
+
+
+def program(name, k=K, **overrides):
+    """(defense, its apply vmapped over a batch of views sharing one memory), cached with
+    its compiled form."""
+    key = (name, k, tuple(sorted(overrides.items())))
+    if key not in _PROGRAMS:
+        defense = build(name, k=k, **{**SMALL.get(name, {}), **overrides})
+        _PROGRAMS[key] = [defense, jax.vmap(defense.apply, in_axes=(0, None)), None]
+    return _PROGRAMS[key]
+
+
+def run(name, views, memory=None, **overrides):
+    """[(verdict, memory)] of `name` on each view (at most BATCH, all with the same k)."""
+    assert 0 < len(views) <= BATCH
+    k = views[0].updates.shape[0]
+    entry = program(name, k=k, **overrides)
+    padded = list(views) + [views[0]] * (BATCH - len(views))
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *padded)
+    memory = entry[0].init() if memory is None else memory
+    if entry[2] is None:
+        entry[2] = compiled(entry[1], stacked, memory)
+    verdicts, memories = jax.device_get(entry[2](stacked, memory))
+    pick = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
+    return [(pick(verdicts, i), pick(memories, i)) for i in range(len(views))]
 
 
 def permuted(view, perm):
     return view._replace(
-        updates=view.updates[perm], head_rows=view.head_rows[perm], client_ids=view.client_ids[perm]
+        updates=view.updates[perm],
+        head_rows=view.head_rows[perm],
+        client_ids=view.client_ids[perm],
+        valid=view.valid[perm],
     )
+
+
+def without(view, row):
+    keep = np.delete(np.arange(view.updates.shape[0]), row)
+    return permuted(view, keep)
 
 
 def shapes(tree):
     return jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), tree)
+
+
+def close(a, b, rtol=1e-4, atol=1e-5):
+    """Equal within tolerance, +inf matching +inf; relative to the larger entries."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    np.testing.assert_array_equal(np.isinf(a), np.isinf(b))
+    finite = np.isfinite(a)
+    scale = max(1.0, float(np.max(np.abs(b[finite]), initial=0.0)))
+    np.testing.assert_allclose(a[finite], b[finite], rtol=rtol, atol=atol * scale)
+
+
+def check_verdict(name, verdict, view, defense):
+    valid = np.asarray(view.valid)
+    assert verdict.delta.shape == (D,) and np.isfinite(verdict.delta).all(), name
+    w = np.asarray(verdict.weights)
+    assert w.shape == (K,) and w.dtype == np.float32 and (w >= 0).all()
+    assert (w[~valid] == 0).all(), "an invalid row has no weight"
+    assert np.isclose(w.sum(), 1.0, rtol=1e-5) or w.sum() == 0
+    assert verdict.flags.shape == (K,) and verdict.flags.dtype == np.bool_
+    assert not verdict.flags[~valid].any(), "the server flags invalid rows, not the rule"
+    assert verdict.scores.shape == (K,) and verdict.scores.dtype == np.float32
+    assert not np.isnan(verdict.scores).any() and not (verdict.scores == -np.inf).any()
+    assert verdict.block.shape == (K,) and verdict.block.dtype == np.bool_
+    if not defense.flags_clients:
+        assert not verdict.flags.any()
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_contract_on_hostile_rows(name):
+    root = HOSTILE["random"][0]  # FLTrust trusts the row all clients send in "all equal"
+    views = {label: random_view(0, rows, root) for label, rows in HOSTILE.items()}
+    defense = program(name)[0]
+    results = dict(zip(views, run(name, list(views.values()))))
+    for label, (verdict, memory) in results.items():
+        check_verdict(f"{name} on {label}", verdict, views[label], defense)
+        assert shapes(memory) == shapes(defense.init())
+        expect = np.arange(K) != INVALID_ROW.get(label, -1)
+        np.testing.assert_array_equal(views[label].valid, expect)
+    if name in ("krum", "multi_krum", "bulyan", "nnm+krum"):  # the overflowing row loses
+        assert results["1e18"][0].weights[4] == 0
+    if name in ("krum", "bulyan"):  # both, with f = 1 as configured for multi-krum's m
+        assert (results["1e18 pair"][0].weights[[4, 7]] == 0).all()
+    # identical updates: every rule returns that update (flame adds its noise), except
+    # FoolsGold, for which identical clients are sybils: it keeps none of them
+    delta, row = results["all equal"][0].delta, HOSTILE["all equal"][0]
+    row = 0 * row if name == "foolsgold" else row
+    noise = 6 * 0.001 * np.linalg.norm(row) if name == "flame" else 0.0
+    np.testing.assert_allclose(delta, row, rtol=1e-4, atol=1e-5 + noise)
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_client_order_does_not_matter(name):
+    labels = ["random", "outlier", "nan", "1e18", "tiny", "duplicated", "all equal", "-1e6"]
+    views = [random_view(0, HOSTILE[label]) for label in labels]
+    perms = [np.random.default_rng(i).permutation(K) for i in range(len(views))]
+    out = run(name, views + [permuted(v, p) for v, p in zip(views, perms)])
+    for label, perm, (verdict, _), (moved, _) in zip(labels, perms, out, out[len(views) :]):
+        close(moved.delta, verdict.delta)
+        close(moved.weights, verdict.weights[perm], atol=1e-6)
+        np.testing.assert_array_equal(moved.flags, verdict.flags[perm], err_msg=label)
+        close(moved.scores, verdict.scores[perm], rtol=1e-3, atol=1e-4)
+
+
+def memory_after_a_round(name):
+    """The rule's memory after one round of random updates when its shape does not depend
+    on k (so the k and k-1 rounds can start from it), else its initial memory."""
+    defense, short = program(name)[0], program(name, k=K - 1)[0]
+    if shapes(defense.init()) != shapes(short.init()):
+        return defense.init(), short.init()
+    memory = run(name, [random_view(5)])[0][1]
+    return memory, memory
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_an_invalid_row_is_as_if_absent(name):
+    labels = list(INVALID_ROW)
+    views = [random_view(seed, HOSTILE[label]) for seed, label in enumerate(labels)]
+    memory, short_memory = memory_after_a_round(name)
+    full = run(name, views, memory)
+    alone = run(name, [without(v, INVALID_ROW[lab]) for v, lab in zip(views, labels)], short_memory)
+    try:
+        for label, (verdict, mem), (want, want_mem) in zip(labels, full, alone):
+            others = np.delete(np.arange(K), INVALID_ROW[label])
+            close(verdict.delta, want.delta)
+            close(verdict.weights[others], want.weights, atol=1e-6)
+            np.testing.assert_array_equal(verdict.flags[others], want.flags, err_msg=label)
+            close(verdict.scores[others], want.scores, rtol=1e-3, atol=1e-4)
+            if shapes(mem) == shapes(want_mem):
+                jax.tree.map(close, mem, want_mem)
+    except AssertionError:
+        if name == "pca":
+            pytest.xfail(PCA_VALID)
+        raise
+
+
+@pytest.mark.parametrize("name", [n for n in RULES if n != "pca"])
+def test_a_rule_alone_treats_non_finite_rows_as_invalid(name):
+    """Called without the server's guard, a rule still leaves NaN and inf rows out."""
+    views = [random_view(0, HOSTILE[label]) for label in INVALID_ROW]
+    raw = []
+    for view, label in zip(views, INVALID_ROW):
+        rows, heads = np.array(view.updates), np.array(view.head_rows)
+        rows[INVALID_ROW[label]] = HOSTILE[label][INVALID_ROW[label]]
+        heads[INVALID_ROW[label]] = rows[INVALID_ROW[label], : C * F].reshape(C, F)
+        raw.append(
+            view._replace(
+                updates=jnp.asarray(rows, jnp.float32),
+                valid=jnp.ones(K, bool),
+                head_rows=jnp.asarray(heads, jnp.float32),
+            )
+        )
+    for (want, _), (got, _) in zip(run(name, views), run(name, raw)):
+        close(got.delta, want.delta)
+        close(got.weights, want.weights)
+
+
+@pytest.mark.parametrize("name", ["pca", "foolsgold", "centered_clipping"])
+def test_memory_carries_through_scan(name):
+    defense = program(name)[0]
+    views = jax.tree.map(lambda *xs: jnp.stack(xs), *[random_view(s) for s in range(3)])
+    scan = lambda m, vs: jax.lax.scan(lambda m, v: defense.apply(v, m)[::-1], m, vs)
+    memory, verdicts = compiled(scan, defense.init(), views)(defense.init(), views)
+    assert verdicts.delta.shape == (3, D) and shapes(memory) == shapes(defense.init())
 
 
 # Settings under which a rule must give the plain mean on random updates.
@@ -79,65 +291,34 @@ AS_FEDAVG = {
     "centered_clipping": {"cc_tau": 1e9},
     "multi_krum": {"multi_krum_m": K},
     "bulyan": {"num_byzantine": 0},
-    "pca": {"start_round": 1000},
+    "dnc": {"dnc_c": 0.0},
+    "bucketing+fedavg": {},  # k = 10 in buckets of 2: equal buckets
+    "nnm+fedavg": {"num_byzantine": 0},  # every row mixes all rows
 }
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_contract(name):
-    defense = build(name)
-    memory = defense.init()
-    for outlier in (False, True):
-        view = random_view(0, outlier)
-        verdict, new_memory = apply_once(defense, view, memory)
-        assert verdict.delta.shape == (D,) and bool(jnp.isfinite(verdict.delta).all())
-        assert verdict.weights.shape == (K,) and verdict.weights.dtype == jnp.float32
-        assert bool((verdict.weights >= 0).all())
-        np.testing.assert_allclose(verdict.weights.sum(), 1.0, rtol=1e-5)
-        assert verdict.flags.shape == (K,) and verdict.flags.dtype == jnp.bool_
-        assert verdict.scores.shape == (K,) and verdict.scores.dtype == jnp.float32
-        assert verdict.block.shape == (K,) and verdict.block.dtype == jnp.bool_
-        assert shapes(new_memory) == shapes(memory)
-        if not defense.flags_clients:
-            assert not verdict.flags.any()
-
-    # client order does not matter (ids travel with their rows)
-    view = random_view(1)
-    perm = np.random.default_rng(2).permutation(K)
-    verdict, _ = apply_once(defense, view)
-    moved, _ = apply_once(defense, permuted(view, perm))
-    np.testing.assert_allclose(moved.delta, verdict.delta, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(moved.weights, verdict.weights[perm], rtol=1e-4, atol=1e-6)
-    np.testing.assert_array_equal(moved.flags, verdict.flags[perm])
-
-    # memory carries through lax.scan over rounds
-    views = jax.tree.map(lambda *xs: jnp.stack(xs), *[random_view(s) for s in range(3)])
-    memory, verdicts = jax.lax.scan(lambda m, v: defense.apply(v, m)[::-1], defense.init(), views)
-    assert verdicts.delta.shape == (3, D) and shapes(memory) == shapes(defense.init())
-
-
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", sorted(AS_FEDAVG))
 def test_equals_fedavg_where_it_must(name):
     view = random_view(3)
-    mean = view.updates.mean(axis=0)
-    if name in AS_FEDAVG:
-        verdict, _ = apply_once(build(name, **AS_FEDAVG[name]), view)
-        np.testing.assert_allclose(verdict.delta, mean, rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(verdict.weights, jnp.full(K, 1 / K), rtol=1e-5)
-    defense = build(name, mode="detect")
-    if defense.flags_clients:  # detect mode reports flags and aggregates with FedAvg
-        verdict, _ = apply_once(defense, view)
-        np.testing.assert_allclose(verdict.delta, mean, rtol=1e-5, atol=1e-6)
-    # identical updates: every rule returns that update
-    same = make_view(jnp.tile(view.updates[:1], (K, 1)), root=view.updates[0])
-    verdict, _ = apply_once(build(name), same)
-    np.testing.assert_allclose(verdict.delta, view.updates[0], rtol=1e-4, atol=1e-5)
+    verdict, _ = run(name, [view], **AS_FEDAVG[name])[0]
+    np.testing.assert_allclose(verdict.delta, view.updates.mean(axis=0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(verdict.weights, jnp.full(K, 1 / K), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["multi_krum", "foolsgold", "dnc", "nnm+multi_krum"])
+def test_detect_mode_aggregates_with_fedavg(name):
+    rows = HOSTILE["outlier"].copy()
+    rows[2, 0] = np.nan  # arrives invalid: FedAvg of the other nine
+    view = random_view(3, rows)
+    verdict, _ = run(name, [view], mode="detect")[0]
+    np.testing.assert_allclose(verdict.delta, np.delete(rows, 2, 0).mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(verdict.weights, np.where(np.arange(K) == 2, 0, 1 / 9), rtol=1e-5)
+    np.testing.assert_array_equal(verdict.flags, run(name, [view])[0][0].flags)  # as in filter
 
 
 def test_only_fltrust_needs_root_and_which_rules_flag():
-    assert [n for n in NAMES if build(n).needs_root] == ["fltrust"]
-    flagging = {n for n in NAMES if build(n).flags_clients}
-    assert flagging == {"pca", "multi_krum", "bulyan", "foolsgold", "fltrust", "lfighter"}
+    assert [n for n in NAMES if program(n)[0].needs_root] == ["fltrust"]
+    assert {n for n in NAMES if program(n)[0].flags_clients} == FLAGGING
 
 
 def hand(name, updates, memory=None, **kwargs):
@@ -146,17 +327,22 @@ def hand(name, updates, memory=None, **kwargs):
     k, d = updates.shape
     view_args = {key: kwargs.pop(key) for key in ("head_rows", "root") if key in kwargs}
     defense = build(name, k=k, d=d, num_clients=max(k, 3), **kwargs)
-    return apply_once(defense, make_view(updates, **view_args), memory)
+    view = make_view(updates, **view_args)
+    memory = defense.init() if memory is None else memory
+    return compiled(defense.apply, view, memory)(view, memory)
 
 
 def test_fedavg_by_hand():
-    verdict, _ = hand("fedavg", [[1, 2], [3, 4]])
+    verdict, _ = hand("fedavg", [[1, 2], [3, 4], [np.nan, 0]])
     np.testing.assert_allclose(verdict.delta, [2, 3])
+    np.testing.assert_allclose(verdict.weights, [0.5, 0.5, 0])
 
 
 def test_median_by_hand():
     np.testing.assert_allclose(hand("median", [[1], [2], [100]])[0].delta, [2])
     np.testing.assert_allclose(hand("median", [[1], [2], [3], [100]])[0].delta, [2.5])
+    # an invalid row is left out: the median of the other three
+    np.testing.assert_allclose(hand("median", [[1], [2], [np.nan], [100]])[0].delta, [2])
 
 
 def test_trimmed_mean_by_hand():
@@ -165,6 +351,9 @@ def test_trimmed_mean_by_hand():
     # trim_ratio 0.2 of k=5 -> trim 1 as well
     verdict, _ = hand("trimmed_mean", [[1], [2], [3], [100], [-50]], trim_ratio=0.2)
     np.testing.assert_allclose(verdict.delta, [2])
+    # with one row invalid, n=4: floor(0.2 * 4) = 0 trimmed, the mean of the other four
+    verdict, _ = hand("trimmed_mean", [[1], [2], [3], [np.inf], [-50]], trim_ratio=0.2)
+    np.testing.assert_allclose(verdict.delta, [-11])
 
 
 def test_krum_picks_the_point_nearest_its_neighbours():
@@ -173,6 +362,21 @@ def test_krum_picks_the_point_nearest_its_neighbours():
     np.testing.assert_allclose(verdict.scores[:3], [1 + 9, 1 + 4, 4 + 9])
     np.testing.assert_allclose(verdict.delta, [1])
     np.testing.assert_allclose(verdict.weights, [0, 1, 0, 0])
+
+
+def test_krum_never_picks_a_row_whose_distances_overflow():
+    # k=5, f=1: 2 neighbours. Squared distances from +-1.5e19 overflow float32.
+    big = [1.5e19, 0, 0, 0]
+    rows = [big, [0, 0, 0, 1], np.negative(big), [0, 0, 0, 2], [0, 0, 0, 4]]
+    verdict, _ = hand("krum", rows, num_byzantine=1)
+    np.testing.assert_allclose(verdict.scores, [np.inf, 1 + 9, np.inf, 1 + 4, 4 + 9])
+    np.testing.assert_allclose(verdict.weights, [0, 0, 0, 1, 0])
+
+
+def test_identical_rows_share_krums_pick():
+    verdict, _ = hand("krum", [[0], [1], [1], [3], [100]], num_byzantine=0)
+    np.testing.assert_allclose(verdict.weights, [0, 0.5, 0.5, 0, 0])
+    np.testing.assert_allclose(verdict.delta, [1])
 
 
 def test_multi_krum_by_hand():
@@ -250,10 +454,45 @@ def test_lfighter_flags_the_denser_cluster():
     assert verdict.scores[3:].min() > verdict.scores[:3].max()
 
 
-def test_filter_falls_back_when_everyone_is_flagged():
+def test_flame_keeps_the_majority_direction_clipped_to_the_median_norm():
+    # Three updates point along x (norms 4, 2, 1), two elsewhere: the majority is kept
+    # (min cluster size 5 // 2 + 1 = 3) and clipped to the median norm 2 of all five.
+    rows = [[4, 0], [2, 0], [1, 0], [0, 1], [0, -5]]
+    verdict, _ = hand("flame", rows, flame_lambda=0.0)
+    np.testing.assert_array_equal(verdict.flags, [False] * 3 + [True] * 2)
+    np.testing.assert_allclose(verdict.delta, [(2 + 2 + 1) / 3, 0], rtol=1e-6)
+    np.testing.assert_allclose(verdict.weights, [1 / 3] * 3 + [0, 0], rtol=1e-6)
+
+
+def test_dnc_drops_the_update_along_the_top_singular_vector():
+    # d=2 < b: every iteration sees both coordinates. Centered rows (mean (2, 2)):
+    # (-1,-2), (-2,-1), (-3,-2), (-2,-3), (8,8); the top singular vector is (1,1)/sqrt(2),
+    # squared projections 4.5, 4.5, 12.5, 12.5, 128: f=1, c=1 drops the last.
+    rows = [[1, 0], [0, 1], [-1, 0], [0, -1], [10, 10]]
+    verdict, _ = hand("dnc", rows, num_byzantine=1, dnc_c=1.0)
+    np.testing.assert_allclose(verdict.scores, [4.5, 4.5, 12.5, 12.5, 128], rtol=1e-5)
+    np.testing.assert_array_equal(verdict.flags, [False] * 4 + [True])
+    np.testing.assert_allclose(verdict.delta, [0, 0], atol=1e-6)
+
+
+def test_signguard_filters_by_norm_band_and_sign_majority():
+    # Sign fractions (positive, zero, negative): three honest rows and the big one (3/4, 0,
+    # 1/4), the sign-flipped row (1/4, 0, 3/4). Norms 2, 2, 2, 2, 20: median 2, the big row
+    # is 10x the median, outside [0.1, 3].
+    rows = [[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, -1, -1, 1], [10, 10, 10, -10]]
+    verdict, _ = hand("signguard", rows, signguard_fraction=1.0)
+    np.testing.assert_array_equal(verdict.flags, [False] * 3 + [True] * 2)
+    np.testing.assert_allclose(verdict.delta, [1, 1 / 3, 1 / 3, 1 / 3], rtol=1e-6)
+
+
+def test_nobody_kept_means_no_change_and_no_weight():
     delta, weights = defenses.weighted_mean(jnp.ones((4, 3)), jnp.zeros(4))
     np.testing.assert_allclose(delta, jnp.zeros(3))
-    np.testing.assert_allclose(weights, jnp.full(4, 0.25))
+    np.testing.assert_allclose(weights, jnp.zeros(4))
+    # a zero weight keeps a non-finite row out of the mean
+    rows = jnp.array([[1.0, 2.0], [jnp.nan, jnp.inf]])
+    delta, _ = defenses.weighted_mean(rows, jnp.array([1.0, 0.0]))
+    np.testing.assert_allclose(delta, [1, 2])
 
 
 def test_detection_counts_by_hand():
@@ -307,6 +546,12 @@ def test_auc_matches_sklearn():
         ({"min_separation": -1.0}, 5, "defense.min_separation must be >= 0"),
         ({"cc_tau": -1.0}, 5, "defense.cc_tau must be >= 0"),
         ({"min_separation": float("inf")}, 5, "defense.min_separation must be a finite number"),
+        ({"bucket_size": 0}, 5, "defense.bucket_size must be >= 1"),
+        ({"flame_lambda": -0.1}, 5, "defense.flame_lambda must be >= 0"),
+        ({"name": "dnc", "dnc_c": 5.0}, 5, "dnc removes floor(c*f)=5 of k=5"),
+        ({"signguard_upper": 0.5}, 5, "defense.signguard_upper must be >= 1"),
+        ({"signguard_fraction": 0.0}, 5, "defense.signguard_fraction must be in (0, 1]"),
+        ({"name": "nope+median"}, 5, "'nope' is not one"),
     ],
 )
 def test_validate_names_the_field(overrides, k, message):
@@ -315,6 +560,30 @@ def test_validate_names_the_field(overrides, k, message):
     with pytest.raises(ValueError) as error:
         defenses.validate(cfg, clients_per_round=k, num_clients=50, num_classes=10)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "factory, kwargs, message",
+    [
+        (
+            "dnc",
+            {
+                "num_byzantine": 1,
+                "dnc_iters": 0,
+                "dnc_subsample": 9,
+                "dnc_c": 1.0,
+                "mode": "filter",
+            },
+            "dnc_iters",
+        ),
+        ("flame", {"flame_lambda": -1.0, "mode": "filter"}, "flame_lambda"),
+        ("trimmed_mean", {"trim": 1, "trim_ratio": 0.6}, "trim_ratio"),
+        ("bulyan", {"num_byzantine": 1, "mode": "quarantine"}, "mode"),
+    ],
+)
+def test_factories_check_their_own_arguments(factory, kwargs, message):
+    with pytest.raises(ValueError, match=f"defense.{message} must be"):
+        defenses.DEFENSES[factory](**kwargs)
 
 
 def test_defaults_validate_for_the_paper_setup():

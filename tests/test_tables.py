@@ -1,144 +1,188 @@
-"""The sweep report on hand-made metrics rows: numbers checked by hand, files and plots."""
+"""A run's tables on hand-made runs: stable measures, statistics across seeds, files."""
 
 import csv
+import io
 import math
-import os
 
 import pytest
 
-from fedjax_poison import attacks, configuration, experiments, tables
+from fedjax_poison import configuration, experiments, tables
+
+CONFIG = {
+    "dataset": "fashion_mnist",
+    "num_clients": 50,
+    "clients_per_round": 5,
+    "num_rounds": 20,
+    "eval_every": 5,
+    "data": {"source": "auto"},
+}
 
 
-def experiment(fraction, seed, schedule="always", flips="6:0", alpha=(0.5, 0.5), swept=None):
-    values = dict(malicious_fraction=fraction, flips=flips, seed=seed, schedule=schedule)
-    values["alpha"] = alpha
-    return experiments.Experiment(
-        axes={k: values[k] for k in swept or ("malicious_fraction", "seed")},
-        malicious_fraction=fraction,
-        flips=attacks.parse_flips(flips),
-        seed=seed,
-        schedule=schedule,
-        alpha=alpha,
-        breakpoint=75,
-    )
-
-
-def recall_with(source_recall, others=0.8, target=0.9):
-    """[C=10] recall: 6 is the source, 0 the target, the other 8 classes `others`."""
-    recall = [others] * 10
-    recall[6], recall[0] = source_recall, target
-    return recall
-
-
-def row(e, round_, source_recall, accuracy=0.7, others=0.8):
+def exp(e, fraction, seed, twin=None, flips="6:0", attack="label_flip"):
+    """A normalized experiment (as report.read_experiments gives them)."""
     return {
-        "round": round_,
         "experiment": e,
-        "accuracy": accuracy,
-        "recall": recall_with(source_recall, others),
-        "source_recall": source_recall,
-        "target_precision": 0.6,
-        "attack_success_rate": 1 - source_recall,
+        "label": f"malicious_fraction={fraction} seed={seed}",
+        "attack": attack,
+        "defense": "fedavg",
+        "malicious_fraction": fraction,
+        "flips": flips,
+        "seed": seed,
+        "schedule": "always",
+        "alpha": [0.5, 0.5],
+        "breakpoint": 75,
+        "measure": "none" if attack == "none" or fraction == 0 else "flip",
+        "clean_twin": twin,
     }
 
 
-# Two seeds, clean and attacked. The clean source recall is 0.8 then 0.9 (seed 0) and
-# 0.7 then 0.9 (seed 1); attacked 0.5 then 0.6 (seed 0) and 0.4 then 0.5 (seed 1).
-EXPS = [experiment(0.0, 0), experiment(0.0, 1), experiment(0.5, 0), experiment(0.5, 1)]
-ROWS = [
-    row(0, 5, 0.8),
-    row(0, 10, 0.9),
-    row(1, 5, 0.7),
-    row(1, 10, 0.9),
-    row(2, 5, 0.5, others=0.7),
-    row(2, 10, 0.6, accuracy=0.5, others=0.7),
-    row(3, 5, 0.4, others=0.6),
-    row(3, 10, 0.5, accuracy=0.6, others=0.6),
-]
+def row(e, round_, source, accuracy=0.8, **extra):
+    """A metrics row; class 6 is the source, 0 the target, the others recall 0.9."""
+    recall = [0.9] * 10
+    recall[6], recall[0] = source, 0.7
+    base = {"round": round_, "experiment": e, "accuracy": accuracy, "recall": recall}
+    base.update(source_recall=source, attack_success_rate=1 - source, target_precision=0.6)
+    return {**base, **extra}
 
 
-def config():
-    c = configuration.paper_config("fashion_mnist")
-    c.num_rounds = 10
-    return c
+def run_of(exps, rows, window=2, source="synthetic"):
+    per_exp = [[r for r in rows if r["experiment"] == e] for e in range(len(exps))]
+    return tables.Run("lf", CONFIG, exps, per_exp, source, window, {})
 
 
-def test_source_recall_loss_is_the_largest_gap_to_the_clean_twin():
-    table = tables.experiment_table(ROWS, EXPS)
-    # seed 0: max(0.8 - 0.5, 0.9 - 0.6) = 0.3; seed 1: max(0.7 - 0.4, 0.9 - 0.5) = 0.4
-    assert table[2]["source_recall_loss"] == pytest.approx(0.3)
-    assert table[3]["source_recall_loss"] == pytest.approx(0.4)
-    assert table[0]["source_recall_loss"] == 0.0  # its own twin
-    assert table[3]["source_recall"] == 0.5 and table[3]["accuracy"] == 0.6  # final round
+# Clean (0, 1) and attacked (2, 3) for seeds 0 and 1, evaluated after rounds 10, 15, 20.
+EXPS = [exp(0, 0.0, 0), exp(1, 0.0, 1), exp(2, 0.5, 0, twin=0), exp(3, 0.5, 1, twin=1)]
+SOURCE = {0: (0.8, 0.9, 0.9), 1: (0.8, 0.8, 0.9), 2: (0.0, 0.455, 0.0), 3: (0.5, 0.3, 0.5)}
+ROWS = [row(e, r, s) for e in range(4) for r, s in zip((10, 15, 20), SOURCE[e])]
 
 
-def test_clean_twin_must_match_every_other_setting():
-    exps = [experiment(0.0, 0), experiment(0.5, 1), experiment(0.5, 0, flips="1:3")]
-    assert tables.clean_twin(exps, 1) is None  # other seed
-    assert tables.clean_twin(exps, 2) is None  # other flip
-    table = tables.experiment_table([row(e, 10, 0.5) for e in range(3)], exps)
-    assert math.isnan(table[1]["source_recall_loss"])
+def test_stable_measures_average_the_last_evaluations_and_keep_the_final():
+    table = tables.experiment_table(run_of(EXPS, ROWS, window=2))
+    # The final round's 0.0 swings; the mean of the last two evaluations does not.
+    assert table[2]["source_recall"] == pytest.approx((0.455 + 0.0) / 2)
+    assert table[2]["source_recall_final"] == 0.0
+    assert table[2]["attack_success_rate"] == pytest.approx(1 - 0.2275)
+    # other classes: 8 at 0.9 (the target's 0.7 and the source left out)
+    assert table[2]["other_accuracy"] == pytest.approx(0.9)
 
 
-def test_other_accuracy_leaves_out_sources_and_targets():
-    recall = [0.0, 1.0, 0.2, 0.6, 0.4, 0.0, 0.0, 0.0, 0.0, 0.0]
-    # flips 6:0 and 1:3 touch classes 0, 1, 3, 6; the other six sum to 0.6.
-    assert tables.other_accuracy(recall, ((6, 0), (1, 3))) == pytest.approx(0.1)
-    assert tables.experiment_table(ROWS, EXPS)[3]["other_accuracy"] == pytest.approx(0.6)
+def test_source_recall_loss_is_the_mean_gap_to_the_clean_twin():
+    table = tables.experiment_table(run_of(EXPS, ROWS, window=2))
+    # seed 0: ((0.9 - 0.455) + (0.9 - 0.0)) / 2, not the largest gap 0.9
+    assert table[2]["source_recall_loss"] == pytest.approx(0.6725)
+    assert table[2]["source_recall_loss_final"] == pytest.approx(0.9)
+    # seed 1: ((0.8 - 0.3) + (0.9 - 0.5)) / 2
+    assert table[3]["source_recall_loss"] == pytest.approx(0.45)
+    assert table[3]["source_recall_vs_clean"] == pytest.approx(-0.45)
+    assert math.isnan(table[0]["source_recall_loss"])  # the clean run has no twin
 
 
-def test_mean_and_sample_std_over_two_seeds():
-    table = tables.experiment_table(ROWS, EXPS)
-    by_seed = tables.aggregate_over_seeds(table, ["malicious_fraction", "schedule"])
+def test_a_twin_without_flips_is_read_on_the_attacked_classes():
+    exps = [exp(0, 0.0, 0, flips="", attack="none"), exp(1, 0.5, 0, twin=0)]
+    rows = [row(0, 20, 0.85, source_recall=None, attack_success_rate=None), row(1, 20, 0.25)]
+    table = tables.experiment_table(run_of(exps, rows, window=1))
+    assert table[1]["source_recall_loss"] == pytest.approx(0.6)
+    assert math.isnan(table[1]["attack_success_rate_vs_clean"])  # other flips: undefined
+
+
+def test_statistics_over_seeds_mean_std_n_and_ci95():
+    exps = [exp(e, 0.5, e) for e in range(3)]
+    rows = [row(e, 20, s) for e, s in enumerate((0.2, 0.4, 0.6))]
+    (group,) = tables.by_seed_table(tables.experiment_table(run_of(exps, rows, window=1)))
+    assert group["seeds"] == 3 and group["source_recall_n"] == 3
+    assert group["source_recall_mean"] == pytest.approx(0.4)
+    assert group["source_recall_std"] == pytest.approx(0.2)
+    # t(0.975, 2) = 4.3027; 4.3027 * 0.2 / sqrt(3)
+    assert group["source_recall_ci95"] == pytest.approx(0.49683, abs=1e-5)
+
+
+def test_paired_difference_to_the_clean_twin():
+    by_seed = tables.by_seed_table(tables.experiment_table(run_of(EXPS, ROWS, window=2)))
     attacked = by_seed[1]
-    assert attacked["malicious_fraction"] == 0.5 and attacked["seeds"] == 2
-    assert attacked["source_recall_loss_mean"] == pytest.approx(0.35)
-    assert attacked["source_recall_loss_std"] == pytest.approx(math.sqrt(2 * 0.05**2))
-    assert attacked["accuracy_mean"] == pytest.approx(0.55)
+    assert attacked["malicious_fraction"] == "0.5" and attacked["seeds"] == 2
+    # per seed: -0.6725 and -0.45; sample std 0.157331; t(0.975, 1) = 12.7062
+    assert attacked["source_recall_vs_clean_mean"] == pytest.approx(-0.56125)
+    assert attacked["source_recall_vs_clean_ci95"] == pytest.approx(
+        12.7062 * 0.157331 / math.sqrt(2), rel=1e-4
+    )
+    assert attacked["source_recall_vs_clean_n"] == 2
+    assert by_seed[0]["source_recall_vs_clean_n"] == 0
 
 
-def test_columns_follow_the_swept_axes():
-    assert tables.axis_columns(EXPS) == ["malicious_fraction", "seed", "schedule"]
-    timing = [experiment(0.5, 0, s, swept=("schedule",)) for s in ("always", "early")]
-    assert tables.axis_columns(timing) == ["schedule", "breakpoint"]
-    avail = [experiment(0.5, 0, "availability", alpha=(0.0, 0.6), swept=("alpha",))]
-    assert tables.axis_columns(avail) == ["schedule", "alpha", "breakpoint"]
-    assert tables.axis_values(avail[0])["alpha"] == "0/0.6"
+def test_a_diverged_experiment_has_no_numbers_and_is_left_out_of_the_means():
+    exps = [exp(e, 0.5, e) for e in range(3)]
+    rows = [row(e, 20, s) for e, s in enumerate((0.2, 0.4, 0.6))]
+    rows[2].update(diverged=True, diverged_round=17, source_recall=None, accuracy=None)
+    run = run_of(exps, rows, window=1)
+    table = tables.experiment_table(run)
+    assert table[2]["diverged"] == 17 and math.isnan(table[2]["accuracy"])
+    (group,) = tables.by_seed_table(table)
+    assert group["source_recall_mean"] == pytest.approx(0.3) and group["source_recall_n"] == 2
+    assert group["diverged"] == 1
+    files = _written(run)
+    per_exp = list(csv.DictReader(io.StringIO(files["results.csv"])))
+    assert per_exp[2]["diverged"] == "17" and per_exp[2]["accuracy"] == ""
+    assert per_exp[0]["diverged"] == "" and per_exp[0]["source_recall"] == "0.2"
+    assert "2 of 3 | 1 (round 17)" in files["results.md"]
 
 
-def test_report_files_and_plots(tmp_path):
-    tables.write_sweep_report(str(tmp_path), ROWS, EXPS, config())
-    for name in ("results.csv", "results_by_seed.csv", "results.md"):
-        assert os.path.getsize(tmp_path / name) > 0, name
-    assert os.path.getsize(tmp_path / "source_recall_vs_fraction.png") > 0
-    assert not os.path.exists(tmp_path / "recall_over_rounds.png")  # no schedule swept
-    per_exp = list(csv.DictReader(open(tmp_path / "results.csv")))
+class Recorder:
+    """A writer that keeps what it is given."""
+
+    def __init__(self):
+        self.files = {}
+
+    def write_text(self, name, text):
+        self.files[name] = text
+
+
+def _written(run):
+    writer = Recorder()
+    assert tables.write_tables(run, writer) == ["results.csv", "results_by_seed.csv", "results.md"]
+    return writer.files
+
+
+def test_csv_files_hold_the_columns_a_reader_needs():
+    files = _written(run_of(EXPS, ROWS, window=2))
+    per_exp = list(csv.DictReader(io.StringIO(files["results.csv"])))
     assert [r["experiment"] for r in per_exp] == ["0", "1", "2", "3"]
-    assert float(per_exp[2]["source_recall_loss"]) == pytest.approx(0.3)
-    by_seed = list(csv.DictReader(open(tmp_path / "results_by_seed.csv")))
-    assert float(by_seed[1]["source_recall_loss_mean"]) == pytest.approx(0.35)
-    markdown = open(tmp_path / "results.md").read()
-    assert "0.350 ± 0.071" in markdown and "Mean ± std over seeds" in markdown
+    assert float(per_exp[2]["source_recall"]) == pytest.approx(0.2275)
+    assert per_exp[2]["source_recall_final"] == "0" and per_exp[2]["window"] == "2"
+    assert per_exp[2]["clean_twin"] == "0" and per_exp[0]["clean_twin"] == ""
+    by_seed = list(csv.DictReader(io.StringIO(files["results_by_seed.csv"])))
+    assert float(by_seed[1]["source_recall_loss_mean"]) == pytest.approx(0.56125)
+    assert by_seed[1]["source_recall_loss_n"] == "2" and by_seed[1]["seeds"] == "2"
 
 
-def test_no_clean_twin_is_an_empty_cell_and_schedules_are_plotted(tmp_path):
-    exps = [
-        experiment(0.5, s, name, swept=("schedule", "seed"))
-        for name in ("early", "late")
-        for s in (0, 1)
-    ]
-    rows = [row(e, r, 0.5) for e in range(4) for r in (5, 10)]
-    tables.write_sweep_report(str(tmp_path), rows, exps, config())
+def test_one_seed_has_no_confidence_interval():
+    files = _written(run_of([exp(0, 0.5, 0)], [row(0, 20, 0.3)], window=1))
+    (group,) = list(csv.DictReader(io.StringIO(files["results_by_seed.csv"])))
+    assert group["source_recall_mean"] == "0.3" and group["source_recall_n"] == "1"
+    assert group["source_recall_ci95"] == "" and group["source_recall_std"] == ""
+
+
+def test_markdown_says_what_ran_and_gives_mean_ci_and_n():
+    markdown = _written(run_of(EXPS, ROWS, window=2))["results.md"]
+    assert "data source used: synthetic (config: data.source=auto)" in markdown
+    assert "- attack: label_flip" in markdown and "- defense: fedavg" in markdown
+    assert "6:0 (Shirt→T-shirt/top)" in markdown
+    assert "50, 5 per round" in markdown and "rounds: 20, evaluated every 5" in markdown
+    assert "W=2 evaluations (rounds 15 to 20)" in markdown
+    # attacked source recall, seeds 0.2275 and 0.4: mean 0.314, CI 12.7062 * 0.12197 / 1.4142
+    assert "| 0.5 | 2 |" in markdown and "0.314 ± 1.096" in markdown
+    assert "-0.561 ± 1.414 (n=2)" in markdown  # the paired difference to the clean twin
+
+
+def test_the_run_loop_entry_still_writes_tables_and_figures(tmp_path):
+    c = configuration.paper_config("fashion_mnist")
+    c.num_rounds, c.eval_every = 20, 5
+    c.sweep.malicious_fraction, c.sweep.seed = (0.0, 0.5), (0, 1)
+    exps = experiments.expand(c)  # fraction-major: clean seeds 0, 1, then attacked
+    tables.write_sweep_report(str(tmp_path), ROWS, exps, c)
     per_exp = list(csv.DictReader(open(tmp_path / "results.csv")))
-    assert per_exp[0]["source_recall_loss"] == "" and per_exp[0]["schedule"] == "early"
-    assert os.path.getsize(tmp_path / "recall_over_rounds.png") > 0
-    assert not os.path.exists(tmp_path / "source_recall_vs_fraction.png")
-
-
-def test_a_single_run_has_a_one_row_table(tmp_path):
-    single = experiments.expand(config())
-    rows = [{k: v for k, v in row(0, 10, 0.7).items() if k != "experiment"}]
-    tables.write_sweep_report(str(tmp_path), rows, single, config())
-    per_exp = list(csv.DictReader(open(tmp_path / "results.csv")))
-    assert len(per_exp) == 1 and per_exp[0]["schedule"] == "always"
-    assert float(per_exp[0]["source_recall"]) == 0.7
+    assert per_exp[2]["clean_twin"] == "0" and per_exp[3]["clean_twin"] == "1"
+    # 20 rounds evaluated every 5: W = 1, the gap at round 20
+    assert float(per_exp[2]["source_recall_loss"]) == pytest.approx(0.9 - 0.0)
+    assert per_exp[2]["window"] == "1"
+    for name in ("curves.png", "curves.pdf", "source_recall_vs_fraction.png"):
+        assert (tmp_path / name).stat().st_size > 0, name

@@ -11,6 +11,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedjax_poison.defenses.numeric import row_norms as row_norms  # re-exported
+from fedjax_poison.defenses.numeric import sq_distances as sq_distances  # re-exported
+from fedjax_poison.defenses.numeric import unit_rows
+
 PyTree = Any
 MODES = ("detect", "filter", "block")
 
@@ -21,6 +25,10 @@ class RoundView(NamedTuple):
     Every field is derived from the updates the clients sent (after any attack on them).
     A row whose norm is not finite (NaN, inf, or so large that its norm overflows) is
     invalid: the server zeroes it here, flags it and gives it no weight whatever the rule.
+    Every rule honours `valid`: an invalid row has no influence on the aggregate, the
+    weights or the rule's memory, and the verdict on the other rows is the rule's verdict
+    on a round of those rows alone. Counts tied to k (trim, Krum's neighbours, ...) are
+    taken from the valid count.
     """
 
     updates: jax.Array  # [k, d] float32, flattened client deltas (local - global); 0 if invalid
@@ -33,12 +41,17 @@ class RoundView(NamedTuple):
 
 
 class Verdict(NamedTuple):
-    """A defense's decision for one round."""
+    """A defense's decision for one round.
+
+    An invalid row (`RoundView.valid` False) gets weight 0, no flag (the server flags it)
+    and score 0. Weights sum to 1 over the valid rows, or are all 0 when the rule keeps
+    nobody (then delta is 0: the round changes nothing).
+    """
 
     delta: jax.Array  # [d] aggregate update the server adds to the global params
-    weights: jax.Array  # [k] >= 0, sum 1: each client's share (also for BatchNorm statistics)
+    weights: jax.Array  # [k] >= 0: each client's share (also for BatchNorm statistics)
     flags: jax.Array  # [k] bool, True = judged malicious
-    scores: jax.Array  # [k] float32, higher = more suspicious; zeros where the rule has none
+    scores: jax.Array  # [k] float32, higher = more suspicious (+inf allowed, never NaN)
     block: jax.Array  # [k] bool, exclude this client from all later rounds
 
 
@@ -49,6 +62,16 @@ class Defense(NamedTuple):
     apply: Callable[[RoundView, PyTree], tuple[Verdict, PyTree]]  # pure, jittable
     needs_root: bool  # the round must compute root_update (FLTrust)
     flags_clients: bool  # flags are meaningful (detection precision/recall)
+
+
+def require(ok: bool, field: str, need: str, got) -> None:
+    """A factory's check of its own argument, named after its `defense.` config field."""
+    if not ok:
+        raise ValueError(f"defense.{field} must be {need}, got {got!r}")
+
+
+def require_mode(mode: str) -> None:
+    require(mode in MODES, "mode", f"one of {list(MODES)}", mode)
 
 
 def no_memory() -> tuple:
@@ -62,60 +85,54 @@ def uniform(k: int) -> jax.Array:
 def weighted_mean(updates: jax.Array, keep: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Mean of `updates` [k, d] weighted by `keep` [k] >= 0 -> (delta [d], weights [k]).
 
-    If every weight is zero the round adds nothing (delta 0) and the weights fall back to
-    uniform, so that averaging BatchNorm statistics stays defined.
+    A row with weight 0 takes no part, even if it is not finite. If every weight is zero
+    the round adds nothing: delta 0 and weights all 0.
     """
-    keep = keep.astype(jnp.float32)
+    keep = jnp.where(keep > 0, keep.astype(jnp.float32), 0.0)
     total = keep.sum()
-    ok = total > 0
-    weights = jnp.where(ok, keep / jnp.where(ok, total, 1.0), uniform(updates.shape[0]))
-    delta = jnp.where(ok, weights @ updates, jnp.zeros_like(updates[0]))
-    return delta, weights
+    weights = keep / jnp.where(total > 0, total, 1.0)
+    rows = jnp.where(keep[:, None] > 0, updates, 0.0)
+    return weights @ rows, weights
 
 
-def make_verdict(delta, weights, *, flags=None, scores=None, block=None) -> Verdict:
-    """A Verdict with the unset fields filled: no flags, zero scores, no block."""
+def make_verdict(delta, weights, *, flags=None, scores=None, block=None, valid=None) -> Verdict:
+    """A Verdict with the unset fields filled (no flags, zero scores, no block) and the
+    invalid rows (valid [k] False) given weight 0, no flag and score 0."""
     k = weights.shape[0]
+    valid = jnp.ones((k,), bool) if valid is None else valid
     none = jnp.zeros((k,), bool)
+    flags = none if flags is None else flags.astype(bool)
+    scores = jnp.zeros((k,), jnp.float32) if scores is None else scores.astype(jnp.float32)
     return Verdict(
         delta=delta,
-        weights=weights.astype(jnp.float32),
-        flags=none if flags is None else flags.astype(bool),
-        scores=jnp.zeros((k,), jnp.float32) if scores is None else scores.astype(jnp.float32),
+        weights=jnp.where(valid, weights, 0.0).astype(jnp.float32),
+        flags=flags & valid,
+        scores=jnp.where(valid, scores, 0.0),
         block=none if block is None else block.astype(bool),
     )
 
 
-def flagging_verdict(updates, flags, scores, mode: str, aggregate, block=None) -> Verdict:
+def flagging_verdict(
+    updates, flags, scores, mode: str, aggregate, block=None, valid=None
+) -> Verdict:
     """Verdict of a rule that flags clients.
 
-    mode 'detect': report flags and scores, aggregate with plain FedAvg.
+    mode 'detect': report flags and scores, aggregate with plain FedAvg over the valid rows.
     mode 'filter' / 'block': aggregate with the rule's own `aggregate` = (delta, weights).
     """
+    k = updates.shape[0]
+    valid = jnp.ones((k,), bool) if valid is None else valid
     if mode == "detect":
-        k = updates.shape[0]
-        delta, weights = updates.mean(axis=0), uniform(k)
+        delta, weights = weighted_mean(updates, valid.astype(jnp.float32))
     else:
         delta, weights = aggregate
-    return make_verdict(delta, weights, flags=flags, scores=scores, block=block)
-
-
-def row_norms(x: jax.Array) -> jax.Array:
-    """Euclidean norm over the last axis."""
-    return jnp.sqrt(jnp.sum(x * x, axis=-1))
+    return make_verdict(delta, weights, flags=flags, scores=scores, block=block, valid=valid)
 
 
 def cosine_matrix(x: jax.Array) -> jax.Array:
     """Pairwise cosine similarity of the rows of x [m, p] -> [m, m]; zero rows give 0."""
-    n = row_norms(x)
-    unit = x / jnp.where(n > 0, n, 1.0)[:, None]
+    unit = unit_rows(x)
     return unit @ unit.T
-
-
-def sq_distances(x: jax.Array) -> jax.Array:
-    """Pairwise squared Euclidean distances of the rows of x [m, p] -> [m, m]."""
-    diff = x[:, None, :] - x[None, :, :]
-    return jnp.sum(diff * diff, axis=-1)
 
 
 def detection_counts(flags: jax.Array, is_malicious: jax.Array) -> jax.Array:

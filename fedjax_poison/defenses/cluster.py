@@ -64,3 +64,60 @@ def silhouette(points, valid, assign) -> jax.Array:
     both = jnp.any(valid & assign) & jnp.any(valid & ~assign)
     mean = jnp.sum(jnp.where(valid, s, 0.0)) / jnp.maximum(valid.sum(), 1)
     return jnp.where(both, mean, 0.0)
+
+
+def spanning_tree(dist: jax.Array, valid: jax.Array):
+    """Prim's minimum spanning tree over the valid points of dist [m, m] -> edges (a, b, w),
+    each [m - 1], sorted by weight; edges past the valid count have w = inf."""
+    m = dist.shape[0]
+    d = jnp.where(valid[:, None] & valid[None, :], dist, jnp.inf)
+    start = jnp.argmax(valid)
+
+    def step(i, carry):
+        in_tree, best, parent, a, b, w = carry
+        cand = jnp.where(in_tree | ~valid, jnp.inf, best)
+        j = jnp.argmin(cand)
+        ok = jnp.isfinite(cand[j])
+        a, b, w = a.at[i].set(parent[j]), b.at[i].set(j), w.at[i].set(cand[j])
+        in_tree = in_tree.at[j].set(in_tree[j] | ok)
+        closer = ok & (d[j] < best)
+        return in_tree, jnp.where(closer, d[j], best), jnp.where(closer, j, parent), a, b, w
+
+    in_tree = jnp.zeros((m,), bool).at[start].set(True)
+    edges = jnp.zeros((m - 1,), jnp.int32)
+    carry = (in_tree, d[start], jnp.full((m,), start), edges, edges, jnp.full((m - 1,), jnp.inf))
+    *_, a, b, w = lax.fori_loop(0, m - 1, step, carry)
+    order = jnp.argsort(w)
+    return a[order], b[order], w[order]
+
+
+def majority_cluster(dist: jax.Array, valid: jax.Array) -> jax.Array:
+    """The points HDBSCAN keeps over a precomputed distance matrix dist [m, m] with
+    min_cluster_size = n // 2 + 1 (n valid points), min_samples = 1 and a single cluster
+    allowed -> [m] bool.
+
+    With min_samples = 1 the mutual reachability is the distance itself, so HDBSCAN's
+    hierarchy is single linkage; with a minimum size above n / 2 at most one cluster exists
+    at any level, and the points kept are those of the component that first reaches the
+    size as the level grows (below it every piece is too small).
+    """
+    m = dist.shape[0]
+    need = valid.sum() // 2 + 1
+    a, b, w = spanning_tree(dist, valid)
+
+    def merge(labels, i, use):
+        return jnp.where(use & (labels == labels[b[i]]), labels[a[i]], labels)
+
+    def reach(i, carry):
+        labels, level = carry
+        labels = merge(labels, i, jnp.isfinite(w[i]))
+        size = jnp.sum((labels == labels[a[i]]) & valid)
+        return labels, jnp.where(jnp.isinf(level) & (size >= need), w[i], level)
+
+    start = jnp.arange(m)
+    _, level = lax.fori_loop(0, m - 1, reach, (start, jnp.float32(jnp.inf)))
+    labels = lax.fori_loop(
+        0, m - 1, lambda i, lab: merge(lab, i, jnp.isfinite(w[i]) & (w[i] <= level)), start
+    )
+    size = jnp.sum((labels[:, None] == labels[None, :]) & valid[None, :], axis=1)
+    return valid & (size >= need)

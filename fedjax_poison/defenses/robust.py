@@ -1,8 +1,10 @@
-"""Robust aggregation rules over the stacked updates [k, d].
+"""Robust statistics over the stacked updates [k, d]: mean, median, trimmed mean, geometric
+median, norm clipping, centered clipping.
 
-Every function here is a factory returning a `Defense`. Rules that do not flag clients
+Every function here is a factory returning a `Defense`. These rules do not flag clients and
 ignore `defense.mode`: they always aggregate with their own rule. Their scores are each
-update's distance to the rule's aggregate (a norm for clipping, the Krum score for Krum).
+update's distance to the rule's aggregate (its norm for norm clipping). Only the valid rows
+take part (`RoundView.valid`, rows with a finite norm); counts are taken from their number n.
 """
 
 from __future__ import annotations
@@ -14,189 +16,160 @@ from jax import lax
 from fedjax_poison.defenses.base import (
     Defense,
     Verdict,
-    flagging_verdict,
     make_verdict,
     no_memory,
-    row_norms,
-    sq_distances,
-    uniform,
+    require,
     weighted_mean,
+)
+from fedjax_poison.defenses.numeric import (
+    clean,
+    masked_mean,
+    masked_median,
+    norms,
+    scale_of,
+    uniform_over,
 )
 
 
-def _distances_to(updates: jax.Array, center: jax.Array) -> jax.Array:
-    return row_norms(updates - center[None, :])
+def distances_to(updates: jax.Array, center: jax.Array) -> jax.Array:
+    """[k] distance of each row of updates [k, d] to center [d] (no overflow of squares)."""
+    return norms(updates - center[None, :])
 
 
-def _stateless(aggregate, *, flags_clients: bool = False) -> Defense:
+def stateless(aggregate, *, flags_clients: bool = False) -> Defense:
+    """A rule without memory from aggregate(valid [k], updates [k, d], view) -> Verdict."""
+
     def apply(view, memory):
-        return aggregate(view.updates), memory
+        valid, updates = clean(view)
+        return aggregate(valid, updates, view), memory
 
     return Defense(no_memory, apply, needs_root=False, flags_clients=flags_clients)
 
 
 def fedavg() -> Defense:
-    """Plain mean, weights 1/k (McMahan et al., AISTATS 2017)."""
+    """Plain mean of the valid updates, weights 1/n (McMahan et al., AISTATS 2017)."""
 
-    def aggregate(updates) -> Verdict:
-        return make_verdict(updates.mean(axis=0), uniform(updates.shape[0]))
+    def aggregate(valid, updates, view) -> Verdict:
+        delta, weights = weighted_mean(updates, valid.astype(jnp.float32))
+        return make_verdict(delta, weights, valid=valid)
 
-    return _stateless(aggregate)
+    return stateless(aggregate)
 
 
 def median() -> Defense:
-    """Coordinate-wise median (Yin et al., ICML 2018)."""
+    """Coordinate-wise median of the valid updates; with n even, the mean of the two middle
+    values (Yin et al., ICML 2018)."""
 
-    def aggregate(updates) -> Verdict:
-        delta = jnp.median(updates, axis=0)
-        k = updates.shape[0]
-        return make_verdict(delta, uniform(k), scores=_distances_to(updates, delta))
+    def aggregate(valid, updates, view) -> Verdict:
+        delta = masked_median(updates, valid)
+        scores = distances_to(updates, delta)
+        return make_verdict(delta, uniform_over(valid), scores=scores, valid=valid)
 
-    return _stateless(aggregate)
-
-
-def trimmed_mean(*, trim: int) -> Defense:
-    """Coordinate-wise mean after dropping the `trim` largest and smallest values
-    (Yin et al., ICML 2018)."""
-
-    def aggregate(updates) -> Verdict:
-        k = updates.shape[0]
-        kept = jnp.sort(updates, axis=0)[trim : k - trim]
-        delta = kept.mean(axis=0)
-        return make_verdict(delta, uniform(k), scores=_distances_to(updates, delta))
-
-    return _stateless(aggregate)
+    return stateless(aggregate)
 
 
-def krum_scores(updates: jax.Array, num_byzantine: int, alive=None) -> jax.Array:
-    """Krum score of each update [k]: summed squared distance to its k' - f - 2 nearest
-    alive neighbours, k' the number alive (at least one neighbour); inf if not alive."""
-    k = updates.shape[0]
-    alive = jnp.ones((k,), bool) if alive is None else alive
-    d = sq_distances(updates)
-    usable = alive[None, :] & ~jnp.eye(k, dtype=bool)
-    ordered = jnp.sort(jnp.where(usable, d, jnp.inf), axis=1)
-    count = jnp.maximum(alive.sum() - num_byzantine - 2, 1)
-    take = (jnp.arange(k)[None, :] < count) & jnp.isfinite(ordered)
-    scores = jnp.sum(jnp.where(take, ordered, 0.0), axis=1)
-    return jnp.where(alive, scores, jnp.inf)
+def trim_count(trim: int, trim_ratio: float, n: jax.Array) -> jax.Array:
+    """Values dropped at each end: `trim` if >= 0, else floor(trim_ratio * n); at most
+    (n - 1) // 2 so that one value is left."""
+    ratio = jnp.floor(trim_ratio * n.astype(jnp.float32) + 1e-6).astype(jnp.int32)
+    t = jnp.int32(trim) if trim >= 0 else ratio
+    return jnp.clip(t, 0, jnp.maximum((n - 1) // 2, 0))
 
 
-def krum(*, num_byzantine: int) -> Defense:
-    """The one update with the lowest Krum score (Blanchard et al., NeurIPS 2017)."""
+def trimmed_mean(*, trim: int, trim_ratio: float) -> Defense:
+    """Coordinate-wise mean after dropping the t largest and t smallest values (Yin et al.,
+    ICML 2018). t is a count: `trim`, or floor(trim_ratio * n) when trim is -1, n the valid
+    rows (the paper's beta fraction times n, rounded down)."""
+    require(trim >= -1, "trim", ">= 0 (or -1 for trim_ratio)", trim)
+    require(0 <= trim_ratio < 0.5, "trim_ratio", "in [0, 0.5)", trim_ratio)
 
-    def aggregate(updates) -> Verdict:
-        scores = krum_scores(updates, num_byzantine)
-        chosen = jnp.argmin(scores)
-        weights = jax.nn.one_hot(chosen, updates.shape[0], dtype=jnp.float32)
-        return make_verdict(updates[chosen], weights, scores=scores)
+    def aggregate(valid, updates, view) -> Verdict:
+        k, n = updates.shape[0], valid.sum()
+        t = trim_count(trim, trim_ratio, n)
+        ordered = jnp.sort(jnp.where(valid[:, None], updates, jnp.inf), axis=0)
+        place = jnp.arange(k)[:, None]
+        kept = (place >= t) & (place < n - t)
+        delta = jnp.sum(jnp.where(kept, ordered, 0.0), axis=0) / jnp.maximum(n - 2 * t, 1)
+        scores = distances_to(updates, delta)
+        return make_verdict(delta, uniform_over(valid), scores=scores, valid=valid)
 
-    return _stateless(aggregate)
-
-
-def multi_krum(*, num_byzantine: int, multi_krum_m: int, mode: str) -> Defense:
-    """Mean of the m updates with the lowest Krum scores; the rest are flagged
-    (Blanchard et al., NeurIPS 2017)."""
-
-    def aggregate(updates) -> Verdict:
-        scores = krum_scores(updates, num_byzantine)
-        rank = jnp.argsort(jnp.argsort(scores))
-        chosen = rank < multi_krum_m
-        return flagging_verdict(
-            updates, ~chosen, scores, mode, weighted_mean(updates, chosen.astype(jnp.float32))
-        )
-
-    return _stateless(aggregate, flags_clients=True)
-
-
-def _bulyan_select(updates: jax.Array, num_byzantine: int, theta: int) -> jax.Array:
-    """Bulyan's first phase: pick theta updates one at a time by Krum -> chosen [k] bool."""
-    k = updates.shape[0]
-
-    def pick(_, chosen):
-        best = jnp.argmin(krum_scores(updates, num_byzantine, alive=~chosen))
-        return chosen.at[best].set(True)
-
-    return lax.fori_loop(0, theta, pick, jnp.zeros((k,), bool))
-
-
-def bulyan(*, num_byzantine: int, mode: str) -> Defense:
-    """Krum-select theta = k - 2f updates, then per coordinate average the beta = theta - 2f
-    values closest to their median (El Mhamdi et al., ICML 2018). Unselected are flagged."""
-
-    def aggregate(updates) -> Verdict:
-        k, f = updates.shape[0], num_byzantine
-        theta, beta = k - 2 * f, k - 4 * f
-        chosen = _bulyan_select(updates, f, theta)
-        ordered = jnp.sort(jnp.where(chosen[:, None], updates, jnp.inf), axis=0)
-        med = (ordered[(theta - 1) // 2] + ordered[theta // 2]) / 2  # [d]
-        gap = jnp.where(chosen[:, None], jnp.abs(updates - med[None, :]), jnp.inf)
-        closest = jnp.argsort(gap, axis=0)[:beta]  # [beta, d]
-        delta = jnp.take_along_axis(updates, closest, axis=0).mean(axis=0)
-        weights = chosen.astype(jnp.float32) / theta
-        scores = krum_scores(updates, f)
-        return flagging_verdict(updates, ~chosen, scores, mode, (delta, weights))
-
-    return _stateless(aggregate, flags_clients=True)
+    return stateless(aggregate)
 
 
 def geometric_median(*, gm_iters: int, gm_eps: float) -> Defense:
-    """Smoothed Weiszfeld iterations from the mean (RFA, Pillutla et al., IEEE TSP 2022).
-
-    The result is a weighted mean; its weights are the last iteration's.
+    """Smoothed Weiszfeld iterations from the mean of the valid updates (RFA, Pillutla et al.,
+    IEEE TSP 2022): weights 1 / max(nu, distance) with nu = `gm_eps` in update units, as in
+    RFA's smoothing; `gm_iters` + 1 steps. The result is the weighted mean of the last step.
     """
+    require(gm_iters >= 1, "gm_iters", ">= 1", gm_iters)
+    require(gm_eps > 0, "gm_eps", "> 0", gm_eps)
 
-    def weiszfeld_weights(updates, center):
-        w = 1.0 / jnp.maximum(_distances_to(updates, center), gm_eps)
-        return w / w.sum()
+    def aggregate(valid, updates, view) -> Verdict:
+        s = scale_of(updates, valid)  # Weiszfeld commutes with scaling; distances stay finite
+        x, nu = updates / s, gm_eps / s
 
-    def aggregate(updates) -> Verdict:
-        center = lax.fori_loop(
-            0, gm_iters, lambda _, v: weiszfeld_weights(updates, v) @ updates, updates.mean(0)
-        )
-        weights = weiszfeld_weights(updates, center)
-        delta = weights @ updates
-        return make_verdict(delta, weights, scores=_distances_to(updates, delta))
+        def weights_at(center):
+            w = jnp.where(valid, 1.0 / jnp.maximum(distances_to(x, center), nu), 0.0)
+            return w / jnp.maximum(w.sum(), 1e-30)
 
-    return _stateless(aggregate)
+        start = masked_mean(x, valid)
+        center = lax.fori_loop(0, gm_iters, lambda _, v: weights_at(v) @ x, start)
+        weights = weights_at(center)
+        delta = (weights @ x) * s
+        return make_verdict(delta, weights, scores=distances_to(updates, delta), valid=valid)
+
+    return stateless(aggregate)
+
+
+def clip_scales(updates: jax.Array, valid: jax.Array, clip_norm: float) -> jax.Array:
+    """[k] factors min(1, bound / norm) that clip each valid row to the bound: `clip_norm`,
+    or the median norm of the valid rows when clip_norm is 0; 0 for invalid rows."""
+    size = norms(updates)
+    bound = masked_median(size, valid) if clip_norm <= 0 else jnp.float32(clip_norm)
+    scale = jnp.minimum(1.0, bound / jnp.maximum(size, 1e-30))
+    return jnp.where(valid, scale, 0.0)
 
 
 def norm_clipping(*, clip_norm: float) -> Defense:
-    """Scale each update to norm at most `clip_norm` (0: this round's median norm), then
-    average (Sun et al., "Can you really backdoor FL?", 2019)."""
+    """Scale each update to norm at most `clip_norm` (0: the median norm of the valid
+    updates), then average (Sun et al., "Can you really backdoor FL?", 2019)."""
+    require(clip_norm >= 0, "clip_norm", ">= 0 (0: median norm)", clip_norm)
 
-    def aggregate(updates) -> Verdict:
-        norms = row_norms(updates)
-        bound = jnp.median(norms) if clip_norm <= 0 else jnp.float32(clip_norm)
-        scale = jnp.minimum(1.0, bound / jnp.maximum(norms, 1e-30))
-        delta = (scale[:, None] * updates).mean(axis=0)
-        return make_verdict(delta, uniform(updates.shape[0]), scores=norms)
+    def aggregate(valid, updates, view) -> Verdict:
+        scale = clip_scales(updates, valid, clip_norm)
+        delta = masked_mean(scale[:, None] * updates, valid)
+        return make_verdict(delta, uniform_over(valid), scores=norms(updates), valid=valid)
 
-    return _stateless(aggregate)
+    return stateless(aggregate)
 
 
 def centered_clipping(*, num_params: int, cc_tau: float, cc_iters: int) -> Defense:
-    """Clip each update's distance to a center at `cc_tau` and move the center by the mean,
-    `cc_iters` times (Karimireddy, He and Jaggi, ICML 2021).
+    """Clip each update's distance to a center at `cc_tau` and move the center by the mean
+    over the valid updates, `cc_iters` times (Karimireddy, He and Jaggi, ICML 2021).
 
     The center starts at the last round's aggregate, kept in memory [d] (the server's
-    momentum in the paper); `cc_tau` 0 means this round's median distance to that center.
+    momentum in the paper); `cc_tau` 0 means the median distance of the valid updates to
+    that center. With no valid update the center stays where it was.
     """
+    require(cc_tau >= 0, "cc_tau", ">= 0 (0: median distance)", cc_tau)
+    require(cc_iters >= 1, "cc_iters", ">= 1", cc_iters)
 
     def init():
         return jnp.zeros((num_params,), jnp.float32)
 
     def apply(view, last):
-        updates = view.updates
-        tau = jnp.median(_distances_to(updates, last)) if cc_tau <= 0 else jnp.float32(cc_tau)
+        valid, updates = clean(view)
+        spread = distances_to(updates, last)
+        tau = masked_median(spread, valid) if cc_tau <= 0 else jnp.float32(cc_tau)
 
         def step(_, v):
             diff = updates - v[None, :]
-            scale = jnp.minimum(1.0, tau / jnp.maximum(row_norms(diff), 1e-30))
-            return v + (scale[:, None] * diff).mean(axis=0)
+            scale = jnp.minimum(1.0, tau / jnp.maximum(norms(diff), 1e-30))
+            return v + masked_mean(scale[:, None] * diff, valid)
 
         delta = lax.fori_loop(0, cc_iters, step, last.astype(updates.dtype))
-        scores = _distances_to(updates, delta)
-        return make_verdict(delta, uniform(updates.shape[0]), scores=scores), delta
+        scores = distances_to(updates, delta)
+        weights = uniform_over(valid)
+        return make_verdict(delta, weights, scores=scores, valid=valid), delta
 
     return Defense(init, apply, needs_root=False, flags_clients=False)

@@ -1,7 +1,8 @@
 """Rules that judge clients by the direction of their updates: FoolsGold, FLTrust, LFighter.
 
 All three flag clients. mode 'detect': flags reported, aggregate = plain FedAvg;
-mode 'filter': the rule's own aggregate.
+mode 'filter': the rule's own aggregate. Only the valid rows (`RoundView.valid`) take part,
+in the aggregate as in the rule's memory.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from fedjax_poison.defenses.base import (
     cosine_matrix,
     flagging_verdict,
     no_memory,
-    row_norms,
+    require,
+    require_mode,
     weighted_mean,
 )
 from fedjax_poison.defenses.cluster import farthest_pair, masked_mean, two_means
+from fedjax_poison.defenses.numeric import clean, norms, rescale, scale_of
 
 
 def foolsgold_weights(history: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -45,21 +48,31 @@ def foolsgold(*, num_clients: int, num_classes: int, head_features: int, mode: s
 
     Memory: each client's summed output-layer change [N, C*F] (not the full update, so the
     memory stays O(N*C*F); the output layer is where FoolsGold's paper and LFighter's code
-    look). Weight 0 = flagged.
+    look); an invalid row adds nothing. Weight 0 = flagged.
+
+    When it degenerates: a client keeps weight only if its (pardoned) largest cosine with
+    another client's history is below about 0.62 (the logit with confidence 1 cuts weights
+    below 0.377, and clients not yet seen, with weight 1, fix the rescaling). Honest IID
+    clients' histories all point along the common gradient, so with few attackers, or none,
+    FoolsGold often zeroes every client of a round: the model does not move and the round
+    counts in `degenerate_rounds` (30% label flipping, k=5: every round).
     """
+    require_mode(mode)
 
     def init():
         return jnp.zeros((num_clients, num_classes * head_features), jnp.float32)
 
     def apply(view, history):
+        valid, updates = clean(view)
         k = view.client_ids.shape[0]
-        history = history.at[view.client_ids].add(view.head_rows.reshape(k, -1))
+        rows = jnp.where(valid[:, None], view.head_rows.reshape(k, -1), 0.0)
+        history = history.at[view.client_ids].add(rows)
         wv, maxcs = foolsgold_weights(history)
-        share = wv[view.client_ids]
-        flags = share <= 0
-        aggregate = weighted_mean(view.updates, share)
+        share = jnp.where(valid, wv[view.client_ids], 0.0)
+        aggregate = weighted_mean(updates, share)
         scores = maxcs[view.client_ids]
-        return flagging_verdict(view.updates, flags, scores, mode, aggregate), history
+        verdict = flagging_verdict(updates, share <= 0, scores, mode, aggregate, valid=valid)
+        return verdict, history
 
     return Defense(init, apply, needs_root=False, flags_clients=True)
 
@@ -67,55 +80,67 @@ def foolsgold(*, num_clients: int, num_classes: int, head_features: int, mode: s
 def fltrust(*, mode: str) -> Defense:
     """Trust = ReLU(cosine with the server's root update); updates rescaled to the root's
     norm, averaged by trust (Cao et al., NDSS 2021). Zero trust = flagged."""
+    require_mode(mode)
 
     def apply(view, memory):
-        updates, root = view.updates, view.root_update
-        norms, root_norm = row_norms(updates), jnp.sqrt(jnp.sum(root * root))
-        cos = (updates @ root) / jnp.maximum(norms * root_norm, 1e-30)
-        trust = jax.nn.relu(cos)
-        scaled = updates * (root_norm / jnp.maximum(norms, 1e-30))[:, None]
-        delta, weights = weighted_mean(scaled, trust)
-        verdict = flagging_verdict(updates, trust <= 0, -cos, mode, (delta, weights))
+        valid, updates = clean(view)
+        root = view.root_update
+        size, root_norm = norms(updates), norms(root[None, :])[0]
+        unit = updates / jnp.maximum(size, 1e-30)[:, None]
+        cos = jnp.where(valid, unit @ (root / jnp.maximum(root_norm, 1e-30)), 0.0)
+        trust = jnp.where(valid, jax.nn.relu(cos), 0.0)
+        delta, weights = weighted_mean(unit * root_norm, trust)
+        flags = trust <= 0
+        verdict = flagging_verdict(updates, flags, -cos, mode, (delta, weights), valid=valid)
         return verdict, memory
 
     return Defense(no_memory, apply, needs_root=True, flags_clients=True)
 
 
-def _inverse_density(cos: jax.Array, members: jax.Array) -> jax.Array:
+def _inverse_density(cos: jax.Array, members: jax.Array, n_valid: jax.Array) -> jax.Array:
     """LFighter's size-weighted inverse density of one cluster: n/k * mean_i (1 - min_j cos_ij)
-    over members i and other members j (a lone member's min is taken as 0, as in its code)."""
+    over members i and other members j (a lone member's min is taken as 0, as in its code);
+    k counts the valid rows."""
     k = cos.shape[0]
     others = members[None, :] & ~jnp.eye(k, dtype=bool)
     lowest = jnp.min(jnp.where(others, cos, jnp.inf), axis=1)
     lowest = jnp.where(jnp.isfinite(lowest), lowest, 0.0)
     n = members.sum()
     dns = jnp.sum(jnp.where(members, 1.0 - lowest, 0.0)) / jnp.maximum(n, 1)
-    return n / k * dns
+    return n / jnp.maximum(n_valid, 1) * dns
 
 
 def lfighter(*, kmeans_iters: int, mode: str) -> Defense:
     """Cluster the output-layer changes of the two classes with the largest total magnitude
     into 2 with k-means; flag the cluster that is smaller and/or denser, i.e. has the lower
-    size-weighted inverse density (Jebreel et al., "LFighter", Neural Networks 2024)."""
+    size-weighted inverse density (Jebreel et al., "LFighter", Neural Networks 2024).
+    k-means runs on the valid rows scaled by a power of two (it commutes with scaling)."""
+    require(kmeans_iters >= 1, "kmeans_iters", ">= 1", kmeans_iters)
+    require_mode(mode)
 
     def apply(view, memory):
-        rows = view.head_rows  # [k, C, F]
-        k = rows.shape[0]
-        magnitude = jnp.sum(row_norms(rows), axis=0)  # [C]
+        valid, updates = clean(view)
+        k = updates.shape[0]
+        rows = jnp.where(valid[:, None, None], view.head_rows, 0.0)  # [k, C, F]
+        magnitude = jnp.sum(norms(rows), axis=0)  # [C]
         _, top2 = jax.lax.top_k(magnitude, 2)
         data = rows[:, top2, :].reshape(k, -1)  # [k, 2F]
-        valid = jnp.ones((k,), bool)
+        s = scale_of(data, valid)
+        data = data / s
         start = farthest_pair(data, valid)
-        in1 = two_means(data, valid, start, kmeans_iters)
+        in1 = two_means(data, valid, start, kmeans_iters) & valid
+        out1 = ~in1 & valid
         cos = cosine_matrix(data)
-        score0, score1 = _inverse_density(cos, ~in1), _inverse_density(cos, in1)
+        n = valid.sum()
+        score0, score1 = _inverse_density(cos, out1, n), _inverse_density(cos, in1, n)
         bad_is_1 = ~(score0 < score1)
-        both = jnp.any(in1) & jnp.any(~in1)
-        flags = both & (in1 == bad_is_1)
-        d0 = row_norms(data - masked_mean(data, ~in1, start[0])[None, :])  # distance to each center
-        d1 = row_norms(data - masked_mean(data, in1, start[1])[None, :])
-        scores = jnp.where(bad_is_1, d0 - d1, d1 - d0)
-        aggregate = weighted_mean(view.updates, (~flags).astype(jnp.float32))
-        return flagging_verdict(view.updates, flags, scores, mode, aggregate), memory
+        both = jnp.any(in1) & jnp.any(out1)
+        flags = both & valid & (in1 == bad_is_1)
+        d0 = norms(data - masked_mean(data, out1, start[0])[None, :])  # distance to each center
+        d1 = norms(data - masked_mean(data, in1, start[1])[None, :])
+        scores = rescale(jnp.where(bad_is_1, d0 - d1, d1 - d0), s)
+        aggregate = weighted_mean(updates, (valid & ~flags).astype(jnp.float32))
+        verdict = flagging_verdict(updates, flags, scores, mode, aggregate, valid=valid)
+        return verdict, memory
 
     return Defense(no_memory, apply, needs_root=False, flags_clients=True)

@@ -1,0 +1,543 @@
+"""A run's figures, each as PNG (150 dpi) and PDF, titled with the run and what ran.
+
+    curves                     accuracy and the attack's measure over rounds; one line per
+                               setting (colour) and panel rows for the other swept settings;
+                               a run of one attack marks the rounds a malicious client trained
+    source_recall_vs_fraction  stable measures vs the malicious fraction (when it varies)
+    recall_over_rounds         source recall over rounds (when schedule, alpha or breakpoint
+                               varies), breakpoints labelled above the axes
+    matrix                     attacks x defenses: stable accuracy and each attack's success
+
+Seeds are one line, their mean, with a band (or error bars) for the 95% confidence interval
+of the mean (Student t) where two seeds or more ran. Runs without attack are grey and
+dashed; identical curves are drawn once. Diverged experiments are left out, and legends
+say how many. Legends sit outside the axes.
+"""
+
+import io
+import math
+import textwrap
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from fedjax_poison import stats, tables  # noqa: E402
+
+DPI = 150
+STYLE = {
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "figure.titlesize": 10,
+    "legend.fontsize": 8,
+    "legend.frameon": False,
+    "lines.linewidth": 1.6,
+}
+CLEAN = {"color": "0.45", "linestyle": "--"}
+COLORS = [f"C{i}" for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]  # tab10 without its grey
+BAND = "band: 95% CI of the mean over seeds"
+HUE_ORDER = ("malicious_fraction", "alpha", "schedule", "breakpoint", "attack", "defense")
+HUE_ORDER += ("flips",)
+LABELS = {
+    "accuracy": "test accuracy",
+    "source_recall": "source-class recall",
+    "attack_success_rate": "attack success rate",
+    "accuracy_drop": "accuracy drop vs. clean",
+}
+
+
+def setting_label(key: str, value, names) -> str:
+    """A setting in words: '30% malicious', 'Shirt→T-shirt/top', 'alpha 0→0.6', ..."""
+    text = tables.format_setting(key, value)
+    if key == "malicious_fraction":
+        return f"{100 * float(value):g}% malicious"
+    if key == "flips":
+        return tables.flip_names(value, names)
+    if key == "attack":
+        return "no attack" if value == "none" else text
+    if key == "run":
+        return text
+    return f"{key} {text.replace('/', '→')}"
+
+
+def group_label(row: dict, keys, names) -> str:
+    """The settings `keys` of a group in words, '(no attack)' for a clean one."""
+    text = ", ".join(setting_label(k, row[k], names) for k in keys)
+    if tables.is_clean(row) and "no attack" not in text:
+        text = f"{text} (no attack)" if text else "no attack"
+    if row["diverged"] == row["seeds"]:
+        return f"{text} [diverged]" if row["seeds"] == 1 else f"{text} [all seeds diverged]"
+    return text + (
+        f" [{row['diverged']} of {row['seeds']} seeds diverged]" if row["diverged"] else ""
+    )
+
+
+def title(run: tables.Run, rows, what: str) -> str:
+    """'<run>: <what>' over '<dataset> (synthetic data), <settings all rows share>, <n> seeds'."""
+    names = tables.class_names(run.config.get("dataset", ""))
+    dataset = run.config.get("dataset", "?")
+    if run.data_source == "synthetic":
+        dataset += " (synthetic data)"
+    attacked = [r for r in rows if not tables.is_clean(r)] or rows  # clean ones say so
+    first, varying = attacked[0], set(tables.varying(attacked, tables.GROUP_KEYS))
+    shown = [k for k in ("attack", "flips", "malicious_fraction", "defense") if k not in varying]
+    if first["schedule"] != "always" and "schedule" not in varying:
+        shown += ["schedule", "alpha"] if first["schedule"] == "availability" else ["schedule"]
+    if first["flips"] == "" and "flips" in shown:
+        shown.remove("flips")
+    parts = [dataset, *(setting_label(k, first[k], names) for k in shown)]
+    seeds = max(r["seeds"] for r in rows)
+    parts.append(f"{seeds} seed{'s' if seeds > 1 else ''}")
+    return "\n".join([f"{run.name}: {what}", *textwrap.wrap(", ".join(parts), 110)])
+
+
+def used(table, row) -> list[int]:
+    """The experiments of a group that did not diverge."""
+    return [e for e in row["experiments"] if table[e]["diverged"] is None]
+
+
+def flips_of(run: tables.Run, row: dict):
+    """A group's flip pairs; for a clean group without flips, those of what it is twin of."""
+    pairs = tables.parse_flips(row["flips"])
+    mine = set(row["experiments"])
+    for exp in run.experiments if not pairs else ():
+        if exp.get("clean_twin") in mine and exp["flips"]:
+            return tables.parse_flips(exp["flips"])
+    return pairs
+
+
+def group_curve(run, table, row, metric, pairs=()) -> stats.Curve:
+    """Mean and CI95 of a metric over rounds, over a group's seeds that did not diverge; a
+    group without flips is read on `pairs`, else on those of what it is the twin of."""
+    pairs = tables.parse_flips(row["flips"]) or pairs or flips_of(run, row)
+    series = [tables.series(run.rows[e], metric, pairs) for e in used(table, row)]
+    return stats.mean_curve(series)
+
+
+def draw_curve(ax, curve: stats.Curve, style: dict):
+    """The mean line (a dot for one evaluation) and its CI band where there is one."""
+    ok = np.isfinite(curve.mean)
+    if not ok.any():
+        return
+    x, y, ci = curve.rounds[ok], curve.mean[ok], curve.ci95[ok]
+    (line,) = ax.plot(x, y, marker="o" if len(x) == 1 else None, **style)
+    band = np.isfinite(ci)
+    if band.any():
+        color = line.get_color()
+        ax.fill_between(x[band], (y - ci)[band], (y + ci)[band], color=color, alpha=0.15, lw=0)
+
+
+def same_curve(a: stats.Curve, b: stats.Curve) -> bool:
+    """Whether two curves are the same (rounds, and means within 1e-9)."""
+    return np.array_equal(a.rounds, b.rounds) and np.allclose(
+        a.mean, b.mean, atol=1e-9, rtol=0, equal_nan=True
+    )
+
+
+def format_axes(ax, metric: str, rounds: bool = True) -> None:
+    """Metric label, [0, 1] scale, integer round ticks."""
+    ax.set_ylabel(LABELS.get(metric, metric))
+    ax.set_ylim(-0.02, 1.02)
+    if rounds:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("round")
+
+
+def hue_colors(rows, hue) -> dict:
+    """A colour per value of the hue setting (sequential for numbers); clean rows grey."""
+    values = list(dict.fromkeys(str(r[hue]) for r in rows if not tables.is_clean(r))) if hue else []
+    numeric = hue in ("malicious_fraction", "breakpoint")
+    cmap = plt.get_cmap("viridis")
+    at = lambda i: cmap(0.1 + 0.75 * i / max(len(values) - 1, 1)) if numeric else COLORS[i % 9]
+    return {v: at(i) for i, v in enumerate(values)}
+
+
+def style_of(row, hue, colors) -> dict:
+    return (
+        dict(CLEAN) if tables.is_clean(row) else {"color": colors.get(str(row[hue]) if hue else "")}
+    )
+
+
+def panel_metrics(rows) -> list[str]:
+    """accuracy; source recall where something flips; attack success where a backdoor is."""
+    metrics = ["accuracy"]
+    metrics += ["source_recall"] if any(r["flips"] for r in rows) else []
+    return metrics + (
+        ["attack_success_rate"] if any(r["measure"] == "backdoor" for r in rows) else []
+    )
+
+
+def legend(fig, handles, ncol=3) -> None:
+    """One legend for the figure, below the axes, in as many columns as its width holds."""
+    width = int(fig.get_figwidth() * 15)  # characters of the legend's font in a row
+    for h in handles:
+        h.set_label("\n".join(textwrap.wrap(h.get_label(), width - 8)))
+    longest = max(len(line) for h in handles for line in h.get_label().split("\n"))
+    ncol = max(1, min(ncol, len(handles), width // (longest + 8)))
+    fig.legend(handles=handles, loc="outside lower center", ncol=ncol)
+
+
+def split_keys(rows, keys, by):
+    """The keys that vary within a value of `by` (flips that come with the attack do not)."""
+    values = {str(r[by]) for r in rows} if by else {None}
+    within = lambda k: any(
+        len({str(r[k]) for r in rows if not by or str(r[by]) == v}) > 1 for v in values
+    )
+    return [k for k in keys if k != by and within(k)]
+
+
+def extra_handles(rows, marks=None) -> list:
+    """Legend entries for the band and the selection marks (rounds), where there are any."""
+    out = [Patch(color="0.5", alpha=0.3, label=BAND)] if any(r["seeds"] > 1 for r in rows) else []
+    if marks is None:
+        return out
+    if not marks:
+        return out + [Line2D([], [], ls="none", label="no malicious client was ever selected")]
+    label = "rounds in which a malicious client was selected"
+    return out + [Line2D([], [], color="C3", marker="|", ls="none", label=label)]
+
+
+def mark_selections(axes, rounds) -> None:
+    """Ticks on the x axis at the given rounds."""
+    for ax in axes:
+        ax.plot(
+            rounds,
+            np.zeros(len(rounds)),
+            ls="none",
+            marker="|",
+            ms=9,
+            color="C3",
+            transform=ax.get_xaxis_transform(),
+            clip_on=False,
+        )
+
+
+def selection_rounds(run, table, rows):
+    """The rounds to mark: those of the one attacked experiment, if the run has one."""
+    attacked = [e for r in rows if not tables.is_clean(r) for e in used(table, r)]
+    if len(attacked) != 1 or not run.selections:
+        return None
+    return run.selections.get(attacked[0])
+
+
+def hue_handles(rows, hue, colors, names) -> list:
+    """One legend entry per value of the hue setting; one for each group left out."""
+    handles = {}
+    for r in rows:
+        key = (str(r[hue]) if hue else "", tables.is_clean(r))
+        if key not in handles:
+            label = setting_label(hue, r[hue], names) if hue else "mean over the seeds"
+            label += " (no attack)" if tables.is_clean(r) and "no attack" not in label else ""
+            handles[key] = Line2D([], [], label=label, **style_of(r, hue, colors))
+    keys = tables.varying(rows, tables.GROUP_KEYS)
+    keys = [k for k in keys if k == hue or k in split_keys(rows, keys, hue)]
+    left_out = [group_label(r, keys, names) for r in rows if r["diverged"]]
+    return list(handles.values()) + [Line2D([], [], ls="none", label=t) for t in left_out]
+
+
+def curves_figure(run: tables.Run, table, rows):
+    """Accuracy and the attack's measure over rounds: colour by the first swept setting of
+    HUE_ORDER, a row of panels per value of the others."""
+    names = tables.class_names(run.config.get("dataset", ""))
+    metrics, keys = panel_metrics(rows), tables.varying(rows, tables.GROUP_KEYS)
+    hue = next((k for k in HUE_ORDER if k in keys), None)
+    facet_keys = split_keys(rows, keys, hue)
+    facet = lambda r: tuple(str(r[k]) for k in facet_keys)
+    attacked = [r for r in rows if not tables.is_clean(r)] or rows
+    facets = list(dict.fromkeys(facet(r) for r in attacked))
+    fig, axes = plt.subplots(
+        len(facets), len(metrics), squeeze=False, sharex=True, layout="constrained",
+        figsize=(1.5 + 3.6 * len(metrics), 1.8 + 2.4 * len(facets)),
+    )  # fmt: skip
+    colors = hue_colors(rows, hue)
+    for i, values in enumerate(facets):
+        members = [r for r in rows if facet(r) == values]  # and clean runs of no facet:
+        members += [r for r in rows if tables.is_clean(r) and facet(r) not in facets]
+        pairs = next((tables.parse_flips(r["flips"]) for r in members if r["flips"]), [])
+        for ax, metric in zip(axes[i], metrics):
+            drawn = []
+            for row in members:
+                twin_pairs = pairs if tables.is_clean(row) else ()  # a clean run: a baseline
+                curve = group_curve(run, table, row, metric, twin_pairs)
+                if not any(same_curve(curve, c) for c in drawn):
+                    drawn.append(curve)
+                    draw_curve(ax, curve, style_of(row, hue, colors))
+            format_axes(ax, metric)
+        if facet_keys:
+            label = ", ".join(setting_label(k, members[0][k], names) for k in facet_keys)
+            axes[i, 0].set_title(label, loc="left")
+    marks = selection_rounds(run, table, rows)
+    if marks:
+        mark_selections(axes.flat, marks)
+    legend(fig, hue_handles(rows, hue, colors, names) + extra_handles(rows, marks))
+    fig.suptitle(title(run, rows, " and ".join(LABELS[m] for m in metrics) + " over rounds"))
+    return fig
+
+
+def measure_of(rows) -> str:
+    """The stable measure that shows an attack's effect in these rows."""
+    if any(r["flips"] for r in rows):
+        return "source_recall"
+    return "attack_success_rate" if any(r["measure"] == "backdoor" for r in rows) else "accuracy"
+
+
+def stable_spread(run, table, exps, metric, pairs) -> stats.Spread:
+    """The stable value of a metric over experiments that did not diverge (see stats)."""
+    values = [
+        stats.tail_mean(tables.series(run.rows[e], metric, pairs), run.window)
+        for e in exps
+        if table[e]["diverged"] is None
+    ]
+    return stats.spread(values)
+
+
+def fraction_lines(run, rows) -> list[tuple[dict, list]]:
+    """[(the row naming a line, [(fraction, experiments)])]: attacked groups joined by
+    their other swept settings, with their clean twins at fraction 0 where the line has no
+    clean point of its own; clean groups no line took are lines of their own."""
+    attacked = [r for r in rows if not tables.is_clean(r)]
+    keys = [k for k in tables.varying(attacked, tables.GROUP_KEYS) if k != "malicious_fraction"]
+    key = lambda r: tuple(str(r[k]) for k in keys)
+    lines: dict[tuple, list] = {}
+    for row in attacked + [r for r in rows if tables.is_clean(r)]:
+        lines.setdefault(key(row), []).append(row)
+    out, taken = [], set()
+    for members in lines.values():
+        points = [(float(r["malicious_fraction"]), r["experiments"]) for r in members]
+        twins = {run.experiments[e].get("clean_twin") for r in members for e in r["experiments"]}
+        twins.discard(None)
+        if twins and not any(f == 0 for f, _ in points):
+            points.append((0.0, sorted(twins)))
+            taken |= twins
+        out.append((members[0], sorted(points, key=lambda p: p[0])))
+    return [
+        (r, p) for r, p in out if not (tables.is_clean(r) and {e for _, x in p for e in x} <= taken)
+    ]
+
+
+def fraction_figure(run: tables.Run, table, rows):
+    """Stable source recall (or the attack's measure) and accuracy vs malicious fraction,
+    a line per other swept setting, error bars the CI95 over seeds."""
+    names = tables.class_names(run.config.get("dataset", ""))
+    keys = tables.varying([r for r in rows if not tables.is_clean(r)], tables.GROUP_KEYS)
+    keys = [k for k in keys if k != "malicious_fraction"]
+    metrics = list(dict.fromkeys([measure_of(rows), "accuracy"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(1 + 4.5 * len(metrics), 4.4), squeeze=False,
+                             layout="constrained")  # fmt: skip
+    handles = []
+    for i, (first, points) in enumerate(fraction_lines(run, rows)):
+        style = dict(CLEAN) if tables.is_clean(first) else {"color": COLORS[i % 9]}
+        pairs = flips_of(run, first)
+        for ax, metric in zip(axes[0], metrics):
+            spreads = [stable_spread(run, table, exps, metric, pairs) for _, exps in points]
+            yerr = [0 if math.isnan(s.ci95) else s.ci95 for s in spreads]
+            x = [f for f, _ in points]
+            ax.errorbar(x, [s.mean for s in spreads], yerr=yerr, marker="o", capsize=3, **style)
+            ax.set_xlabel("malicious fraction of the clients")
+            format_axes(ax, metric, rounds=False)
+        label = group_label(first, keys, names) or "mean over the seeds"
+        handles.append(Line2D([], [], marker="o", label=label, **style))
+    note = "error bars: 95% CI of the mean over seeds"
+    handles += [Line2D([], [], ls="none", label=note)] if any(r["seeds"] > 1 for r in rows) else []
+    legend(fig, handles)
+    last = "the last evaluation" if run.window == 1 else f"the last {run.window} evaluations"
+    what = f"stable measures (mean of {last}) vs malicious fraction"
+    fig.suptitle(title(run, rows, what))
+    return fig
+
+
+def uses_breakpoint(row: dict) -> bool:
+    """Whether a group's selection changes at its breakpoint round."""
+    return row["schedule"] in ("early", "late") or (
+        row["schedule"] == "availability" and "/" in str(row["alpha"])
+    )
+
+
+def merged_label(rows, keys, names) -> str:
+    """The label of groups whose curves are the same: their common settings, then the
+    values of the others ('the same for schedule always, early')."""
+    common = [k for k in keys if len({str(r[k]) for r in rows}) == 1]
+    text = group_label(rows[0], common, names)
+    values = lambda k: ", ".join(dict.fromkeys(tables.format_setting(k, r[k]) for r in rows))
+    differ = [f"{k} {values(k)}" for k in keys if k not in common]
+    return text + (f" (the same for {'; '.join(differ)})" if differ else "")
+
+
+def merged_lines(entries, keys, names) -> list[tuple]:
+    """(label, style, curves) per distinct curve of the (row, style, curves) entries;
+    groups with the same curves are drawn once, with the first one's style."""
+    out: list[list] = []
+    for row, style, curves in entries:
+        same = [o for o in out if all(same_curve(o[2][m], c) for m, c in curves.items())]
+        if same:
+            same[0][0].append(row)
+        else:
+            out.append([[row], style, curves])
+    return [(merged_label(rows, keys, names), style, curves) for rows, style, curves in out]
+
+
+def draw_lines(axes, metrics, lines) -> list:
+    """Each [label, style, curves] on the axes of its metrics; their legend handles."""
+    for _, style, curves in lines:
+        for ax, m in zip(axes, metrics):
+            draw_curve(ax, curves[m], style)
+    return [Line2D([], [], label=label, **style) for label, style, _ in lines]
+
+
+def rounds_figure(run: tables.Run, table, rows):
+    """The attack's measure over rounds, a line per group; breakpoints above the axes."""
+    names = tables.class_names(run.config.get("dataset", ""))
+    metric, keys = measure_of(rows), tables.varying(rows, tables.GROUP_KEYS)
+    fig, ax = plt.subplots(figsize=(9, 4.6), layout="constrained")
+    entries = []
+    for i, row in enumerate(rows):
+        style = dict(CLEAN) if tables.is_clean(row) else {"color": COLORS[i % 9]}
+        curves = {metric: group_curve(run, table, row, metric)}
+        entries.append((row, style, curves))
+    handles = draw_lines([ax], [metric], merged_lines(entries, keys, names))
+    format_axes(ax, metric)
+    breakpoints = sorted({int(r["breakpoint"]) for r in rows if uses_breakpoint(r)})
+    for b in breakpoints:
+        ax.axvline(b, color="black", linestyle=":", linewidth=1)
+    if breakpoints:
+        top = ax.secondary_xaxis("top")
+        top.set_xticks(breakpoints, [f"breakpoint (round {b})" for b in breakpoints])
+    legend(fig, handles + extra_handles(rows), ncol=2)
+    fig.suptitle(title(run, rows, f"{LABELS[metric]} over rounds"))
+    return fig
+
+
+SUCCESS = {"flip": "attack_success_rate", "backdoor": "attack_success_rate"}
+SUCCESS["untargeted"] = "accuracy_drop"
+
+
+def heatmap(ax, cells: dict, attacks, defenses, success: bool) -> None:
+    """Stable accuracy (or each attack's success) per attack x defense, mean ± CI95."""
+    values = np.full((len(attacks), len(defenses)), np.nan)
+    for i, a in enumerate(attacks):
+        for j, d in enumerate(defenses):
+            r = cells.get((a, d))
+            metric = (SUCCESS.get(r["measure"]) if success else "accuracy") if r else None
+            text = "–"
+            if r and r["diverged"] == r["seeds"]:
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, color="0.75"))
+                text = "diverged"
+            elif metric and math.isfinite(r[f"{metric}_mean"]):
+                values[i, j], ci = r[f"{metric}_mean"], r[f"{metric}_ci95"]
+                text = f"{values[i, j]:.2f}" + (f"\n±{ci:.2f}" if math.isfinite(ci) else "")
+                text += f"\n({r['diverged']} diverged)" if r["diverged"] else ""
+            dark = math.isfinite(values[i, j]) and values[i, j] < 0.6
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="w" if dark else "k")
+    image = ax.imshow(np.ma.masked_invalid(values), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.grid(False)
+    ax.set_xticks(range(len(defenses)), defenses, rotation=30, ha="right")
+    ax.set_yticks(range(len(attacks)), attacks)
+    ax.figure.colorbar(image, ax=ax, shrink=0.8)
+
+
+def matrix_figure(run: tables.Run, table, rows):
+    """Attacks x defenses heatmaps; a row of them per value of the other swept settings
+    that vary within an attack (flips that come with the attack do not split it)."""
+    names = tables.class_names(run.config.get("dataset", ""))
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    defenses = list(dict.fromkeys(r["defense"] for r in rows))
+    other = split_keys(rows, tables.varying(rows, tables.GROUP_KEYS), "attack")
+    other = [k for k in other if k != "defense"]
+    combo = lambda r: tuple(str(r[k]) for k in other)
+    combos = list(dict.fromkeys(combo(r) for r in rows))
+    fig, axes = plt.subplots(
+        len(combos), 2, squeeze=False, layout="constrained",
+        figsize=(4 + 2.4 * len(defenses), 1.4 + (0.8 + 0.5 * len(attacks)) * len(combos)),
+    )  # fmt: skip
+    for i, values in enumerate(combos):
+        cells = {(r["attack"], r["defense"]): r for r in rows if combo(r) == values}
+        for ax, success in zip(axes[i], (False, True)):
+            heatmap(ax, cells, attacks, defenses, success)
+        settings = ", ".join(setting_label(k, v, names) for k, v in zip(other, values))
+        axes[i, 0].set_title(f"{settings + ': ' if settings else ''}stable test accuracy")
+        axes[i, 1].set_title("each attack's success: ASR (flips, backdoors), accuracy drop")
+    fig.suptitle(title(run, rows, "attacks x defenses"))
+    return fig
+
+
+def overlay_figure(runs, tables_, rows_of):
+    """The curves of several runs in one figure, a line per run and group."""
+    every = [r for rows in rows_of for r in rows]
+    metrics = panel_metrics(every)
+    fig, axes = plt.subplots(
+        1,
+        len(metrics),
+        squeeze=False,
+        layout="constrained",
+        figsize=(1.5 + 3.8 * len(metrics), 4.6),
+    )
+    keys = ["run", *tables.varying(every, tables.GROUP_KEYS)]
+    entries, dashes = [], iter(["--", ":", "-.", (0, (5, 1, 1, 1))] * 100)
+    colors = iter(COLORS * 100)
+    for run, table, rows in zip(runs, tables_, rows_of):
+        for row in rows:
+            clean = tables.is_clean(row)
+            style = {**CLEAN, "linestyle": next(dashes)} if clean else {"color": next(colors)}
+            curves = {m: group_curve(run, table, row, m) for m in metrics}
+            entries.append((row, style, curves))
+    names = tables.class_names(runs[0].config.get("dataset", ""))
+    handles = draw_lines(axes[0], metrics, merged_lines(entries, keys, names))
+    for ax, metric in zip(axes[0], metrics):
+        format_axes(ax, metric)
+    legend(fig, handles + extra_handles(every), ncol=2)
+    described = []
+    for run in runs:
+        synthetic = ", synthetic data" if run.data_source == "synthetic" else ""
+        described.append(f"{run.name} ({run.config.get('dataset', '?')}{synthetic})")
+    fig.suptitle("\n".join(textwrap.wrap(f"{len(runs)} runs: " + "; ".join(described), 110)))
+    return fig
+
+
+def build_figures(run: tables.Run, table, by_seed) -> dict:
+    """{name: figure} of a run: curves always (when it has evaluations), the others when
+    their settings vary (see the module docstring)."""
+    if not any(run.rows):
+        return {}
+    keys = set(tables.varying(by_seed, tables.GROUP_KEYS))
+    with plt.style.context(STYLE):
+        figures = {"curves": curves_figure(run, table, by_seed)}
+        if "malicious_fraction" in keys:
+            figures["source_recall_vs_fraction"] = fraction_figure(run, table, by_seed)
+        if keys & {"schedule", "alpha", "breakpoint"}:
+            figures["recall_over_rounds"] = rounds_figure(run, table, by_seed)
+        if len({r["attack"] for r in by_seed} - {"none"}) > 1 or "defense" in keys:
+            figures["matrix"] = matrix_figure(run, table, by_seed)
+    return figures
+
+
+def save(fig, name: str, writer) -> list[str]:
+    """Writes `name`.png (150 dpi) and `name`.pdf through writer.write_bytes; closes fig."""
+    files = []
+    meta = {"Title": fig.get_suptitle()}
+    for ext in ("png", "pdf"):
+        buffer = io.BytesIO()
+        dated = {"CreationDate": None} if ext == "pdf" else {}  # the same run, the same bytes
+        with plt.style.context(STYLE):
+            fig.savefig(buffer, format=ext, dpi=DPI, metadata={**meta, **dated})
+        writer.write_bytes(f"{name}.{ext}", buffer.getvalue())
+        files.append(f"{name}.{ext}")
+    plt.close(fig)
+    return files
+
+
+def write_figures(run: tables.Run, table, by_seed, writer) -> list[str]:
+    """Every figure of build_figures, as PNG and PDF; the names written."""
+    return [
+        f
+        for name, fig in build_figures(run, table, by_seed).items()
+        for f in save(fig, name, writer)
+    ]

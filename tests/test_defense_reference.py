@@ -1,0 +1,272 @@
+"""Each rule against a direct float64 numpy transcription of its paper's definition, on
+random rounds (one with an invalid row: the reference then sees the other rows alone).
+
+The transcriptions are written here from the papers, not from the rules' code; they follow
+the conventions each rule's docstring states (Krum's n - f - 2 neighbours, trimming counts,
+Bulyan's beta = theta - 2f, RFA's smoothing).
+"""
+
+import jax
+import numpy as np
+import pytest
+from test_defenses import D, K, random_rows, random_view, run
+
+from fedjax_poison.defenses import flame
+
+SEEDS = (11, 12, 13)
+F_BYZ = 1  # num_byzantine of the default config
+
+
+def rounds():
+    """(views, the valid rows of each in float64): three random rounds, one with row 4 NaN."""
+    rows = [random_rows(s) for s in SEEDS]
+    rows[2][4, 0] = np.nan
+    views = [random_view(s, r) for s, r in zip(SEEDS, rows)]
+    return views, [r[np.isfinite(r).all(1)] for r in rows]
+
+
+def sq_dist(x):
+    return ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+
+
+def krum_scores(x, f):
+    """Blanchard et al.: sum of squared distances to the n - f - 2 closest other vectors."""
+    n, d2 = len(x), sq_dist(x)
+    return np.array([np.sort(np.delete(d2[i], i))[: max(n - f - 2, 1)].sum() for i in range(n)])
+
+
+def mean_of_lowest(x, scores, m):
+    return x[np.argsort(scores)[:m]].mean(0)
+
+
+def bulyan(x, f):
+    """El Mhamdi et al., Algorithm 1: theta = n - 2f recursive Krum picks, then per coordinate
+    the beta = theta - 2f values closest to the median, averaged. The paper leaves ties open
+    (with one neighbour, two mutual nearest rows tie exactly); as the rule's docstring says,
+    the tied row nearer to all the rest wins."""
+    left, picked = list(range(len(x))), []
+    for _ in range(len(x) - 2 * f):
+        scores = krum_scores(x[left], f)
+        spread = sq_dist(x[left]).sum(1)
+        tied = np.flatnonzero(scores == scores.min())
+        picked.append(left.pop(int(tied[np.argmin(spread[tied])])))
+    sel, beta = x[picked], len(picked) - 2 * f
+    med = np.median(sel, axis=0)
+    closest = np.argsort(np.abs(sel - med), axis=0)[:beta]
+    return np.take_along_axis(sel, closest, axis=0).mean(0)
+
+
+def geometric_median(x, iters, nu):
+    """RFA's smoothed Weiszfeld: v <- sum_i w_i x_i / sum_i w_i, w_i = 1 / max(nu, |v - x_i|)."""
+    v = x.mean(0)
+    for _ in range(iters + 1):
+        w = 1 / np.maximum(nu, np.linalg.norm(x - v, axis=1))
+        v = w @ x / w.sum()
+    return v
+
+
+def clip_to(x, bound):
+    norms = np.linalg.norm(x, axis=1)
+    return x * np.minimum(1, bound / norms)[:, None]
+
+
+def centered_clipping(x, center, tau, iters):
+    for _ in range(iters):
+        center = center + clip_to(x - center, tau).mean(0)
+    return center
+
+
+def foolsgold(history):
+    """Fung et al., Algorithm 1 over every client's history (zero histories have cosine 0)."""
+    norm = np.linalg.norm(history, axis=1)
+    unit = history / np.where(norm > 0, norm, 1)[:, None]
+    cs = unit @ unit.T - np.eye(len(history))
+    maxcs = cs.max(1)
+    for i in range(len(history)):
+        for j in range(len(history)):
+            if i != j and maxcs[i] < maxcs[j]:
+                cs[i, j] = cs[i, j] * maxcs[i] / maxcs[j]
+    wv = np.clip(1 - cs.max(1), 0, 1)
+    wv = wv / wv.max()
+    wv[wv == 1] = 0.99
+    with np.errstate(divide="ignore"):
+        wv = np.log(wv / (1 - wv)) + 0.5
+    return np.clip(np.nan_to_num(wv, neginf=0, posinf=1), 0, 1)
+
+
+def hdbscan_majority(x):
+    """FLAME's clustering with scikit-learn's HDBSCAN over cosine distances."""
+    from sklearn.cluster import HDBSCAN
+
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    dist = np.clip(1 - unit @ unit.T, 0, 2)
+    np.fill_diagonal(dist, 0)
+    n = len(x)
+    hdb = HDBSCAN(
+        min_cluster_size=n // 2 + 1,
+        min_samples=1,
+        allow_single_cluster=True,
+        metric="precomputed",
+        copy=True,
+    )
+    labels = hdb.fit(dist).labels_
+    if labels.max() < 0:
+        return np.ones(n, bool)
+    return labels == np.bincount(labels[labels >= 0]).argmax()
+
+
+def dnc(x, f, c):
+    """Shejwalkar and Houmansadr, Algorithm 2, with every coordinate in the subsample (b >= d:
+    every iteration sees the same matrix)."""
+    centered = x - x.mean(0)
+    v = np.linalg.svd(centered, full_matrices=False)[2][0]
+    scores = (centered @ v) ** 2
+    return np.argsort(scores)[: len(x) - int(c * f)]
+
+
+def two_means(points, start, iters):
+    centers = start.copy()
+    for _ in range(iters):
+        assign = ((points - centers[1]) ** 2).sum(1) < ((points - centers[0]) ** 2).sum(1)
+        for c, members in enumerate([~assign, assign]):
+            if members.any():
+                centers[c] = points[members].mean(0)
+    return ((points - centers[1]) ** 2).sum(1) < ((points - centers[0]) ** 2).sum(1)
+
+
+def signguard(x, lower, upper, iters):
+    """Xu et al.: median-norm band, then the larger of two sign-statistic clusters (all
+    coordinates), clipped to the median norm and averaged."""
+    norms = np.linalg.norm(x, axis=1)
+    med = np.median(norms)
+    band = (norms / med >= lower) & (norms / med <= upper)
+    feats = np.stack([(x > 0).mean(1), (x == 0).mean(1), (x < 0).mean(1)], 1)
+    order = np.lexsort((feats[:, 2], feats[:, 0]))  # by positive, then negative fraction
+    in1 = two_means(feats, feats[[order[0], order[-1]]], iters)
+    sizes = in1.sum(), (~in1).sum()
+    larger = in1 if sizes[0] > sizes[1] else ~in1 if sizes[1] > sizes[0] else in1 | ~in1
+    kept = band & larger
+    return clip_to(x[kept], med).mean(0), kept
+
+
+def lfighter(heads, iters):
+    """Jebreel et al.: the output rows of the two classes with the largest summed norm,
+    2-means from the farthest pair, and the cluster with the lower size-weighted inverse
+    density (n_c / n * mean over members of 1 - their lowest cosine to another member) is
+    flagged -> flags."""
+    n = len(heads)
+    top2 = np.argsort(-np.linalg.norm(heads, axis=2).sum(0), kind="stable")[:2]
+    data = heads[:, top2].reshape(n, -1)
+    i, j = np.unravel_index(np.argmax(sq_dist(data)), (n, n))
+    in1 = two_means(data, data[[i, j]].copy(), iters)
+    unit = data / np.linalg.norm(data, axis=1, keepdims=True)
+    cos = unit @ unit.T
+
+    def inverse_density(members):
+        idx = np.flatnonzero(members)
+        lowest = [min((cos[a, b] for b in idx if b != a), default=0.0) for a in idx]
+        return len(idx) / n * np.mean([1 - low for low in lowest]) if len(idx) else 0.0
+
+    bad_is_1 = not inverse_density(~in1) < inverse_density(in1)
+    return (in1 == bad_is_1) & in1.any() & (~in1).any()
+
+
+def nnm(x, f):
+    """Allouah et al.: each vector replaced by the mean of its n - f nearest, itself included."""
+    d2 = sq_dist(x)
+    return np.stack([x[np.argsort(d2[i])[: len(x) - f]].mean(0) for i in range(len(x))])
+
+
+REFERENCES = {
+    "fedavg": lambda x: x.mean(0),
+    "median": lambda x: np.median(x, axis=0),
+    "trimmed_mean": lambda x: np.sort(x, 0)[int(0.2 * len(x)) : len(x) - int(0.2 * len(x))].mean(0),
+    "krum": lambda x: x[np.argmin(krum_scores(x, F_BYZ))],
+    "multi_krum": lambda x: mean_of_lowest(x, krum_scores(x, F_BYZ), len(x) - F_BYZ),
+    "bulyan": lambda x: bulyan(x, F_BYZ),
+    "geometric_median": lambda x: geometric_median(x, 10, 1e-6),
+    "norm_clipping": lambda x: clip_to(x, np.median(np.linalg.norm(x, axis=1))).mean(0),
+    "centered_clipping": lambda x: centered_clipping(
+        x, np.zeros(D), np.median(np.linalg.norm(x, axis=1)), 1
+    ),
+    "dnc": lambda x: x[dnc(x, F_BYZ, 1.0)].mean(0),
+    "nnm+krum": lambda x: nnm(x, F_BYZ)[np.argmin(krum_scores(nnm(x, F_BYZ), F_BYZ))],
+    "norm_clipping+trimmed_mean": lambda x: REFERENCES["trimmed_mean"](
+        clip_to(x, np.median(np.linalg.norm(x, axis=1)))
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_matches_the_papers_definition(name):
+    views, valid_rows = rounds()
+    for (verdict, _), x in zip(run(name, views), valid_rows):
+        np.testing.assert_allclose(verdict.delta, REFERENCES[name](x), rtol=2e-4, atol=2e-5)
+
+
+def test_krum_scores_match():
+    views, valid_rows = rounds()
+    for (verdict, _), view, x in zip(run("krum", views), views, valid_rows):
+        got = verdict.scores[np.asarray(view.valid)]
+        np.testing.assert_allclose(got, krum_scores(x, F_BYZ), rtol=1e-4)
+
+
+def test_foolsgold_matches_fung_et_al():
+    views, _ = rounds()
+    for (verdict, history), view in zip(run("foolsgold", views), views):
+        wv = foolsgold(np.asarray(history, np.float64))[np.asarray(view.client_ids)]
+        wv = np.where(view.valid, wv, 0)
+        if wv.sum() > 0:
+            np.testing.assert_allclose(verdict.weights, wv / wv.sum(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(verdict.flags, view.valid & (wv <= 0))
+
+
+def test_fltrust_matches_cao_et_al():
+    views, valid_rows = rounds()
+    for (verdict, _), view, x in zip(run("fltrust", views), views, valid_rows):
+        root = np.asarray(view.root_update, np.float64)
+        cos = x @ root / np.linalg.norm(x, axis=1) / np.linalg.norm(root)
+        trust = np.maximum(cos, 0)
+        scaled = x / np.linalg.norm(x, axis=1)[:, None] * np.linalg.norm(root)
+        np.testing.assert_allclose(verdict.delta, trust @ scaled / trust.sum(), rtol=2e-4)
+
+
+def test_lfighter_matches_jebreel_et_al():
+    views, valid_rows = rounds()
+    for (verdict, _), view, x in zip(run("lfighter", views), views, valid_rows):
+        valid = np.asarray(view.valid)
+        flags = lfighter(np.asarray(view.head_rows, np.float64)[valid], 20)
+        np.testing.assert_array_equal(verdict.flags[valid], flags)
+        np.testing.assert_allclose(verdict.delta, x[~flags].mean(0), rtol=2e-4, atol=2e-5)
+
+
+def test_flame_matches_hdbscan_clip_and_noise():
+    views, valid_rows = rounds()
+    for (verdict, _), view, x in zip(run("flame", views), views, valid_rows):
+        kept = hdbscan_majority(x)
+        np.testing.assert_array_equal(verdict.flags[np.asarray(view.valid)], ~kept)
+        med = np.median(np.linalg.norm(x, axis=1))
+        key = jax.random.fold_in(jax.random.key(flame.NOISE_STREAM), view.round)
+        noise = 0.001 * med * np.asarray(jax.random.normal(key, (D,)), np.float64)
+        want = clip_to(x[kept], med).mean(0) + noise
+        np.testing.assert_allclose(verdict.delta, want, rtol=2e-4, atol=2e-5)
+
+
+def test_signguard_matches_xu_et_al():
+    views, valid_rows = rounds()
+    out = run("signguard", views, signguard_fraction=1.0)
+    for (verdict, _), view, x in zip(out, views, valid_rows):
+        want, kept = signguard(x, 0.1, 3.0, 20)
+        np.testing.assert_array_equal(verdict.flags[np.asarray(view.valid)], ~kept)
+        np.testing.assert_allclose(verdict.delta, want, rtol=2e-4, atol=2e-5)
+
+
+def test_flame_clustering_matches_hdbscan_where_rounds_split():
+    # Two directions: 6 clients one way, 4 another; HDBSCAN keeps the 6.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(K, D)) * 0.3
+    x[:6] += rng.normal(size=D)
+    x[6:] += rng.normal(size=D)
+    verdict, _ = run("flame", [random_view(0, x)])[0]
+    np.testing.assert_array_equal(verdict.flags, ~hdbscan_majority(x))
+    np.testing.assert_array_equal(verdict.flags, [False] * 6 + [True] * 4)
