@@ -10,6 +10,7 @@ resumes it (exit status 130). This is the only place flags are read.
 
 import logging
 import os
+import re
 import shlex
 import sys
 
@@ -39,17 +40,37 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        fail(str(e).splitlines()[0])
+        fail(_flag_error(e))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        fail(_override_error(e))
+        fail(_override_error(e, argv))
 
 
-def _override_error(e: Exception) -> str:
-    """ml_collections' message for an override of a missing field, as one line."""
-    text = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").strip("'\"").split())
-    if isinstance(e, UserError) or not text:
-        return text or type(e).__name__
-    return f"--config override: {text}"
+def _flag_error(e: Exception) -> str:
+    """absl's flag error as one line: a config file's own complaint without its traceback."""
+    text = str(e)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Traceback" in text and lines:
+        found = re.match(r"(?:[\w.]+\.)?\w+: (.*)", lines[-1])
+        return found.group(1) if found else lines[-1]
+    return " ".join(text.split())
+
+
+def _override_error(e: Exception, argv: list[str]) -> str:
+    """ml_collections' complaint about an override, as one line naming the flag."""
+    if isinstance(e, UserError):  # raised by the config file itself
+        return str(e)
+    text = str(e).replace("\\n", " ").replace("\\'", "'")
+    close = re.search(r'Did you mean "([\w.]+)" instead of "([\w.]+)"', text)
+    quoted = re.findall(r"'([\w.]+)'", text)
+    overrides = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    for flag in overrides:
+        parent, _, last = flag.rpartition(".")
+        if close and last == close.group(2):
+            field = ".".join(parent.split(".")[1:] + [close.group(1)])
+            return f"--{flag} is not a config field (did you mean {field}?)"
+        if last in quoted:
+            return f"--{flag} is not a config field"
+    return "--config: " + " ".join(text.split())
 
 
 def config_name(path: str) -> str:
@@ -78,6 +99,11 @@ def main(argv):
         fail(f"unexpected arguments: {argv[1:]}")
     configure_logging()
     config = _CONFIG.value
+    try:
+        config.keys()  # a config file that failed to load fails here (ml_collections defers it)
+    except OSError as e:
+        reason = re.search(r"\[Errno \d+\] ([^\n]*)", str(e))
+        fail(f"--config: {reason.group(1) if reason else ' '.join(str(e).split())}")
     workdir = _WORKDIR.value
     if workdir is None:
         path = config_flags.get_config_filename(flags.FLAGS["config"])

@@ -61,7 +61,7 @@ def run(config, workdir: str | None = None, *, name: str = "run") -> RunResult:
     quiet_libraries()
     show_progress()
     setup_devices(config)
-    workdir = workdir or default_workdir(name)
+    workdir = default_workdir(name) if workdir is None else workdir
     summary = train.train_and_evaluate(config, workdir)
     if summary is None:  # not the primary process of a multi-host run
         return RunResult(workdir, {}, [])

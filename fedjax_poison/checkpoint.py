@@ -60,13 +60,12 @@ class RunState(NamedTuple):
         }
 
 
-def start(group: int, states, train_s: float, lines: int) -> RunState:
+def start(group: int, states, train_s: float, lines: int, compile_s: float) -> RunState:
     """The state of a group before its first round."""
     g = jax.tree.leaves(states)[0].shape[0]
     zeros = lambda *shape, dtype=np.int32: np.zeros(shape, dtype)
-    return RunState(
-        group, 0, lines, train_s, states, zeros(g, 4, dtype=np.int64), zeros(g), zeros(g)
-    )
+    detected = zeros(g, 4, dtype=np.int64)
+    return RunState(group, 0, lines, train_s, compile_s, states, detected, zeros(g), zeros(g))
 
 
 class Checkpoints:

@@ -25,11 +25,9 @@ from fedjax_poison import (
     checkpoint,
     defenses,
     evaluation,
-    experiments,
     report,
     setup,
     sharding,
-    tables,
 )
 from fedjax_poison import plan as plan_lib
 from fedjax_poison.errors import UserError
@@ -79,14 +77,7 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
             return None
         summary = summarize(plan, programs, writer.rows, compile_s, train_s)
         wd.write_json("summary.json", summary)
-        exps = list(plan.experiments)
-        report.plot_curves(
-            writer.rows,
-            [experiments.label(e) for e in exps],
-            wd.join("curves.png"),
-            f"{plan.spec.name}: {len(exps)} experiment(s)",
-        )
-        tables.write_sweep_report(wd.path, writer.rows, exps, plan.config)
+        report.write_report(wd.path, writer=wd)
         _warn_degenerate(plan, summary)
         shown = sorted(n for n in os.listdir(wd.path) if not n.startswith("."))
         log.info("results in %s: %s", wd.path, ", ".join(shown))

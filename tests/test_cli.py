@@ -57,7 +57,7 @@ def one_line_error(proc) -> str:
 @pytest.mark.parametrize(
     "args,expected",
     [
-        (["--config.attack.malicious_frac=0.5"], 'did you mean "malicious_fraction"'),
+        (["--config.attack.malicious_frac=0.5"], "did you mean attack.malicious_fraction?"),
         (["--config.num_clients=1000", "--config.clients_per_round=5"], "num_clients=1000"),
         (["--config.mesh.clients=9"], "mesh.experiments x mesh.clients = 1 x 9 needs 9"),
         (["--config.num_rounds=abc"], "--config.num_rounds=abc"),
@@ -73,9 +73,11 @@ def test_a_mistake_is_one_line_and_status_2(args, expected, tmp_path):
     assert expected in one_line_error(proc)
 
 
-def test_a_config_file_variant_that_does_not_exist(tmp_path):
+def test_a_config_file_or_variant_that_does_not_exist(tmp_path):
     proc = launch(f"{SMOKE.rsplit(':', 1)[0]}:tiny", f"--workdir={tmp_path}")
     assert "unknown variant 'tiny'" in one_line_error(proc)
+    proc = launch("--config=configs/nope.py", f"--workdir={tmp_path}")
+    assert "No such file or directory: 'configs/nope.py'" in one_line_error(proc)
 
 
 def test_the_workdir_is_guarded(tmp_path):
