@@ -221,21 +221,20 @@ def test_client_order_does_not_matter(name):
         close(moved.scores, verdict.scores[perm], rtol=1e-3, atol=1e-4)
 
 
-def memory_after_a_round(name):
-    """The rule's memory after one round of random updates when its shape does not depend
-    on k (so the k and k-1 rounds can start from it), else its initial memory."""
-    defense, short = program(name)[0], program(name, k=K - 1)[0]
-    if shapes(defense.init()) != shapes(short.init()):
-        return defense.init(), short.init()
-    memory = run(name, [random_view(5)])[0][1]
-    return memory, memory
+def memories_after_a_round(name):
+    """The rule's memories after a first round with row 3 invalid, for k rows and for the
+    other k-1 rows alone: the rounds under test start from them."""
+    rows = random_rows(5)
+    rows[3] = np.inf
+    first = random_view(5, rows)
+    return run(name, [first])[0][1], run(name, [without(first, 3)])[0][1]
 
 
 @pytest.mark.parametrize("name", RULES)
 def test_an_invalid_row_is_as_if_absent(name):
     labels = list(INVALID_ROW)
     views = [random_view(seed, HOSTILE[label]) for seed, label in enumerate(labels)]
-    memory, short_memory = memory_after_a_round(name)
+    memory, short_memory = memories_after_a_round(name)
     full = run(name, views, memory)
     alone = run(name, [without(v, INVALID_ROW[lab]) for v, lab in zip(views, labels)], short_memory)
     try:
