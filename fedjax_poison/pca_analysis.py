@@ -1,13 +1,15 @@
 """The paper's offline defense analysis, automated: PCA scatter, clusters, verdicts, scores.
 
-    python -m fedjax_poison.pca_analysis --workdir=runs/fmnist [--experiment=0] [--rounds=10:200]
+    python -m fedjax_poison.pca_analysis --workdir=runs/fmnist [--experiment=0] [--rounds=11:200]
 
 Reads the feature rows a run with `save_features=True` left in `workdir/features/`
 (each selected client's change of the attacked class's output row, per round), pools
-the rounds of the window, and writes `pca_scatter.png` (honest vs malicious marked, as
-in the paper's figure), `pca_verdicts.csv` (one line per client) and `pca_analysis.json`
-(cluster purity, precision and recall of the verdicts per row and per client). The
-clustering and the choice of the malicious cluster are the PCA defense's own.
+the rounds of the window (numbered from 1, as everywhere; the paper's code uses its rounds
+10 to 199 counted from 0, i.e. 11 to 200), and writes `pca_scatter.png` and `.pdf` (honest
+vs malicious marked, as in the paper's figure), `pca_verdicts.csv` (one line per client)
+and `pca_analysis.json` (cluster purity, precision and recall of the verdicts per row and
+per client) into the run's workdir, under its lock and in its manifest. The clustering
+and the choice of the malicious cluster are the PCA defense's own.
 """
 
 import glob
@@ -17,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from fedjax_poison import report
+from fedjax_poison import figures
 from fedjax_poison.defenses import source_pca
+from fedjax_poison.workdir import Workdir
 
 
 def load_features(workdir: str, experiment: int = 0) -> dict:
@@ -89,10 +92,9 @@ def analyze(rows: dict, first_round: int, last_round: int, iters: int = 20) -> d
     }
 
 
-def plot_scatter(result: dict, path: str, title: str) -> None:
+def plot_scatter(result: dict, title: str):
     """The paper's figure: the 2-D PCA of the rows, honest and malicious marked."""
-    plt = report.plt
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = figures.plt.subplots(figsize=(6, 5))
     p, truth, predicted = result["points"], result["truth"], result["predicted"]
     for mask, label, color in ((~truth, "honest", "tab:blue"), (truth, "malicious", "tab:red")):
         ax.scatter(p[mask, 0], p[mask, 1], s=14, c=color, alpha=0.7, label=label)
@@ -108,33 +110,33 @@ def plot_scatter(result: dict, path: str, title: str) -> None:
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.legend()
-    ax.set_title(
+    fig.suptitle(
         f"{title}\npurity {result['cluster_purity']:.2f}, precision {result['row_precision']:.2f},"
         f" recall {result['row_recall']:.2f}"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def write_analysis(workdir: str, experiment: int, first_round: int, last_round: int) -> dict:
-    """Runs the analysis for one experiment of a run and writes its three files."""
+    """Runs the analysis for one experiment of a run and writes its files into the run's
+    workdir (rounds first_round..last_round, numbered from 1)."""
     rows = load_features(workdir, experiment)
     last_round = min(last_round, int(rows["round"].max()))
     result = analyze(rows, first_round, last_round)
     suffix = f"_e{experiment}" if experiment else ""
-    plot_scatter(
-        result,
-        os.path.join(workdir, f"pca_scatter{suffix}.png"),
-        f"rounds {first_round}-{last_round}, {result['rows']} rows",
-    )
     lines = ["client,malicious,flagged"] + [
         f"{c},{int(t)},{int(v)}"
         for c, t, v in zip(result["clients"], result["client_truth"], result["client_verdict"])
     ]
-    report.write_text(os.path.join(workdir, f"pca_verdicts{suffix}.csv"), "\n".join(lines) + "\n")
     scores = {k: v for k, v in result.items() if not isinstance(v, np.ndarray)}
-    report.write_json(os.path.join(workdir, f"pca_analysis{suffix}.json"), scores)
+    title = f"{os.path.basename(os.path.abspath(workdir))}: rounds {first_round}-{last_round}"
+    with Workdir.attach(workdir) as wd:
+        figures.save(
+            plot_scatter(result, f"{title}, {result['rows']} rows"), f"pca_scatter{suffix}", wd
+        )
+        wd.write_text(f"pca_verdicts{suffix}.csv", "\n".join(lines) + "\n")
+        wd.write_json(f"pca_analysis{suffix}.json", scores)
     return scores
 
 
@@ -142,7 +144,7 @@ def _cli() -> None:
     """Command line (flags are defined only when this module is the program)."""
     workdir = flags.DEFINE_string("workdir", None, "A run's workdir (with features/).")
     experiment = flags.DEFINE_integer("experiment", 0, "Which experiment of a sweep.")
-    window = flags.DEFINE_string("rounds", "10:199", "first:last round of the window (0-based).")
+    window = flags.DEFINE_string("rounds", "11:200", "first:last round of the window (from 1).")
     flags.mark_flags_as_required(["workdir"])
 
     def main(argv):

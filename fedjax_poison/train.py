@@ -73,14 +73,17 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
         finally:
             checkpoints.close()
             writer.close()
-        if not primary:
-            return None
-        summary = summarize(plan, programs, writer.rows, compile_s, train_s)
-        wd.write_json("summary.json", summary)
-        report.write_report(wd.path, writer=wd)
-        _warn_degenerate(plan, summary)
-        shown = sorted(n for n in os.listdir(wd.path) if not n.startswith("."))
-        log.info("results in %s: %s", wd.path, ", ".join(shown))
+        summary = None
+        if primary:
+            summary = summarize(plan, programs, writer.rows, compile_s, train_s)
+            wd.write_json("summary.json", summary)
+            report.write_report(wd.path, writer=wd)
+            _warn_degenerate(plan, summary)
+            shown = sorted(n for n in os.listdir(wd.path) if not n.startswith("."))
+            log.info("results in %s: %s", wd.path, ", ".join(shown))
+        # The other processes wait: their exit must not time out jax's shutdown while
+        # process 0 still writes.
+        sharding.barrier("report_written")
         return summary
 
 

@@ -17,6 +17,7 @@ import importlib.metadata
 import io
 import logging
 import platform
+import zipfile
 
 import jax
 import numpy as np
@@ -74,6 +75,19 @@ def describe(plan: plan_lib.Plan, programs) -> list[dict]:
             }
         )
     return entries
+
+
+def npz_bytes(**arrays) -> bytes:
+    """An .npz file (np.load reads it) whose bytes depend on the arrays only: np.savez
+    stamps the time into its zip entries, which a resumed run would change."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for key, value in arrays.items():
+            entry = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            entry.compress_type = zipfile.ZIP_DEFLATED
+            with archive.open(entry, "w") as f:
+                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+    return buffer.getvalue()
 
 
 class RunWriter:
@@ -165,9 +179,7 @@ class RunWriter:
             self._to_tensorboard(rows)
 
     def _write_npz(self, name: str, **arrays) -> None:
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        self.workdir.write_bytes(name, buffer.getvalue())
+        self.workdir.write_bytes(name, npz_bytes(**arrays))
 
     def _to_tensorboard(self, rows: list[dict]) -> None:
         for row in rows:

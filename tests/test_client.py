@@ -48,7 +48,7 @@ def _tiny_problem(n=64):
 
 
 def test_local_training_lowers_the_loss_and_padding_changes_nothing():
-    model = models.make_model("fashion_mnist_cnn")
+    model = models.make_model(models.config_block("fashion_mnist_cnn"), 10)
     params, stats = models.init_variables(model, jax.random.key(0), (28, 28, 1))
     train = jax.jit(client.make_local_train(model, SPEC, settings(local_epochs=3)))
     x, y = _tiny_problem()
@@ -73,7 +73,7 @@ def test_local_training_lowers_the_loss_and_padding_changes_nothing():
 def test_vmapped_clients_in_chunks_equal_one_client_at_a_time():
     # 7 clients of batch 4 on CPU train in chunks of 5 and 2: each client's result must be
     # the one it gets alone.
-    model = models.make_model("fashion_mnist_cnn")
+    model = models.make_model(models.config_block("fashion_mnist_cnn"), 10)
     params, stats = models.init_variables(model, jax.random.key(0), (28, 28, 1))
     local_train = client.make_local_train(model, SPEC, settings())
     x, y = _tiny_problem(7 * 16)

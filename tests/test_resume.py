@@ -78,7 +78,7 @@ def append_lines(self, name, rows):
     kill_at("append_lines")
 workdir.Workdir.append_lines = append_lines
 wrap(checkpoint.Checkpoints, "save")
-wrap(report, "plot_curves", before=True)
+wrap(report, "write_report", before=True)
 original_finalize = atomicity.AtomicRenameTemporaryPath.finalize
 async def finalize(self, *args, **kwargs):
     kill_at("finalize")  # inside a checkpoint's commit: the folders are written, not renamed
@@ -128,14 +128,18 @@ def latest_checkpoint(workdir):
 
 
 def outputs(workdir):
-    """What must equal an uninterrupted run's: metrics, summary but for timings, plots."""
+    """What must equal an uninterrupted run's: metrics, records, summary but for timings,
+    tables and figures."""
     summary = json.load(open(os.path.join(workdir, "summary.json")))
     for key in TIMING:
         assert summary.pop(key) > 0
+    read = lambda name: open(os.path.join(workdir, name), "rb").read()
+    records = sorted(os.listdir(os.path.join(workdir, "records")))
+    files = ["metrics.jsonl", "results.csv", "results.md", "curves.png", "curves.pdf"]
     return (
-        open(os.path.join(workdir, "metrics.jsonl")).read(),
         summary,
-        open(os.path.join(workdir, "curves.png"), "rb").read(),
+        records,
+        {name: read(name) for name in files + [f"records/{r}" for r in records]},
     )
 
 
@@ -153,7 +157,7 @@ def test_single_run_killed_at_six_points_resumes_identically(tmp_path):
         ("save:1", [6, 8], 8),  # just after checkpoint 8
         ("outside:1", [10], 8),  # from outside, while rounds 11 and 12 run
         ("finalize:1", [10, 12], 8),  # inside the commit of the last checkpoint: back to 8
-        ("plot_curves:1", [10, 12], 12),  # finished and summarized, killed before the plots
+        ("write_report:1", [10, 12], 12),  # finished and summarized, killed before the report
         (None, [], 12),  # finished: writes summary and plots again, computes nothing
     ]
     for kill, rounds, checkpoint_after in plan:
