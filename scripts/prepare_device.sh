@@ -6,6 +6,7 @@
 #   .device/fallback/*.whl   flax, optax and orbax-checkpoint as tested here with jax 0.11.2,
 #                            installed there only if the machine's own fail to import
 #   .device/fashion-mnist/   the four Fashion-MNIST IDX files (30 MB)
+#   .device/commit.txt       the commit and the uncommitted changes the run will be made of
 # Needs pip and a package index; the wheels are for Python 3.12 (that machine's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,8 @@ for name in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-uby
   fi
   cp "$FMNIST/$name.gz" .device/fashion-mnist/
 done
+
+{ git rev-parse HEAD && git status --short --untracked-files=no; } >.device/commit.txt 2>&1 || true
 
 size=$(du -sm .device | cut -f1)
 ls -l .device .device/fallback

@@ -9,11 +9,15 @@ from fedjax_poison import defenses
 from fedjax_poison.defenses import cluster, source_pca
 
 K, N, C = 5, 50, 10
+# HeadWorld's head already classifies, as at round 10 of the paper: its rounds are numbered
+# from there, and a defense that never saw round 0 measures rows against the global row.
+FIRST_ROUND = 10
 
 
 def pca_config(**overrides):
     cfg = defenses.default_config()
     cfg.name = "pca"
+    cfg.start_round = 0  # judge every round (the first round is never judged: see below)
     cfg.update(overrides)
     return cfg
 
@@ -26,6 +30,20 @@ def build(cfg, head_features, num_params):
         num_params=num_params,
         num_classes=C,
         head_features=head_features,
+    )
+
+
+def round_view(updates, head_rows, global_head, ids, t, valid=None):
+    """A RoundView; every row valid unless `valid` [k] says otherwise."""
+    updates = jnp.asarray(updates, jnp.float32)
+    return defenses.RoundView(
+        updates=updates,
+        head_rows=jnp.asarray(head_rows, jnp.float32),
+        global_head=jnp.asarray(global_head, jnp.float32),
+        client_ids=jnp.asarray(ids, jnp.int32),
+        round=jnp.int32(t),
+        root_update=jnp.zeros(updates.shape[1], jnp.float32),
+        valid=jnp.ones(len(ids), bool) if valid is None else jnp.asarray(valid),
     )
 
 
@@ -71,15 +89,7 @@ class HeadWorld:
         rows = lr * self.gradients(sel[:, None])  # one full-batch step each: [k, C, F]
         body = lr * self.rng.normal(size=(K, self.body))
         updates = np.concatenate([rows.reshape(K, -1), body], axis=1)
-        view = defenses.RoundView(
-            updates=jnp.asarray(updates, jnp.float32),
-            head_rows=jnp.asarray(rows, jnp.float32),
-            global_head=jnp.asarray(self.head, jnp.float32),
-            client_ids=jnp.asarray(sel, jnp.int32),
-            round=jnp.int32(t),
-            root_update=jnp.zeros(updates.shape[1], jnp.float32),
-        )
-        return view, self.malicious[sel]
+        return round_view(updates, rows, self.head, sel, t), self.malicious[sel]
 
     def step(self, delta):
         self.head += np.asarray(delta[: self.head.size]).reshape(self.head.shape)
@@ -93,17 +103,22 @@ def precision_recall(flags, truth):
 _COMPILED = {}
 
 
+def compiled(cfg, head_features, num_params):
+    """(init, jitted apply) of the pca defense, built once per setting."""
+    key = (tuple(sorted(cfg.items())), head_features, num_params)
+    if key not in _COMPILED:
+        defense = build(cfg, head_features, num_params)
+        _COMPILED[key] = (defense.init, jax.jit(defense.apply))
+    return _COMPILED[key]
+
+
 def simulate(world, cfg, rounds=40, lr=lambda t: 0.1):
     """Run the defense for `rounds` rounds -> (flags, truth, blocks), each [rounds, k]."""
-    key = (tuple(sorted(cfg.items())), world.h.shape[-1], world.head.size + world.body)
-    if key not in _COMPILED:
-        defense = build(cfg, key[1], key[2])
-        _COMPILED[key] = (defense.init, jax.jit(defense.apply))
-    init, apply = _COMPILED[key]
+    init, apply = compiled(cfg, world.h.shape[-1], world.head.size + world.body)
     memory = init()
     flags, truth, blocks = [], [], []
     for t in range(rounds):
-        view, malicious = world.round(t, lr(t))
+        view, malicious = world.round(FIRST_ROUND + t, lr(t))
         verdict, memory = apply(view, memory)
         world.step(verdict.delta)
         flags.append(np.asarray(verdict.flags))
@@ -112,17 +127,15 @@ def simulate(world, cfg, rounds=40, lr=lambda t: 0.1):
     return np.array(flags), np.array(truth), np.array(blocks)
 
 
-def after_warmup(flags, truth, start=10):
-    return flags[start:], truth[start:]
-
-
 @pytest.mark.parametrize("frac", [0.1, 0.3, 0.5, 0.6])
-def test_flags_label_flippers_after_warmup(frac):
+def test_flags_label_flippers_from_the_first_round(frac):
+    # Every round counted, the first ones (a window of 5, 10, ... rows) included.
     # 0.6: the malicious cluster is the larger one; the sign, not the size, decides.
     for seed in range(2):
         flags, truth, _ = simulate(HeadWorld(seed, frac), pca_config(source_class=6))
-        precision, recall = precision_recall(*after_warmup(flags, truth))
+        precision, recall = precision_recall(flags, truth)
         assert precision >= 0.9 and recall >= 0.9, (seed, precision, recall)
+        assert (flags[:3] == truth[:3]).all(), seed  # the first rounds too
 
 
 @pytest.mark.parametrize("source_class", [6, -1])
@@ -133,7 +146,8 @@ def test_no_mass_false_positives_without_attack(source_class):
 
 
 def test_no_flags_before_start_round():
-    flags, truth, _ = simulate(HeadWorld(0, 0.6), pca_config(source_class=6), rounds=12)
+    cfg = pca_config(source_class=6, start_round=FIRST_ROUND + 10)
+    flags, truth, _ = simulate(HeadWorld(0, 0.6), cfg, rounds=12)
     assert truth[:10].any() and not flags[:10].any()
     assert flags[10:].any()
 
@@ -144,7 +158,7 @@ def test_signed_features_in_detect_mode(frac):
     # attack reach the global model, and the global source row still orients the clusters.
     world = HeadWorld(1, frac, signed=True)
     flags, truth, _ = simulate(world, pca_config(source_class=6, mode="detect"))
-    precision, recall = precision_recall(*after_warmup(flags, truth))
+    precision, recall = precision_recall(flags, truth)
     assert precision >= 0.9 and recall >= 0.9, (precision, recall)
 
 
@@ -152,7 +166,7 @@ def test_signed_features_in_detect_mode(frac):
 def test_unknown_source_finds_the_attacked_class(frac):
     world = HeadWorld(2, frac, src=1, tgt=3)
     flags, truth, _ = simulate(world, pca_config(source_class=-1))
-    precision, recall = precision_recall(*after_warmup(flags, truth))
+    precision, recall = precision_recall(flags, truth)
     assert precision >= 0.9 and recall >= 0.9, (precision, recall)
 
 
@@ -162,7 +176,7 @@ def test_rows_scaled_by_update_norm_survive_lr_decay():
         return 0.1 * 0.1 ** (t // 10)
 
     flags, truth, _ = simulate(HeadWorld(0, 0.3), pca_config(source_class=6), lr=step_decay)
-    precision, recall = precision_recall(*after_warmup(flags, truth))
+    precision, recall = precision_recall(flags, truth)
     assert precision >= 0.9 and recall >= 0.9, (precision, recall)
 
 
@@ -171,15 +185,15 @@ def test_block_mode_blocks_only_the_flagged_malicious():
     cfg = pca_config(source_class=6, mode="block", block_after=2)
     flags, truth, blocks = simulate(world, cfg, rounds=60)
     blocked = np.zeros(N, bool)
-    selected_late = np.zeros(N, int)
+    selected = np.zeros(N, int)
     for t in range(60):
         ids = world.history[t]
         blocked[ids[blocks[t]]] = True
-        selected_late[ids] += t >= 10
+        selected[ids] += 1
     assert blocked.any()
     assert not (blocked & ~world.malicious).any()
-    # every malicious client selected at least 3 times after warm-up is blocked by then
-    assert (blocked | ~world.malicious | (selected_late < 3)).all()
+    # every malicious client selected at least 3 times is blocked by then
+    assert (blocked | ~world.malicious | (selected < 3)).all()
 
 
 def test_same_inputs_same_verdicts():
@@ -207,49 +221,93 @@ def test_synthetic_source_rows(frac, bad):
     direction = np.abs(rng.normal(size=features))
     malicious = np.zeros(N, bool)
     malicious[rng.permutation(N)[: round(frac * N)]] = True
-    global_head = rng.normal(size=(C, features))
-    global_head[s] = direction
-    defense = build(pca_config(source_class=s), features, 8)
-    apply, memory = jax.jit(defense.apply), defense.init()
+    init = rng.normal(size=(C, features))  # round 0's global model: the initialization
+    learned = np.zeros((C, features))
+    learned[s] = direction  # what the rounds since taught the source row
+    init_fn, apply = compiled(pca_config(source_class=s), features, 8)
+    memory = init_fn()
     flags, truth = [], []
     for t in range(30):
         ids = rng.choice(N, K, replace=False)
         rows = rng.normal(scale=0.3, size=(K, C, features))
         rows[:, s] = synthetic_rows(rng, malicious[ids], direction, bad=bad)
-        view = defenses.RoundView(
-            updates=jnp.ones((K, 8)),
-            head_rows=jnp.asarray(rows, jnp.float32),
-            global_head=jnp.asarray(global_head, jnp.float32),
-            client_ids=jnp.asarray(ids, jnp.int32),
-            round=jnp.int32(t),
-            root_update=jnp.zeros(8),
-        )
+        view = round_view(np.ones((K, 8)), rows, init + (t > 0) * learned, ids, t)
         verdict, memory = apply(view, memory)
         flags.append(np.asarray(verdict.flags))
         truth.append(malicious[ids])
-    precision, recall = precision_recall(*after_warmup(np.array(flags), np.array(truth)))
+    flags, truth = np.array(flags), np.array(truth)
+    assert not flags[0].any()  # round 0: nothing learned yet, nothing judged
+    precision, recall = precision_recall(flags[1:], truth[1:])
     assert precision >= 0.9 and recall >= 0.9, (precision, recall)
 
 
-def test_larger_cluster_flagged_when_it_contradicts_the_source_row():
-    # One round, window 1: three clients move against the global source row, two along it.
-    direction = jnp.array([1.0, 2.0, 0.0, 1.0])
-    signs = jnp.array([-1.0, 1.0, -1.0, 1.0, -1.0])
-    rows = jnp.zeros((K, C, 4)).at[:, 0].set(signs[:, None] * direction[None, :])
-    view = defenses.RoundView(
-        updates=jnp.ones((K, 3)),
-        head_rows=rows,
-        global_head=jnp.zeros((C, 4)).at[0].set(direction),
-        client_ids=jnp.arange(K, dtype=jnp.int32),
-        round=jnp.int32(0),
-        root_update=jnp.zeros(3),
-    )
-    defense = build(pca_config(source_class=0, window=1, start_round=0), 4, 3)
-    verdict, _ = defense.apply(view, defense.init())
-    np.testing.assert_array_equal(verdict.flags, signs < 0)
-    np.testing.assert_allclose(verdict.weights, jnp.array([0, 0.5, 0, 0.5, 0]))
-    np.testing.assert_allclose(verdict.delta, jnp.ones(3), rtol=1e-6)
-    assert (verdict.scores[signs < 0] > 0).all() and (verdict.scores[signs > 0] < 0).all()
+# Two rounds by hand. Round 0's global source row G0 is the initialization; round 1's is
+# G1 = G0 + d. Rows along -d move against what was learned (d). G0 is chosen so that the
+# global row itself would mislead: d.G1 = d.G0 + |d|^2 = -9 + 6 < 0.
+D_ROW = np.array([1.0, 2.0, 0.0, 1.0])
+G0 = np.zeros((C, 4))
+G0[0] = [-3.0, -3.0, 4.0, 0.0]
+G1 = G0 + np.eye(C)[0][:, None] * D_ROW[None, :]
+
+
+def hand_rounds(signs, mode="filter", valid=None):
+    """Rounds 0 and 1 of 5 clients whose source rows are signs[i] * d -> (verdict of round
+    0, verdict of round 1, memory after round 1)."""
+    rows = np.zeros((K, C, 4))
+    rows[:, 0] = np.asarray(signs)[:, None] * D_ROW[None, :]
+    updates = np.arange(1.0, K + 1)[:, None] * np.ones((K, 3))  # client i sent (i+1, ...)
+    if valid is not None:  # the server zeroes a row it marks invalid
+        rows[~np.asarray(valid)] = 0.0
+        updates[~np.asarray(valid)] = 0.0
+    defense = build(pca_config(source_class=0, mode=mode), 4, 3)
+    apply, memory = jax.jit(defense.apply), defense.init()
+    ids = np.arange(K)
+    first, memory = apply(round_view(updates, rows, G0, ids, 0, valid), memory)
+    second, memory = apply(round_view(updates, rows, G1, ids + K, 1, valid), memory)
+    return first, second, memory
+
+
+def test_flags_in_the_first_judged_round_by_hand():
+    # The larger group (3 of 5) moves against the learned row: it is the one flagged.
+    signs = np.array([-1.0, 1.0, -1.0, 1.0, -1.0])
+    first, second, memory = hand_rounds(signs)
+    assert not first.flags.any()  # round 0: the model is its initialization
+    np.testing.assert_allclose(first.weights, np.full(K, 0.2))
+    np.testing.assert_array_equal(second.flags, signs < 0)
+    np.testing.assert_allclose(second.weights, [0, 0.5, 0, 0.5, 0])
+    np.testing.assert_allclose(second.delta, np.full(3, 3.0), rtol=1e-6)  # mean of 2 and 4
+    assert (second.scores[signs < 0] > 0).all() and (second.scores[signs > 0] < 0).all()
+    assert int(memory.valid.sum()) == K  # round 0's rows were not kept
+    np.testing.assert_array_equal(memory.flag_counts[K : 2 * K], signs < 0)
+
+
+def test_no_flags_when_every_row_follows_the_learned_row():
+    # Two clear clusters (sizes 1 and 2 against 3 and 4), but none moves against d.
+    first, second, _ = hand_rounds(np.array([1.0, 2.0, 1.0, 2.0, 1.0]))
+    assert not first.flags.any() and not second.flags.any()
+    np.testing.assert_allclose(second.weights, np.full(K, 0.2))
+
+
+def test_invalid_rows_never_enter_the_window_nor_get_flagged():
+    signs = np.array([-1.0, 1.0, -1.0, 1.0, -1.0])
+    valid = np.array([False, True, True, True, True])  # client 0's update was not finite
+    _, second, memory = hand_rounds(signs, valid=valid)
+    np.testing.assert_array_equal(second.flags, [False, False, True, False, True])
+    np.testing.assert_allclose(second.weights, [0, 0.5, 0, 0.5, 0])
+    np.testing.assert_array_equal(memory.valid[:K], valid)
+    _, detected, _ = hand_rounds(signs, mode="detect", valid=valid)
+    np.testing.assert_allclose(detected.weights, [0, 0.25, 0.25, 0.25, 0.25])
+    np.testing.assert_allclose(detected.delta, np.full(3, 3.5), rtol=1e-6)  # mean of 2..5
+
+
+def test_a_round_without_valid_rows_leaves_the_window():
+    _, _, memory = hand_rounds(np.array([-1.0, 1.0, -1.0, 1.0, -1.0]))
+    defense = build(pca_config(source_class=0), 4, 3)
+    view = round_view(np.zeros((K, 3)), np.zeros((K, C, 4)), G1, np.arange(K), 2, [False] * K)
+    verdict, after = jax.jit(defense.apply)(view, memory)
+    assert not verdict.flags.any()
+    for x, y in zip(memory, after, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_embed_matches_standardized_pca():

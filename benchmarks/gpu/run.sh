@@ -7,8 +7,8 @@
 #
 # Environment: PYTHON (python3), OUT (results; default /tmp/fedjax_gpu_out), DATA_DIR
 # (.device/fashion-mnist), DEADLINE_S (the whole run: 500 s; dry 2400), LIMIT_SCALE (step
-# limits times this: 1; dry 4), STEPS (the steps to run, in that order; default $ALL below),
-# CURVE_E (1,4,16,64,256), TEST_WORKERS (8, with pytest-xdist).
+# limits times this: 1; dry 6), STEPS (the steps to run, in that order; default $ALL below),
+# CURVE_E (1,4,16,64,256), TEST_WORKERS (8, dry 2; with pytest-xdist).
 # A step that fails or runs out of time is recorded and the run goes on; the results are
 # packed after every step, so a run stopped from outside still returns what it finished.
 set -uo pipefail
@@ -22,7 +22,7 @@ OUT=${OUT:-/tmp/fedjax_gpu_out}
 DATA=${DATA_DIR:-$ROOT/.device/fashion-mnist}
 if [ "$DRY" = 1 ]; then DEADLINE=${DEADLINE_S:-2400}; else DEADLINE=${DEADLINE_S:-500}; fi
 # Step limits x SCALE: a CPU compiles the same programs several times slower.
-if [ "$DRY" = 1 ]; then SCALE=${LIMIT_SCALE:-4}; else SCALE=${LIMIT_SCALE:-1}; fi
+if [ "$DRY" = 1 ]; then SCALE=${LIMIT_SCALE:-6}; else SCALE=${LIMIT_SCALE:-1}; fi
 CURVE_E=${CURVE_E:-1,4,16,64,256}
 RESERVE=20 # seconds kept for the report and the packing
 ALL="env tests k5_xla k5_im2col curve_e k50_xla k50_im2col memory cifar_xla cifar_im2col"
@@ -81,7 +81,7 @@ step() {
 }
 
 say "fedjax-poison accelerator run: $(date -u), dry run $DRY, deadline ${DEADLINE}s, $PY"
-say "commit: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo '?')"
+say "commit (when .device was prepared): $(cat .device/commit.txt 2>/dev/null || echo '?')"
 
 # The machine's flax/optax/orbax, unless they fail to import: then the ones tested here.
 if ! "$PY" benchmarks/gpu/steps.py imports >>"$LOG" 2>&1 && ls .device/fallback/*.whl >/dev/null 2>&1; then
@@ -98,7 +98,9 @@ TP=("$PY" benchmarks/gpu/steps.py throughput --data-dir "$DATA" --)
 TESTS=(-m "not slow" --ignore=tests/test_sharding.py --ignore=tests/test_multihost.py)
 TESTS+=(--ignore=tests/test_throughput.py -p no:cacheprovider -v -rfE --durations=15)
 TESTS+=(--junitxml="$RES/tests.xml")
-if "$PY" -c "import xdist" 2>/dev/null; then TESTS+=(-n "${TEST_WORKERS:-8}"); fi
+WORKERS=${TEST_WORKERS:-8}
+[ "$DRY" = 1 ] && WORKERS=${TEST_WORKERS:-2}
+if "$PY" -c "import xdist" 2>/dev/null; then TESTS+=(-n "$WORKERS"); fi
 
 if [ "$DRY" = 0 ]; then
   K5=(--data files --clients-per-round 5 --repeats 3 --curves none)

@@ -328,7 +328,14 @@ def report(work: str, steps_tsv: str) -> str:
     ]
     tests = _read(os.path.join(work, "logs", "tests.log"))
     counts = re.findall(r"=+ (.*(?:passed|failed|error).*) in [\d.]+s", tests)
-    tail = ["", "## Tests on the device", f"- {counts[-1] if counts else 'no closing line'}"]
+    if counts:
+        closing = counts[-1]
+    else:  # cut short: count the verdicts printed so far (-v)
+        verdicts = re.findall(r" (PASSED|FAILED|ERROR|SKIPPED) ", tests)
+        closing = "cut short; so far " + ", ".join(
+            f"{verdicts.count(v)} {v.lower()}" for v in ("PASSED", "FAILED", "ERROR", "SKIPPED")
+        )
+    tail = ["", "## Tests on the device", f"- {closing}"]
     tail += [f"- {line}" for line in re.findall(r"^(?:FAILED|ERROR) .*$", tests, re.M)[:30]]
     memory = _read(os.path.join(work, "logs", "memory.log"))
     mem = ["", "## Memory (benchmarks/memory.py)", ""]
