@@ -6,7 +6,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from fedjax_poison import (
@@ -84,7 +83,7 @@ def _rule_sets(plan: Plan, params, feature_dim: int):
     exps, spec = list(plan.experiments), plan.spec
     defense_by_name = {
         name: defenses.make_defense(
-            ml_collections.ConfigDict({**plan.defense, "name": name}),
+            {**plan.defense, "name": name},
             num_clients=plan.num_clients,
             clients_per_round=plan.clients_per_round,
             num_params=models.count_params(params),

@@ -91,7 +91,7 @@ def is_clean(exp: dict) -> bool:
 
 def format_setting(key: str, value) -> str:
     """A setting as a table cell: alpha '0.5' or '0/0.6' (before/from the breakpoint)."""
-    if key == "alpha":
+    if key == "alpha" and not isinstance(value, str):  # a cell formatted already stays
         before, after = value if isinstance(value, (list, tuple)) else (value, value)
         return f"{before:g}" if before == after else f"{before:g}/{after:g}"
     return f"{value:g}" if isinstance(value, float) else str(value)

@@ -186,3 +186,9 @@ def test_the_run_loop_entry_still_writes_tables_and_figures(tmp_path):
     assert per_exp[2]["window"] == "1"
     for name in ("curves.png", "curves.pdf", "source_recall_vs_fraction.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+
+
+def test_alpha_cells_read_before_slash_after_and_stay_once_formatted():
+    assert tables.format_setting("alpha", [0.0, 0.6]) == "0/0.6"
+    assert tables.format_setting("alpha", 0.5) == "0.5"
+    assert tables.format_setting("alpha", "0/0.6") == "0/0.6"  # figures format cells again

@@ -26,6 +26,7 @@ import inspect
 from collections.abc import Sequence
 
 import jax
+import ml_collections
 from jax import lax
 
 from fedjax_poison.defenses.base import (
@@ -71,10 +72,12 @@ def make_defense(
     num_classes: int,
     head_features: int,
 ) -> Defense:
-    """Validate the `defense.` block and build the named rule, or chain ('nnm+krum').
+    """Validate the `defense.` block (a ConfigDict or a plain mapping) and build the named
+    rule, or chain ('nnm+krum').
 
     Each factory's keyword arguments are named after config fields or these sizes.
     """
+    cfg = ml_collections.ConfigDict(dict(cfg))
     validate(
         cfg, clients_per_round=clients_per_round, num_clients=num_clients, num_classes=num_classes
     )

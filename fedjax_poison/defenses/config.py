@@ -20,7 +20,9 @@ def default_config() -> ml_collections.ConfigDict:
     # pca (Tolpegin et al. 2020): the source class's output row, over a window of rounds.
     c.source_class = -1  # the attacked class if the server knows it; -1: the best separated
     c.window = 10  # rounds of rows clustered together (W*k rows)
-    c.start_round = 10  # no flags before this round (the paper's code uses rounds 10..199)
+    # pca flags from this round on (numbered from 1); the paper's offline analysis used its
+    # code's rounds 10..199 counted from 0, i.e. start_round 11.
+    c.start_round = 1
     # Gap between the two clusters' mean signs (cosine with the global row), in pooled
     # within-cluster standard deviations, needed to flag anyone (measured on Fashion-MNIST
     # windows: at most 0.8 (1.6 with source_class -1) with no attacker, median 5 with 10-50%).
@@ -94,7 +96,7 @@ def check_ranges(cfg) -> None:
     _check(cfg.num_byzantine >= 0, "num_byzantine", ">= 0", cfg.num_byzantine)
     ok = cfg.multi_krum_m == -1 or cfg.multi_krum_m >= 1
     _check(ok, "multi_krum_m", ">= 1 or -1", cfg.multi_krum_m)
-    _check(cfg.start_round >= 0, "start_round", ">= 0", cfg.start_round)
+    _check(cfg.start_round >= 1, "start_round", ">= 1 (a round number)", cfg.start_round)
     _check(cfg.min_separation >= 0, "min_separation", ">= 0", cfg.min_separation)
     _check(cfg.row_scale in ROW_SCALES, "row_scale", f"one of {list(ROW_SCALES)}", cfg.row_scale)
     _check(cfg.gm_eps > 0, "gm_eps", "> 0", cfg.gm_eps)

@@ -243,7 +243,7 @@ def pca(
         points, in1, _ = cluster(memory.rows, memory.valid, sign)  # [R, M, 2], [R, M]
         malicious, gap, scores = verdicts(points, in1, memory.valid, sign)  # [R, M], [R]
         best = jnp.argmax(gap)  # with the source unknown: the class that splits clearest
-        separated = (gap[best] >= min_separation) & (view.round >= start_round)
+        separated = (gap[best] >= min_separation) & (view.round + 1 >= start_round)
         flags = malicious[best][now] & separated & enter  # [k]
         scores = jnp.where(enter, scores[best][now], 0.0)
         counts = memory.flag_counts.at[view.client_ids].add(flags.astype(jnp.int32))
