@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=30, help="a multiple of 10, at least 20")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.3, 0.5])
-    p.add_argument("--start-round", type=int, default=0, help="defense.start_round")
+    p.add_argument("--start-round", type=int, default=1, help="defense.start_round (from 1)")
     p.add_argument("--data-source", default="files", help="data.source: files, tfds, ...")
     p.add_argument("--workdir", default="", help="where the runs write (default: a temp dir)")
     args = p.parse_args(argv)

@@ -163,10 +163,11 @@ def average_batch_stats(old: PyTree, stats: PyTree, weights: jax.Array) -> PyTre
 
 
 def is_degenerate(verdict: defenses.Verdict) -> jax.Array:
-    """[] bool: the rule kept nobody, or flagged all of k > 1 clients but one."""
+    """[] bool: the aggregate kept nobody, or one client of k > 1 after dropping flagged ones
+    (a rule that picks one client by design, Krum, flags nobody; detect mode keeps all)."""
     k = verdict.flags.shape[0]
-    kept_none = ~(verdict.weights > 0).any()
-    return kept_none | ((k > 1) & (k - verdict.flags.sum() <= 1))
+    kept = (verdict.weights > 0).sum()
+    return (kept == 0) | ((k > 1) & (kept <= 1) & verdict.flags.any())
 
 
 def make_round_step(

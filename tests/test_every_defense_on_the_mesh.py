@@ -43,9 +43,7 @@ def test_every_defense_runs_on_the_default_mesh(tmp_path):
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     )
     env.pop("XLA_FLAGS", None)  # the default: one device per core
-    proc = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200
-    )
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.load(open(tmp_path / "summary.json"))
     experiments = json.load(open(tmp_path / "experiments.json"))

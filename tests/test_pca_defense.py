@@ -17,7 +17,7 @@ FIRST_ROUND = 10
 def pca_config(**overrides):
     cfg = defenses.default_config()
     cfg.name = "pca"
-    cfg.start_round = 0  # judge every round (the first round is never judged: see below)
+    cfg.start_round = 1  # judge every round (the first round is never judged: see below)
     cfg.update(overrides)
     return cfg
 
@@ -146,7 +146,8 @@ def test_no_mass_false_positives_without_attack(source_class):
 
 
 def test_no_flags_before_start_round():
-    cfg = pca_config(source_class=6, start_round=FIRST_ROUND + 10)
+    # Round numbers count from 1: index FIRST_ROUND + 10 is round FIRST_ROUND + 11.
+    cfg = pca_config(source_class=6, start_round=FIRST_ROUND + 11)
     flags, truth, _ = simulate(HeadWorld(0, 0.6), cfg, rounds=12)
     assert truth[:10].any() and not flags[:10].any()
     assert flags[10:].any()

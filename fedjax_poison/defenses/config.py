@@ -23,9 +23,11 @@ def default_config() -> ml_collections.ConfigDict:
     # pca flags from this round on (numbered from 1); the paper's offline analysis used its
     # code's rounds 10..199 counted from 0, i.e. start_round 11.
     c.start_round = 1
-    # Gap between the two clusters' mean signs (cosine with the global row), in pooled
-    # within-cluster standard deviations, needed to flag anyone (measured on Fashion-MNIST
-    # windows: at most 0.8 (1.6 with source_class -1) with no attacker, median 5 with 10-50%).
+    # Gap between the two clusters' mean signs (cosine with the learned part of the global
+    # row: its change since round 1 began), in pooled within-cluster standard deviations,
+    # needed to flag anyone; the lower cluster's mean sign must also be negative. Measured
+    # on Fashion-MNIST: at most 2.5 with no attacker (100 rounds, 20 rows or more), 3.1 to
+    # 10 with 30-50% (docs/pca_detection.md).
     c.min_separation = 3.0
     # Rows of different rounds differ in scale (lr schedule): 'update' divides each row by
     # its client's whole-update norm, which the flip barely moves; 'row': unit rows; 'none'.

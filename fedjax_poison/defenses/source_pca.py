@@ -8,29 +8,29 @@ every row of that round alike, while label flipping barely changes the whole upd
 norm, so rows of different rounds become comparable and the flip's effect on the row's
 size is kept. Over the window: standardize each coordinate, project to 2 dimensions
 (PCA), split into two clusters with k-means. The window is judged from the first rounds
-on, over the rows it holds so far (5 rows in round 1, 10 in round 2, ...).
+on, over the rows it holds so far (5 rows in round 2, 10 in round 3, ...).
 
 Which cluster is malicious is decided by what label flipping does, not by size (with 25
 of 50 clients malicious the malicious cluster was larger or tied on Fashion-MNIST). A
 malicious client has no example labelled with the source class, so its source row only
 loses the evidence `sum_i (1 - p_s(x_i)) h_i` of source examples that honest rows gain:
 it moves against what the federation has learned of the source row. That learned part is
-the global row minus its value in round 0 (the initialization; zeros if the defense never
-saw round 0, which leaves the global row itself), and each row's sign is its cosine with
+the global row minus its value as round 1 found it (the initialization; zeros if the
+defense never saw round 1, which leaves the global row itself), and each row's sign is its cosine with
 it, recomputed every round for every row of the window. Not the global row itself: early
 on it is mostly its random initialization, and on the real files (Fashion-MNIST, flip
-6 -> 0) its cosines misled in the first rounds: in round 0 honest rows had -0.07 to
--0.10, the attacker -0.01; in round 1 at 50% attackers (the round-0 mean was 4 attackers'
+6 -> 0) its cosines misled in the first rounds: in round 1 honest rows had -0.07 to
+-0.10, the attacker -0.01; in round 2 at 50% attackers (round 1's mean was 4 attackers'
 of 5, and the row had barely left its initialization) honest rows had -0.05 to -0.08, the
-attacker +0.07. With the learned part, from round 2 on, attackers had -0.26 to -0.05 and
+attacker +0.07. With the learned part, from round 3 on, attackers had -0.26 to -0.05 and
 honest rows -0.02 to +0.59 (30% and 50%), and old rows of the window, signed again
-against the newer reference, fall on their side too. In round 0 nothing has been
+against the newer reference, fall on their side too. In round 1 nothing has been
 learned: its rows are neither judged nor kept.
 
 The cluster with the lower mean sign is the malicious one; a row in it is flagged when
 its own sign is negative and below the midpoint of the two clusters' means, so an honest
 row that k-means put there keeps its own verdict. k-means starts from the rows of lowest
-and highest sign: with 3 attackers among 15 rows in round 3, a start from the ends of PC1
+and highest sign: with 3 attackers among 15 rows in round 4, a start from the ends of PC1
 put 2 honest rows with them. The clusters must be apart, otherwise nobody is flagged:
 the malicious cluster's mean sign must be negative (a row moving against the learned
 row), and the gap between the two means, in pooled within-cluster standard deviations,
@@ -43,14 +43,14 @@ below zero late in the run (to -0.08), with gaps of at most 2.5 there.
 Measured over 30 rounds on the real files, every round counted (the first included),
 source class known / unknown: precision 1.00 / 1.00 and recall 0.95 / 0.97 at 30%
 attackers, 1.00 / 1.00 and 0.93 / 0.93 at 50%, no flag with no attacker. The misses are
-round 0 (nothing learned yet), round 1 at 50% (the reference is the attackers' own) and
-a lone attacker in round 2 (10 rows, split by round). benchmarks/pca_detection.py and
+round 1 (nothing learned yet), round 2 at 50% (the reference is the attackers' own) and
+a lone attacker in round 3 (10 rows, split by round). benchmarks/pca_detection.py and
 docs/pca_detection.md hold the table.
 
 With the source class unknown (-1) the same is done for every class's row, each with its
 own class's learned row, and the class with the largest gap is taken. The target row of
 an attacker gains the evidence its source row lost, and the learned target row pushes
-source-like images away, so the target class can show the flip too (it did in rounds 2
+source-like images away, so the target class can show the flip too (it did in rounds 3
 and 3 at 30%).
 
 Modes: 'detect' reports flags and aggregates with FedAvg; 'filter' drops flagged clients
@@ -81,7 +81,7 @@ class PCAMemory(NamedTuple):
     valid: jax.Array  # [W*k] bool, the slot holds a row
     slot: jax.Array  # [] int32, ring position (in rounds) the next round writes
     flag_counts: jax.Array  # [N] int32, how many times each client was flagged
-    origin: jax.Array  # [R, F] float32, the global rows at round 0 (zeros if not seen)
+    origin: jax.Array  # [R, F] float32, the global rows of the first round (zeros if not seen)
 
 
 def features(view: RoundView, source_class: int, row_scale: str):
@@ -237,7 +237,7 @@ def pca(
         rows, heads = features(view, source_class, row_scale)  # [k, R, F], [R, F]
         first = view.round == 0  # the global model is the initialization
         origin = jnp.where(first, heads, memory.origin)
-        learned = heads - origin  # [R, F], zero in round 0
+        learned = heads - origin  # [R, F], zero in the first round
         enter = sent & ~first  # [k]
         memory, now = _remember(memory, rows, view.client_ids, enter, window)
         sign = signs(memory.rows, learned)  # [M, R]
