@@ -16,8 +16,8 @@ malicious client has no example labelled with the source class, so its source ro
 loses the evidence `sum_i (1 - p_s(x_i)) h_i` of source examples that honest rows gain:
 it moves against what the federation has learned of the source row. That learned part is
 the global row minus its value as round 1 found it (the initialization; zeros if the
-defense never saw round 1, which leaves the global row itself), and each row's sign is its cosine with
-it, recomputed every round for every row of the window. Not the global row itself: early
+defense never saw round 1, which leaves the global row itself), and each row's sign is its
+cosine with it, recomputed every round for every row of the window. Not the global row itself: early
 on it is mostly its random initialization, and on the real files (Fashion-MNIST, flip
 6 -> 0) its cosines misled in the first rounds: in round 1 honest rows had -0.07 to
 -0.10, the attacker -0.01; in round 2 at 50% attackers (round 1's mean was 4 attackers'
