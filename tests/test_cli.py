@@ -90,6 +90,26 @@ def test_the_workdir_is_guarded(tmp_path):
     # An unset shell variable: --workdir= must not become the current folder.
     message = one_line_error(launch(*TINY, "--workdir=", cwd=foreign))
     assert "--workdir is empty" in message and os.listdir(foreign) == ["thesis.tex"]
+    message = one_line_error(launch(*TINY, f"--workdir={foreign / 'thesis.tex'}"))
+    assert "is a file, not a folder" in message
+
+
+def test_a_damaged_metrics_file_is_refused_and_left_as_it_is(tmp_path):
+    flags = [*TINY, "--config.num_rounds=6", "--config.eval_every=2", f"--workdir={tmp_path}"]
+    assert launch(*flags).returncode == 0
+    metrics = tmp_path / "metrics.jsonl"
+    lines = metrics.read_bytes().splitlines(keepends=True)
+    damaged = lines[0] + b'{"round": 4, "accur\n' + b"".join(lines[2:])
+    metrics.write_bytes(damaged)
+    message = one_line_error(launch(*flags))
+    assert "metrics.jsonl line 2 is not JSON" in message
+    assert metrics.read_bytes() == damaged
+
+
+def test_a_config_for_another_dataset_is_refused(tmp_path):
+    proc = launch(*TINY, "--config.dataset=cifar10", f"--workdir={tmp_path}")
+    message = one_line_error(proc)
+    assert "model.name must take cifar10's 32x32x3 images" in message
 
 
 def wait_for(proc, text: str, lines: list, limit: float = 600) -> None:
