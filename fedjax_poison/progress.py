@@ -77,6 +77,8 @@ class Progress:
         if diverged:
             parts.append(f"{diverged} diverged")
         speed = f"{rate:.2f} rounds/s" if math.isfinite(rate) else "- rounds/s"
+        if len(rows) > 1 and math.isfinite(rate):  # a sweep: each round is len(rows) rounds
+            speed += f" ({rate * len(rows):.2f} experiment-rounds/s)"
         line = " | ".join(parts) + f" | {speed} | ETA {duration(eta)}"
         self.emit(line)
         return line

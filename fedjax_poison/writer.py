@@ -16,6 +16,7 @@ Only the primary process of a multi-host run writes; the others' Workdir writes 
 import importlib.metadata
 import io
 import logging
+import math
 import platform
 import zipfile
 
@@ -190,9 +191,9 @@ class RunWriter:
             if tb is None:
                 continue
             for key, value in row.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    if key not in ("round", "experiment"):
-                        tb.add_scalar(key, value, row["round"])
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if number and math.isfinite(value) and key not in ("round", "experiment"):
+                    tb.add_scalar(key, value, row["round"])
             tb.flush()
 
     def _open_tensorboard(self, e: int, first_round: int):
