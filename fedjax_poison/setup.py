@@ -17,6 +17,7 @@ from fedjax_poison import (
     metrics,
     models,
     partition,
+    server,
     sharding,
     simulation,
 )
@@ -99,7 +100,7 @@ def _rule_sets(plan: Plan, params, feature_dim: int):
             num_classes=spec.num_classes,
             image_shape=spec.image_shape,
             clients_per_round=plan.clients_per_round,
-            head_index=simulation.head_index(params),
+            head_index=server.head_index(params),
         )
         for name in experiments.attack_set(exps)
     }
@@ -144,7 +145,7 @@ def build(plan: Plan) -> Programs:
             plan.save_features,
             sharding.client_groups(mesh),
         ),
-        simulation.head_index(params),
+        server.head_index(params),
         root_data(plan, dataset) if defense.needs_root else None,
         sharding.client_constraint(mesh),
         sharding.replicated_constraint(mesh),

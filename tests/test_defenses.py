@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_poison import defenses, simulation
+from fedjax_poison import defenses, server
 
 K, D, C, F = 10, 50, 3, 4
 NAMES = sorted(defenses.DEFENSES)
@@ -52,7 +52,7 @@ def build(name, *, k=K, d=D, num_classes=C, head_features=F, num_clients=20, **o
 def make_view(updates, head_rows=None, *, ids=None, round_=20, root=None, global_head=None):
     """A round as the server builds it: non-finite rows zeroed and marked invalid; head rows
     read from the first C*F coordinates unless given."""
-    updates, valid = simulation.guard(jnp.asarray(updates, jnp.float32))
+    updates, valid = server.guard(jnp.asarray(updates, jnp.float32))
     k, d = updates.shape
     if head_rows is None and d >= C * F:
         head_rows = updates[:, : C * F].reshape(k, C, F)

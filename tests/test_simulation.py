@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_poison import client, configuration, plan, simulation, train
+from fedjax_poison import client, configuration, plan, server, simulation, train
 
 METRIC_KEYS = {
     "round",
@@ -36,9 +36,9 @@ def tiny_config(**overrides):
 
 def test_fedavg_of_two_toy_clients_by_hand():
     trees = {"w": jnp.array([[1.0, 2.0], [3.0, 6.0]]), "b": jnp.array([0.0, 4.0])}
-    mean = simulation.weighted_mean(trees, jnp.array([0.5, 0.5]))
+    mean = server.weighted_mean(trees, jnp.array([0.5, 0.5]))
     assert mean["w"].tolist() == [2.0, 4.0] and float(mean["b"]) == 2.0
-    skewed = simulation.weighted_mean(trees, jnp.array([0.75, 0.25]))
+    skewed = server.weighted_mean(trees, jnp.array([0.75, 0.25]))
     assert skewed["w"].tolist() == [1.5, 3.0]
 
 

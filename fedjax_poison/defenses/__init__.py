@@ -17,7 +17,7 @@ centered_clipping) always aggregate by their rule, in 'detect' as in 'filter'.
 
 Every rule honours `RoundView.valid` (an invalid row changes nothing, not even the rule's
 memory) and returns finite aggregates and scores that are never NaN on finite rows of any
-size; the server (simulation.guard) turns non-finite rows into invalid ones.
+size; the server (server.guard) turns non-finite rows into invalid ones.
 """
 
 from __future__ import annotations
