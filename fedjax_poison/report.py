@@ -28,7 +28,7 @@ matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedjax_poison import errors, figures, stats, tables  # noqa: E402
+from fedjax_poison import errors, figures, figures_compare, stats, tables  # noqa: E402
 from fedjax_poison import workdir as workdir_lib  # noqa: E402
 
 
@@ -288,7 +288,7 @@ def write_combined(runs: Sequence[tables.Run], writer) -> list[str]:
     for name, text in texts.items():
         writer.write_text(name, text)
     with plt.style.context(figures.STYLE):
-        fig = figures.overlay_figure(runs, per_run, by_seed)
+        fig = figures_compare.overlay_figure(runs, per_run, by_seed)
     return list(texts) + figures.save(fig, "combined_curves", writer)
 
 
