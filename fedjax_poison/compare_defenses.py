@@ -256,7 +256,8 @@ def plot(c, table: list[dict], path: str) -> None:
             for j, d in enumerate(ran):
                 if at[a, d]["diverged"]:
                     ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, color="0.6"))
-                text = "diverged" if at[a, d]["diverged"] else _number(values[i, j])[:5]
+                text = f"{values[i, j]:.3f}" if np.isfinite(values[i, j]) else ""
+                text = "diverged" if at[a, d]["diverged"] else text
                 dark = not at[a, d]["diverged"] and values[i, j] > 0.6
                 ax.text(
                     j, i, text, ha="center", va="center", fontsize=8, color="k" if dark else "w"
