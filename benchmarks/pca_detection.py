@@ -20,7 +20,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fedjax_poison import configuration, report, sharding, train  # noqa: E402
+from fedjax_poison import configuration, files, sharding, train  # noqa: E402
 
 EARLY = 10  # rounds counted as the first ones (the paper's code starts its window here)
 
@@ -88,7 +88,7 @@ def main(argv=None) -> None:
     for source_class in (6, -1):
         workdir = os.path.join(root, f"source_{source_class}")
         train.train_and_evaluate(detection_config(args, source_class), workdir)
-        rows = report.read_lines(os.path.join(workdir, "metrics.jsonl"))
+        rows = files.read_lines(os.path.join(workdir, "metrics.jsonl"))
         table += table_rows(rows, source_class, args.rounds)
     print(f"{args.rounds} rounds, defense.start_round={args.start_round}, runs in {root}")
     print(markdown(sorted(table, key=lambda r: (r["malicious"], r["source"]))))

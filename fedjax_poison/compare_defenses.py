@@ -44,11 +44,11 @@ from fedjax_poison import (
     defenses,
     errors,
     experiments,
-    report,
+    files,
     sharding,
     train,
 )
-from fedjax_poison.report import plt
+from fedjax_poison.figures import plt
 
 STATS = ("accuracy", "success", "accuracy_drop", "source_recall", "source_recall_loss")
 COLUMNS = ("attack", "defense", "measure", "n", "diverged", "degenerate_rounds")
@@ -128,10 +128,11 @@ def cells(c, summary: dict, notes: dict) -> list[dict]:
     """One dict per attack x defense (COLUMNS), from the run's final rows."""
     final = {(r["attack"], r["defense"], r["seed"]): r for r in summary["final"]}
     seeds = list(c.sweep.seed)
+    flips = {exp.attack: exp.flips for exp in experiments.expand(c)}  # canonical: () if none
     out = []
     for attack in c.sweep.attack:
         measure = measure_of(c, attack)
-        sources = [s for s, _ in experiments.attacked_pairs(c, attack, _flips(c))]
+        sources = [s for s, _ in flips[attack]]
         for defense in c.sweep.defense:
             rows = [final[(attack, defense, s)] for s in seeds]
             clean = [final[("none", defense, s)] for s in seeds]
@@ -139,10 +140,6 @@ def cells(c, summary: dict, notes: dict) -> list[dict]:
         for defense, note in notes.items():
             out.append({"attack": attack, "defense": defense, "measure": measure, "note": note})
     return out
-
-
-def _flips(c):
-    return attacks.parse_flips(c.attack.flips)
 
 
 def _cell(attack, defense, measure, sources, rows, clean) -> dict:
@@ -279,8 +276,8 @@ def write(c, table: list[dict], notes: dict, workdir: str) -> None:
     csv = [",".join(COLUMNS)] + [
         ",".join(_number(t.get(k)).replace(",", ";") for k in COLUMNS) for t in table
     ]
-    report.write_text(os.path.join(workdir, "matrix.csv"), "\n".join(csv) + "\n")
-    report.write_text(os.path.join(workdir, "matrix.md"), markdown(c, table, notes))
+    files.write_atomic(os.path.join(workdir, "matrix.csv"), ("\n".join(csv) + "\n").encode())
+    files.write_atomic(os.path.join(workdir, "matrix.md"), markdown(c, table, notes).encode())
     plot(c, table, os.path.join(workdir, "matrix.png"))
 
 

@@ -342,15 +342,6 @@ def format_markdown(run: Run, table: Sequence[dict], by_seed: Sequence[dict]) ->
     return "\n".join(text) + "\n"
 
 
-def write_sweep_report(workdir: str, rows: list[dict], exps: list, config) -> None:
-    """The tables and figures of a run whose experiments the caller holds (see
-    report.write_report, which reads them from the workdir instead)."""
-    from fedjax_poison import report  # report builds on this module
-
-    run = report.run_from(workdir, config, exps, rows)
-    report.write_run(run, report.FolderWriter(workdir))
-
-
 def format_combined_markdown(runs: Sequence[Run], by_seed: Sequence[dict]) -> str:
     """combined_results.md: what each run is, then one table across seeds with a run column."""
     lines = [f"# {len(runs)} runs side by side", ""]

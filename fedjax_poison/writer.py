@@ -8,7 +8,7 @@
     features/            save_features: the source-class rows for the offline PCA analysis
     tensorboard/         event files, one folder per experiment (tensorboardX)
     summary.json         the last row and the stable measures of each experiment, times
-    results.*, *.png/pdf tables and figures (tables.write_sweep_report)
+    results.*, *.png/pdf tables and figures (report.write_report)
 
 Only the primary process of a multi-host run writes; the others' Workdir writes nothing.
 """

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from fedjax_poison import configuration, data, report, train
+from fedjax_poison import configuration, data, files, train
 
 FILES = data.SPECS["fashion_mnist"].default_dir
 
@@ -27,7 +27,7 @@ def test_label_flipping_hurts_the_source_class_only(tmp_path):
     c.attack.flips = "6:0"
     c.sweep.malicious_fraction = (0.0, 0.5)  # clean and attacked, same seed, one program
     train.train_and_evaluate(c, str(tmp_path))
-    rows = [r for r in report.read_lines(str(tmp_path / "metrics.jsonl")) if r["round"] > 15]
+    rows = [r for r in files.read_lines(str(tmp_path / "metrics.jsonl")) if r["round"] > 15]
     clean = [r for r in rows if r["malicious_fraction"] == 0.0]
     attacked = [r for r in rows if r["malicious_fraction"] == 0.5]
     assert clean[-1]["accuracy"] > 0.83  # the clean model learned

@@ -2,11 +2,12 @@
 
 import csv
 import io
+import json
 import math
 
 import pytest
 
-from fedjax_poison import configuration, experiments, tables
+from fedjax_poison import report, tables
 
 CONFIG = {
     "dataset": "fashion_mnist",
@@ -173,19 +174,19 @@ def test_markdown_says_what_ran_and_gives_mean_ci_and_n():
     assert "-0.561 ± 1.414 (n=2)" in markdown  # the paired difference to the clean twin
 
 
-def test_the_run_loop_entry_still_writes_tables_and_figures(tmp_path):
-    c = configuration.paper_config("fashion_mnist")
-    c.num_rounds, c.eval_every = 20, 5
-    c.sweep.malicious_fraction, c.sweep.seed = (0.0, 0.5), (0, 1)
-    exps = experiments.expand(c)  # fraction-major: clean seeds 0, 1, then attacked
-    tables.write_sweep_report(str(tmp_path), ROWS, exps, c)
+def test_a_workdir_gets_its_tables_and_figures(tmp_path):
+    # What the run loop leaves: config.json, experiments.json, metrics.jsonl.
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    (tmp_path / "experiments.json").write_text(json.dumps(EXPS))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    written = report.write_report(str(tmp_path))
     per_exp = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert per_exp[2]["clean_twin"] == "0" and per_exp[3]["clean_twin"] == "1"
     # 20 rounds evaluated every 5: W = 1, the gap at round 20
     assert float(per_exp[2]["source_recall_loss"]) == pytest.approx(0.9 - 0.0)
     assert per_exp[2]["window"] == "1"
     for name in ("curves.png", "curves.pdf", "source_recall_vs_fraction.png"):
-        assert (tmp_path / name).stat().st_size > 0, name
+        assert name in written and (tmp_path / name).stat().st_size > 0, name
 
 
 def test_alpha_cells_read_before_slash_after_and_stay_once_formatted():
