@@ -66,8 +66,9 @@ def paper_config(dataset: str) -> ml_collections.ConfigDict:
     # 0: those of the last 10% of the rounds.
     c.eval_window = 0
     c.save_features = False  # features/*.npz: per (round, client) rows for the PCA analysis
-    # Rounds between checkpoints, a multiple of eval_every; 0 = none during training. The same
-    # command resumes from the last one; the end of training is always recorded.
+    # Rounds between checkpoints, a multiple of eval_every; 0 = automatic: after the first
+    # evaluation 10 minutes after the last save (train.AUTO_CHECKPOINT_S). The same command
+    # resumes from the last one; the end of each experiment group is always saved.
     c.checkpoint_every = 0
     c.overwrite = False  # True: replace a workdir's run of another config instead of refusing
     c.tensorboard = True  # TensorBoard event files in workdir/tensorboard (needs tensorboardX)

@@ -148,6 +148,13 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def agree(flag: bool) -> bool:
+    """The primary process's flag, on every process (a decision all must take alike)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.broadcast_one_to_all(np.bool_(flag)))
+
+
 def barrier(name: str) -> None:
     """Waits until every process of a multi-host run got here."""
     if jax.process_count() > 1:

@@ -36,6 +36,9 @@ from fedjax_poison.workdir import Workdir
 from fedjax_poison.writer import RunWriter
 
 log = logging.getLogger("fedjax_poison")
+# With checkpoint_every = 0: save after the first evaluation that ends this long after the
+# last save, so that a killed run loses at most about this much work.
+AUTO_CHECKPOINT_S = 600.0
 
 
 class DivergenceError(UserError, RuntimeError):
@@ -177,6 +180,7 @@ def _run_group(plan, programs, compiled, writer, checkpoints, state, progress, s
     """Advances one group from state.round to the end, chunk by chunk; its last state."""
     group = plan.groups[state.group]
     scenarios = _place(programs, _pick(programs.scenarios, group))
+    saved_at = time.perf_counter()
     while state.round < plan.num_rounds:
         before = state.round
         todo = min(plan.eval_every, plan.num_rounds - before)
@@ -199,8 +203,12 @@ def _run_group(plan, programs, compiled, writer, checkpoints, state, progress, s
                 f"{writer.workdir.join('metrics.jsonl')}"
             )
         last_group = state.group == len(plan.groups) - 1
-        if _checkpoint_due(plan, state.round, last_group) or stop.is_set():
+        unsaved_s = time.perf_counter() - saved_at
+        if sharding.agree(
+            _checkpoint_due(plan, state.round, last_group, unsaved_s) or stop.is_set()
+        ):
             checkpoints.save(state)
+            saved_at = time.perf_counter()
         if stop.is_set():
             raise Interrupted(
                 f"stopped after round {state.round}"
@@ -256,8 +264,9 @@ def _rows(plan, programs, writer, group, state, confusion, records) -> list[dict
 
 @contextlib.contextmanager
 def _stop_on_interrupt():
-    """A flag that the first Ctrl-C sets (the run stops after its chunk and saves); a second
-    Ctrl-C stops at once. Outside the main thread, Ctrl-C keeps its usual meaning."""
+    """A flag that the first Ctrl-C or SIGTERM (a scheduler's preemption) sets: the run stops
+    after its chunk and saves; a second one stops at once. Outside the main thread, the
+    signals keep their usual meaning."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -269,11 +278,12 @@ def _stop_on_interrupt():
         stop.set()
         log.warning("stopping after this evaluation to save the run (Ctrl-C again: at once)")
 
-    previous = signal.signal(signal.SIGINT, handle)
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _place(programs, tree):
@@ -285,7 +295,11 @@ def _pick(tree, members):
     return jax.tree.map(lambda a: a[np.asarray(members)], tree)
 
 
-def _checkpoint_due(plan, round_done: int, last_group: bool) -> bool:
-    if round_done == plan.num_rounds and (plan.checkpoint_every or last_group):
-        return True  # the end of a group, or of the run
-    return bool(plan.checkpoint_every) and round_done % plan.checkpoint_every == 0
+def _checkpoint_due(plan, round_done: int, last_group: bool, unsaved_s: float) -> bool:
+    """Whether to save after this evaluation: every checkpoint_every rounds, or with 0 after
+    AUTO_CHECKPOINT_S of unsaved work; always at the end of a group."""
+    if round_done == plan.num_rounds:
+        return True
+    if plan.checkpoint_every:
+        return round_done % plan.checkpoint_every == 0
+    return unsaved_s >= AUTO_CHECKPOINT_S

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from fedjax_poison import checkpoint
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch.py")
 SMOKE = f"--config={os.path.join(REPO, 'configs', 'fashion_mnist.py')}:smoke"
@@ -167,6 +169,32 @@ def test_lock_ctrl_c_and_resume(tmp_path):
     assert f"resuming after round {stopped}" in finished.stderr
     read = lambda d: open(d / "metrics.jsonl").read()
     assert read(work) == read(tmp_path / "reference")
+
+
+def test_sigterm_saves_like_ctrl_c(tmp_path):
+    """A scheduler's preemption (SIGTERM) stops after the evaluation, saves, and says how to
+    resume, as Ctrl-C does."""
+    work = tmp_path / "work"
+    flags = [*TINY, "--config.num_rounds=200", "--config.eval_every=1", f"--workdir={work}"]
+    proc = subprocess.Popen(
+        [sys.executable, LAUNCH, *flags], cwd=REPO, env=env(), stderr=subprocess.PIPE, text=True
+    )
+    lines = []
+    try:
+        wait_for(proc, "round 2/200", lines)
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert "the run was saved; resume with:" in rest
+    stopped = json.loads(open(work / "metrics.jsonl").read().splitlines()[-1])["round"]
+    saved = checkpoint.Checkpoints(str(work / checkpoint.FOLDER), 200)
+    try:
+        assert saved.latest()["round"] == stopped
+    finally:
+        saved.close()
 
 
 def test_without_workdir_the_run_goes_to_runs(tmp_path):

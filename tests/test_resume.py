@@ -231,3 +231,21 @@ def test_a_torn_last_row_is_dropped_and_a_shortened_file_refused(tmp_path):
     metrics.write_text("".join(whole.splitlines(keepends=True)[:-1]))
     with pytest.raises(checkpoint.CheckpointError, match="wrote 2 rows up to round 4 .* holds 1"):
         train.train_and_evaluate(c, str(tmp_path))
+
+
+def test_without_checkpoint_every_a_run_saves_when_work_would_be_lost(tmp_path, monkeypatch):
+    """checkpoint_every = 0 saves after the first evaluation AUTO_CHECKPOINT_S after the last
+    save, and at the end: a killed run loses at most about that much work."""
+    saved = []
+    save = checkpoint.Checkpoints.save
+    monkeypatch.setattr(
+        checkpoint.Checkpoints, "save", lambda self, s: (saved.append(s.round), save(self, s))[1]
+    )
+    c = tiny_config(num_rounds=3, eval_every=1)
+    monkeypatch.setattr(train, "AUTO_CHECKPOINT_S", 0.0)  # every evaluation is due
+    train.train_and_evaluate(c, str(tmp_path / "due"))
+    assert saved == [1, 2, 3]
+    saved.clear()
+    monkeypatch.setattr(train, "AUTO_CHECKPOINT_S", 1e9)  # none is due: only the end
+    train.train_and_evaluate(c, str(tmp_path / "end"))
+    assert saved == [3]
