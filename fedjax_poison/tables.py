@@ -127,6 +127,15 @@ def diverged_round(run: Run, e: int) -> int | None:
     return run.experiments[e].get("diverged_round")
 
 
+def twin_pairs(run: Run, e: int) -> list[tuple[int, int]]:
+    """The flips of the experiments whose clean twin e is, if they all flip the same pairs
+    (a clean row then shows its recall of their source classes), else []."""
+    flips = {
+        tuple(parse_flips(x["flips"])) for x in run.experiments if x.get("clean_twin") == e
+    }
+    return list(flips.pop()) if len(flips) == 1 else []
+
+
 def experiment_row(run: Run, e: int) -> dict:
     """Experiment e's settings, INFO and METRICS (NaN when undefined or diverged)."""
     exp, rows = run.experiments[e], run.rows[e]
@@ -139,7 +148,7 @@ def experiment_row(run: Run, e: int) -> dict:
     entry.update({m: math.nan for m in METRICS})
     if entry["diverged"] is not None:
         return entry
-    pairs = parse_flips(exp["flips"])
+    pairs = parse_flips(exp["flips"]) or twin_pairs(run, e)
     mine = {m: series(rows, m, pairs) for m in SERIES}
     for m in SERIES:
         entry[m], entry[f"{m}_final"] = stats.tail_mean(mine[m], run.window), stats.final(mine[m])
