@@ -302,7 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Rebuild the tables and figures of runs from their workdirs.",
     )
     parser.add_argument("workdirs", nargs="+", help="workdirs of runs")
-    parser.add_argument("--out", help="write here instead of into each workdir")
+    parser.add_argument(
+        "--out", help="write here instead of into each workdir, with several: side by side too"
+    )
     parser.add_argument("--window", type=int, help="W: evaluations a stable measure averages")
     args = parser.parse_args(argv)
     try:
@@ -315,9 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             dest = os.path.join(dest, run.name) if args.out and len(runs) > 1 else dest
             with open_writer(path, dest) as writer:
                 print(f"{dest}: {', '.join(write_run(run, writer))}")
-        if len(runs) > 1:
-            dest = args.out or os.getcwd()
-            print(f"{dest}: {', '.join(write_combined(runs, FolderWriter(dest)))}")
+        if len(runs) > 1 and args.out:
+            print(f"{args.out}: {', '.join(write_combined(runs, FolderWriter(args.out)))}")
+        elif len(runs) > 1:
+            print("side by side in one table and figure: add --out=FOLDER")
     except (ReportError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

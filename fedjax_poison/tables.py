@@ -128,11 +128,10 @@ def diverged_round(run: Run, e: int) -> int | None:
 
 
 def twin_pairs(run: Run, e: int) -> list[tuple[int, int]]:
-    """The flips of the experiments whose clean twin e is, if they all flip the same pairs
-    (a clean row then shows its recall of their source classes), else []."""
-    flips = {
-        tuple(parse_flips(x["flips"])) for x in run.experiments if x.get("clean_twin") == e
-    }
+    """The flips of the attacked experiments whose clean twin e is, if they all flip the
+    same pairs (a clean row then shows its recall of their source classes), else []."""
+    flips = {tuple(parse_flips(x["flips"])) for x in run.experiments if x.get("clean_twin") == e}
+    flips.discard(())
     return list(flips.pop()) if len(flips) == 1 else []
 
 

@@ -197,7 +197,7 @@ def test_selections_come_from_the_records(tmp_path):
     assert report.read_selections(str(tmp_path)) == {0: [], 1: [2, 4]}
 
 
-def test_command_line_with_several_workdirs(tmp_path, capsys):
+def test_command_line_with_several_workdirs(tmp_path, capsys, monkeypatch):
     write_workdir(tmp_path / "a", clean=False)
     write_workdir(tmp_path / "b", clean=False)
     out = tmp_path / "out"
@@ -209,6 +209,12 @@ def test_command_line_with_several_workdirs(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"{out}/a: results.csv" in printed and f"{out}: combined_results.csv" in printed
     assert not (tmp_path / "a" / "results.csv").exists()
+    # Without --out each workdir is rebuilt in place, and nothing lands in the current folder.
+    monkeypatch.chdir(tmp_path / "out")
+    before = sorted(os.listdir("."))
+    assert report.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert sorted(os.listdir(".")) == before and (tmp_path / "a" / "results.csv").exists()
+    assert "add --out=FOLDER" in capsys.readouterr().out
 
 
 def test_command_line_errors_are_one_line(tmp_path, capsys):

@@ -196,11 +196,11 @@ def test_alpha_cells_read_before_slash_after_and_stay_once_formatted():
 
 
 def test_a_clean_row_shows_the_recall_of_the_class_its_twins_attack():
-    clean = [exp(0, 0.0, 0, flips=""), exp(1, 0.0, 1, flips="")]  # as experiments.json has them
+    clean = [exp(0, 0.0, 0, flips="", twin=0), exp(1, 0.0, 1, flips="", twin=1)]  # as written
     table = tables.experiment_table(run_of(clean + EXPS[2:], ROWS, window=2))
     assert table[0]["source_recall"] == pytest.approx((0.9 + 0.9) / 2)  # class 6, rounds 15, 20
     assert table[0]["other_accuracy"] == pytest.approx(0.9)
-    assert math.isnan(table[0]["source_recall_loss"])  # still no twin of its own
+    assert table[0]["source_recall_loss"] == 0.0  # its own twin, as its accuracy_drop
     other = [exp(0, 0.0, 0, flips=""), exp(1, 0.5, 0, twin=0), exp(2, 0.5, 0, twin=0, flips="1:3")]
     rows = [row(e, 20, 0.5) for e in range(3)]
     assert math.isnan(tables.experiment_table(run_of(other, rows))[0]["source_recall"])
