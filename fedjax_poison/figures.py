@@ -91,7 +91,8 @@ def title(run: tables.Run, rows, what: str) -> str:
     first, varying = attacked[0], set(tables.varying(attacked, tables.GROUP_KEYS))
     shown = [k for k in ("attack", "flips", "malicious_fraction", "defense") if k not in varying]
     if first["schedule"] != "always" and "schedule" not in varying:
-        shown += ["schedule", "alpha"] if first["schedule"] == "availability" else ["schedule"]
+        shown += ["schedule"]
+        shown += ["alpha"] if first["schedule"] == "availability" and "alpha" not in varying else []
     if first["flips"] == "" and "flips" in shown:
         shown.remove("flips")
     parts = [dataset, *(setting_label(k, first[k], names) for k in shown)]

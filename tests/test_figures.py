@@ -65,6 +65,19 @@ def test_the_title_says_what_ran():
     assert "defense fedavg" in title and "2 seeds" in title
 
 
+def test_a_swept_alpha_is_in_the_legend_not_the_title():
+    settings = [
+        {"malicious_fraction": 0.5, "seed": 0, "schedule": "availability", "alpha": [a, a]}
+        for a in (0.0, 0.4)
+    ]
+    run, table, by_seed = build(settings, lambda e, r: 0.6 - 0.4 * e)
+    fig = figures.build_figures(run, table, by_seed)["recall_over_rounds"]
+    title = " ".join(fig.get_suptitle().split())  # the title wraps
+    assert "schedule availability" in title and "alpha" not in title
+    labels = [h.get_label() for h in fig.legends[0].legend_handles]
+    assert "alpha 0" in labels and "alpha 0.4" in labels
+
+
 def test_figures_are_written_as_png_at_150_dpi_and_pdf_with_their_title_and_no_date():
     run, table, by_seed = build(sweep(), lambda e, r: 0.8 - 0.1 * e)
     fig = figures.curves_figure(run, table, by_seed)
