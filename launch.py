@@ -15,7 +15,6 @@ import shlex
 import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 import fedjax_poison
@@ -86,18 +85,10 @@ def resume_command(workdir: str) -> str:
     return shlex.join([sys.executable, sys.argv[0], *args, f"--workdir={workdir}"])
 
 
-def configure_logging() -> None:
-    """Our progress lines as `HH:MM:SS message`, without absl's prefix or library noise."""
-    absl_logging.set_verbosity(absl_logging.INFO)
-    formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    absl_logging.get_absl_handler().setFormatter(formatter)
-    api.quiet_libraries()
-
-
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {argv[1:]}")
-    configure_logging()
+    api.configure_cli_logging()
     config = _CONFIG.value
     try:
         config.keys()  # a config file that failed to load fails here (ml_collections defers it)

@@ -6,6 +6,8 @@ import os
 import sys
 from typing import NamedTuple
 
+from absl import logging as absl_logging
+
 from fedjax_poison import files, sharding, train
 
 log = logging.getLogger("fedjax_poison")
@@ -28,6 +30,15 @@ def quiet_libraries() -> None:
     needs; warnings stay."""
     for name in ("jax", "jax._src.xla_bridge", "orbax", "absl.orbax"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def configure_cli_logging() -> None:
+    """For a command line run under absl.app: progress lines as `HH:MM:SS message`, without
+    absl's prefix or library noise."""
+    absl_logging.set_verbosity(absl_logging.INFO)
+    formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    absl_logging.get_absl_handler().setFormatter(formatter)
+    quiet_libraries()
 
 
 def show_progress() -> None:

@@ -33,10 +33,11 @@ import sys
 
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from fedjax_poison import (
+    api,
     attacks,
     checkpoint,
     configuration,
@@ -302,7 +303,7 @@ def _cli() -> None:
 
     def main(argv):
         del argv
-        logging.set_verbosity(logging.INFO)
+        api.configure_cli_logging()
         c = config.value
         chosen = attack_names.value or [c.attack.name]
         try:
