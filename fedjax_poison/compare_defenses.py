@@ -16,9 +16,11 @@ comparison). Writes into workdir:
     matrix.md    tables to paste: rows = attacks, columns = defenses, cells
                  "accuracy / success"; the accuracy drop against 'none' of the same defense;
                  detection by the rules that flag clients
-    matrix.png   heatmaps of the accuracy and of each attack's success
+    matrix.png   heatmaps of the accuracy and of each attack's success, mean ± CI95 (also .pdf)
 
-An attack's success is its own measure (attacks.MEASURES): a flip's attack success rate
+Every number is a stable measure of the run's tables (the mean of an experiment's last W
+evaluations, `eval_window`), as in results.md; `DIR/run` holds the run's own tables and
+figures too. An attack's success is its own measure (attacks.MEASURES): a flip's attack success rate
 (source-class test images predicted as the target), a backdoor's (triggered test images
 predicted as the target), and for untargeted attacks the accuracy drop against 'none'
 (paired by seed). A defense that cannot run with the config (e.g. Bulyan with too few
@@ -38,18 +40,20 @@ from ml_collections import config_flags
 
 from fedjax_poison import (
     api,
-    attacks,
     checkpoint,
     configuration,
     data,
     defenses,
     errors,
-    experiments,
+    figures,
+    figures_compare,
     files,
+    report,
     sharding,
+    stats,
+    tables,
     train,
 )
-from fedjax_poison.figures import plt
 
 STATS = ("accuracy", "success", "accuracy_drop", "source_recall", "source_recall_loss")
 COLUMNS = ("attack", "defense", "measure", "n", "diverged", "degenerate_rounds")
@@ -109,62 +113,48 @@ def plan(config, attack_names, defense_names, seeds):
     return c, notes
 
 
-def measure_of(c, attack: str) -> str:
-    """The attack's success measure (attacks.MEASURES)."""
-    spec = data.SPECS[c.dataset]
-    sizes = dict(num_classes=spec.num_classes, image_shape=spec.image_shape)
-    sizes.update(clients_per_round=c.clients_per_round)
-    head = np.zeros((1, spec.num_classes), np.int32)
-    return attacks.make_attack(attack, c.attack, **sizes, head_index=head).measure
+SUCCESS_METRIC = {"flip": "attack_success_rate", "backdoor": "attack_success_rate"}
+SUCCESS_METRIC["untargeted"] = "accuracy_drop"
+CELL_METRICS = {  # a cell's statistic: the run's table column it is read from
+    "accuracy": "accuracy",
+    "accuracy_drop": "accuracy_drop",
+    "source_recall": "source_recall",
+    "source_recall_loss": "source_recall_loss",
+}
 
 
-def _stat(values) -> tuple[float, float]:
-    """(mean, sample std) of the finite values; NaN where there are too few."""
-    v = [x for x in values if x is not None and math.isfinite(x)]
-    mean = float(np.mean(v)) if v else math.nan
-    return mean, float(np.std(v, ddof=1)) if len(v) > 1 else math.nan
-
-
-def cells(c, summary: dict, notes: dict) -> list[dict]:
-    """One dict per attack x defense (COLUMNS), from the run's final rows."""
-    final = {(r["attack"], r["defense"], r["seed"]): r for r in summary["final"]}
-    seeds = list(c.sweep.seed)
-    flips = {exp.attack: exp.flips for exp in experiments.expand(c)}  # canonical: () if none
+def cells(c, run: tables.Run, summary: dict, notes: dict) -> list[dict]:
+    """One dict per attack x defense (COLUMNS): the stable measures of the run's tables
+    (report.read_run), mean and sample std over the seeds; differences to 'none' of the
+    same defense are paired by seed (the clean twin)."""
+    table = tables.experiment_table(run)
+    groups = {(g["attack"], g["defense"]): g for g in tables.by_seed_table(table)}
+    degenerate: dict[tuple, int] = {}
+    for r in summary["final"]:
+        key = (r["attack"], r["defense"])
+        degenerate[key] = degenerate.get(key, 0) + r.get("degenerate_rounds", 0)
     out = []
     for attack in c.sweep.attack:
-        measure = measure_of(c, attack)
-        sources = [s for s, _ in flips[attack]]
+        measure = next(g["measure"] for (a, _), g in groups.items() if a == attack)
         for defense in c.sweep.defense:
-            rows = [final[(attack, defense, s)] for s in seeds]
-            clean = [final[("none", defense, s)] for s in seeds]
-            out.append(_cell(attack, defense, measure, sources, rows, clean))
+            group = groups[attack, defense]
+            cell = {"attack": attack, "defense": defense, "measure": measure}
+            cell.update(n=group["seeds"], diverged=group["diverged"])
+            cell["degenerate_rounds"] = degenerate.get((attack, defense), 0)
+            metrics = dict(CELL_METRICS, success=SUCCESS_METRIC.get(measure))
+            for stat, metric in metrics.items():
+                mean = group[f"{metric}_mean"] if metric else math.nan
+                std = group[f"{metric}_std"] if metric else math.nan
+                cell[f"{stat}_mean"], cell[f"{stat}_std"] = mean, std
+            for key in ("detection_precision", "detection_recall"):
+                found = [table[e].get(key, math.nan) for e in group["experiments"]]
+                found = [v for v in found if math.isfinite(v)]
+                cell[key] = float(np.mean(found)) if found else None
+            cell["note"] = ""
+            out.append(cell)
         for defense, note in notes.items():
             out.append({"attack": attack, "defense": defense, "measure": measure, "note": note})
     return out
-
-
-def _cell(attack, defense, measure, sources, rows, clean) -> dict:
-    """The statistics of one cell over its seeds; rows and clean ('none') paired by seed."""
-    ok = [not r.get("diverged") for r in rows]
-    both = [a and not n.get("diverged") for a, n in zip(ok, clean)]
-    acc = [r["accuracy"] for r, keep in zip(rows, ok) if keep]
-    drop = [n["accuracy"] - r["accuracy"] for r, n, keep in zip(rows, clean, both) if keep]
-    recall = lambda row: float(np.mean([row["recall"][s] for s in sources]))
-    src = [recall(r) for r, keep in zip(rows, ok) if keep] if sources else []
-    loss = [recall(n) - recall(r) for r, n, b in zip(rows, clean, both) if b] if sources else []
-    success = {"flip": None, "backdoor": None, "untargeted": drop, "none": []}[measure]
-    if success is None:
-        success = [r["attack_success_rate"] for r, keep in zip(rows, ok) if keep]
-    cell = {"attack": attack, "defense": defense, "measure": measure, "n": len(rows)}
-    cell["diverged"] = len(rows) - sum(ok)
-    cell["degenerate_rounds"] = sum(r.get("degenerate_rounds", 0) for r in rows)
-    for name, values in zip(STATS, (acc, success, drop, src, loss)):
-        cell[f"{name}_mean"], cell[f"{name}_std"] = _stat(values)
-    for key in ("detection_precision", "detection_recall"):
-        found = [r[key] for r in rows if key in r]
-        cell[key] = float(np.mean(found)) if found else None
-    cell["note"] = ""
-    return cell
 
 
 def _number(value) -> str:
@@ -186,6 +176,13 @@ def _diverged(cell: dict) -> str:
         return ""
     n = cell["n"]
     return "diverged" if cell["diverged"] == n else f"diverged ({cell['diverged']} of {n})"
+
+
+def window_text(c) -> str:
+    """'2 evaluations (rounds 20 to 30)': what a stable measure averages."""
+    w = stats.window_size(c.to_dict(), [])
+    rounds = stats.evaluation_rounds(c.num_rounds, c.eval_every)[-w:]
+    return f"{w} evaluation{'s' if w > 1 else ''} (rounds {rounds[0]} to {rounds[-1]})"
 
 
 def title(c) -> str:
@@ -222,7 +219,11 @@ def markdown(c, table: list[dict], notes: dict) -> str:
     ran, names = list(c.sweep.defense), list(c.sweep.attack)
     at = {(t["attack"], t["defense"]): t for t in table}
     lines = [f"# Attacks x defenses: {title(c)}", ""]
-    lines += ["Cells: test accuracy / the attack's success, mean ± std over seeds.", ""]
+    lines += [
+        "Cells: test accuracy / the attack's success, each the mean of the last "
+        f"{window_text(c)}, mean ± std over seeds.",
+        "",
+    ]
     lines += _grid(names, ran, at, _both) + ["", "Success per attack:", ""]
     for attack in names:
         measure = at[attack, ran[0]]["measure"]
@@ -238,57 +239,29 @@ def markdown(c, table: list[dict], notes: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-SHORT = {"flip": "ASR", "backdoor": "backdoor ASR", "untargeted": "acc. drop", "none": ""}
-
-
-def plot(c, table: list[dict], path: str) -> None:
-    """matrix.png: accuracy, and each attack's own success; diverged cells grey, marked."""
-    ran, names = list(c.sweep.defense), list(c.sweep.attack)
-    at = {(t["attack"], t["defense"]): t for t in table}
-    fig, axes = plt.subplots(1, 2, figsize=(5 + 2.6 * len(ran), 1.6 + 0.5 * len(names)))
-    panels = (("accuracy", "test accuracy"), ("success", "the attack's success"))
-    for ax, (stat, label) in zip(axes, panels):
-        values = np.array([[at[a, d][f"{stat}_mean"] for d in ran] for a in names], float)
-        image = ax.imshow(np.clip(values, 0, 1), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        for i, a in enumerate(names):
-            for j, d in enumerate(ran):
-                if at[a, d]["diverged"]:
-                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, color="0.6"))
-                text = f"{values[i, j]:.3f}" if np.isfinite(values[i, j]) else ""
-                text = "diverged" if at[a, d]["diverged"] else text
-                dark = not at[a, d]["diverged"] and values[i, j] > 0.6
-                ax.text(
-                    j, i, text, ha="center", va="center", fontsize=8, color="k" if dark else "w"
-                )
-        ax.set_xticks(range(len(ran)), ran, rotation=30, ha="right")
-        measures = [SHORT[at[a, ran[0]]["measure"]] for a in names]
-        labels = [f"{a} ({m})" if m and stat == "success" else a for a, m in zip(names, measures)]
-        ax.set_yticks(range(len(names)), labels)
-        ax.set_title(label, fontsize=10)
-        fig.colorbar(image, ax=ax, fraction=0.04)
-    fig.suptitle(title(c), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write(c, table: list[dict], notes: dict, workdir: str) -> None:
-    """matrix.csv, matrix.md and matrix.png in workdir."""
+def write(c, table: list[dict], notes: dict, workdir: str, run: tables.Run) -> None:
+    """matrix.csv, matrix.md and matrix.png/.pdf (the run's heatmaps, figures_compare) in
+    workdir."""
     csv = [",".join(COLUMNS)] + [
         ",".join(_number(t.get(k)).replace(",", ";") for k in COLUMNS) for t in table
     ]
     files.write_atomic(os.path.join(workdir, "matrix.csv"), ("\n".join(csv) + "\n").encode())
     files.write_atomic(os.path.join(workdir, "matrix.md"), markdown(c, table, notes).encode())
-    plot(c, table, os.path.join(workdir, "matrix.png"))
+    per_experiment = tables.experiment_table(run)
+    by_seed = tables.by_seed_table(per_experiment)
+    fig = figures_compare.matrix_figure(run, per_experiment, by_seed)
+    figures.save(fig, "matrix", report.FolderWriter(workdir))
 
 
 def compare(config, workdir: str, attack_names, defense_names, seeds) -> list[dict]:
     """Runs the matrix in workdir/run, writes its tables into workdir, returns the cells."""
     c, notes = plan(config, attack_names, defense_names, seeds)
     os.makedirs(workdir, exist_ok=True)
-    summary = train.train_and_evaluate(c, os.path.join(workdir, "run"))
-    table = cells(c, summary, notes)
-    write(c, table, notes, workdir)
+    run_dir = os.path.join(workdir, "run")
+    summary = train.train_and_evaluate(c, run_dir)
+    run = report.read_run(run_dir)
+    table = cells(c, run, summary, notes)
+    write(c, table, notes, workdir, run)
     return table
 
 

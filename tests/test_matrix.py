@@ -19,7 +19,7 @@ def matrix(tmp_path_factory):
     overflows the model the rounds after it is averaged in.
     """
     workdir = tmp_path_factory.mktemp("matrix")
-    c = tiny_config(num_rounds=4, eval_every=4)
+    c = tiny_config(num_rounds=4, eval_every=2, eval_window=2)  # cells: mean of rounds 2, 4
     c.attack.malicious_fraction, c.attack.gaussian.std = 0.25, 1e12
     compare_defenses.compare(
         c, str(workdir), ["label_flip", "gaussian"], ["fedavg", "median", "bulyan"], [0, 1]
@@ -29,7 +29,7 @@ def matrix(tmp_path_factory):
     return workdir, summary, {(r["attack"], r["defense"]): r for r in rows}
 
 
-def final(summary, attack, defense, seed):
+def final_row(summary, attack, defense, seed):
     (row,) = [
         r
         for r in summary["final"]
@@ -44,21 +44,30 @@ def test_one_run_with_every_cell_and_the_no_attack_row(matrix):
     assert set(cells) == {
         (a, d) for a in ("none", "label_flip", "gaussian") for d in ("fedavg", "median", "bulyan")
     }
-    for name in ("matrix.csv", "matrix.md", "matrix.png"):
+    for name in ("matrix.csv", "matrix.md", "matrix.png", "matrix.pdf"):
         assert (workdir / name).stat().st_size > 0
     md = open(workdir / "matrix.md").read()
     assert "25% malicious" in md and "4 rounds" in md and "seeds 0, 1" in md
+    assert "the mean of the last 2 evaluations (rounds 2 to 4)" in md
     assert "| attack \\ defense | fedavg | median |" in md  # bulyan is not a column
     none = cells["none", "fedavg"]
     assert none["measure"] == "none" and none["success_mean"] == ""
     assert float(none["accuracy_drop_mean"]) == 0.0
 
 
+def stable(workdir, attack, defense, seed, metric):
+    """The mean of an experiment's two evaluations (W = 2), from metrics.jsonl."""
+    rows = [json.loads(line) for line in open(workdir / "run" / "metrics.jsonl")]
+    mine = [r for r in rows if (r["attack"], r["defense"], r["seed"]) == (attack, defense, seed)]
+    assert [r["round"] for r in mine] == [2, 4]
+    return float(np.mean([r[metric] for r in mine]))
+
+
 def test_mean_and_std_over_seeds_by_hand(matrix):
     workdir, summary, cells = matrix
-    acc = [final(summary, "label_flip", "median", s)["accuracy"] for s in (0, 1)]
-    clean = [final(summary, "none", "median", s)["accuracy"] for s in (0, 1)]
-    asr = [final(summary, "label_flip", "median", s)["attack_success_rate"] for s in (0, 1)]
+    acc = [stable(workdir, "label_flip", "median", s, "accuracy") for s in (0, 1)]
+    clean = [stable(workdir, "none", "median", s, "accuracy") for s in (0, 1)]
+    asr = [stable(workdir, "label_flip", "median", s, "attack_success_rate") for s in (0, 1)]
     cell = cells["label_flip", "median"]
     assert cell["n"] == "2" and cell["diverged"] == "0" and cell["measure"] == "flip"
     assert float(cell["accuracy_mean"]) == pytest.approx((acc[0] + acc[1]) / 2, abs=1e-4)
@@ -68,11 +77,13 @@ def test_mean_and_std_over_seeds_by_hand(matrix):
     assert float(cell["success_mean"]) == pytest.approx(np.mean(asr), abs=1e-4)
     text = f"{np.mean(acc):.3f} ± {np.std(acc, ddof=1):.3f} / {np.mean(asr):.3f} ± "
     assert text in open(workdir / "matrix.md").read()
+    final = [final_row(summary, "label_flip", "median", s)["accuracy"] for s in (0, 1)]
+    assert final != acc  # the cells are not the last evaluation's values
 
 
 def test_a_diverged_cell_says_so_without_a_number(matrix):
     workdir, summary, cells = matrix
-    assert all(final(summary, "gaussian", "fedavg", s)["diverged"] for s in (0, 1))
+    assert all(final_row(summary, "gaussian", "fedavg", s)["diverged"] for s in (0, 1))
     cell = cells["gaussian", "fedavg"]
     assert cell["diverged"] == "2" and cell["accuracy_mean"] == "" and cell["success_mean"] == ""
     lines = open(workdir / "matrix.md").read().splitlines()
