@@ -33,7 +33,6 @@ import math
 import os
 import sys
 
-import ml_collections
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -45,6 +44,7 @@ from fedjax_poison import (
     data,
     defenses,
     errors,
+    fields,
     figures,
     figures_compare,
     files,
@@ -91,16 +91,13 @@ def plan(config, attack_names, defense_names, seeds):
     spec = data.SPECS[c.dataset]
     notes = {}
     for name in dict.fromkeys(defense_names):
-        block = ml_collections.ConfigDict(c.defense.to_dict())
-        block.name = name
         try:
-            defenses.validate(
-                block,
-                clients_per_round=c.clients_per_round,
-                num_clients=c.num_clients,
-                num_classes=spec.num_classes,
-            )
+            defenses.split_name(name)  # an unknown name stops, with the closest one
         except ValueError as e:
+            raise configuration.ConfigError(f"--defenses: {e}") from None
+        try:
+            fields.validate_defense_name(c, name, "defense.name", spec.num_classes)
+        except configuration.ConfigError as e:
             notes[name] = f"not run: {e}"
     runnable = [d for d in dict.fromkeys(defense_names) if d not in notes]
     if not runnable:

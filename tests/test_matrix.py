@@ -116,3 +116,5 @@ def test_plan_refuses_other_sweeps_and_no_runnable_defense():
         compare_defenses.plan(tiny_config(), ["sign_flip"], ["bulyan"], [0])
     with pytest.raises(configuration.ConfigError, match="did you mean 'sign_flip'"):
         compare_defenses.plan(tiny_config(), ["sign_flp"], ["fedavg"], [0])
+    with pytest.raises(configuration.ConfigError, match="--defenses: .*did you mean 'median'"):
+        compare_defenses.plan(tiny_config(), ["sign_flip"], ["fedavg", "medain"], [0])
