@@ -179,7 +179,9 @@ def window_text(c) -> str:
     """'2 evaluations (rounds 20 to 30)': what a stable measure averages."""
     w = stats.window_size(c.to_dict(), [])
     rounds = stats.evaluation_rounds(c.num_rounds, c.eval_every)[-w:]
-    return f"{w} evaluation{'s' if w > 1 else ''} (rounds {rounds[0]} to {rounds[-1]})"
+    if w == 1:
+        return f"1 evaluation (round {rounds[-1]})"
+    return f"{w} evaluations (rounds {rounds[0]} to {rounds[-1]})"
 
 
 def title(c) -> str:
@@ -256,7 +258,7 @@ def compare(config, workdir: str, attack_names, defense_names, seeds) -> list[di
     os.makedirs(workdir, exist_ok=True)
     run_dir = os.path.join(workdir, "run")
     summary = train.train_and_evaluate(c, run_dir)
-    run = report.read_run(run_dir)
+    run = report.read_run(run_dir, name=os.path.basename(os.path.abspath(workdir)))
     table = cells(c, run, summary, notes)
     write(c, table, notes, workdir, run)
     return table

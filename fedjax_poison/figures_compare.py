@@ -70,8 +70,10 @@ def matrix_figure(run: tables.Run, table, rows):
             heatmap(ax, cells, attacks, defenses, success)
         settings = ", ".join(setting_label(k, v, names) for k, v in zip(other, values))
         axes[i, 0].set_title(f"{settings + ': ' if settings else ''}stable test accuracy")
-        axes[i, 1].set_title("each attack's success: ASR (flips, backdoors), accuracy drop")
-    fig.suptitle(title(run, rows, "attacks x defenses"))
+        axes[i, 1].set_title("each attack's success:\nASR (flips, backdoors) or accuracy drop")
+    seeds = max(r["seeds"] for r in rows)
+    what = "attacks x defenses" + (", mean ± 95% CI over seeds" if seeds > 1 else "")
+    fig.suptitle(title(run, rows, what))
     return fig
 
 
