@@ -126,6 +126,7 @@ def cells(c, run: tables.Run, summary: dict, notes: dict) -> list[dict]:
     same defense are paired by seed (the clean twin)."""
     table = tables.experiment_table(run)
     groups = {(g["attack"], g["defense"]): g for g in tables.by_seed_table(table)}
+    flagging = {(r["attack"], r["defense"]) for r in summary["final"] if "detection" in r}
     degenerate: dict[tuple, int] = {}
     for r in summary["final"]:
         key = (r["attack"], r["defense"])
@@ -138,6 +139,7 @@ def cells(c, run: tables.Run, summary: dict, notes: dict) -> list[dict]:
             cell = {"attack": attack, "defense": defense, "measure": measure}
             cell.update(n=group["seeds"], diverged=group["diverged"])
             cell["degenerate_rounds"] = degenerate.get((attack, defense), 0)
+            cell["flags_clients"] = (attack, defense) in flagging
             metrics = dict(CELL_METRICS, success=SUCCESS_METRIC.get(measure))
             for stat, metric in metrics.items():
                 mean = group[f"{metric}_mean"] if metric else math.nan
@@ -210,7 +212,9 @@ def _both(cell: dict) -> str:
 
 
 def _detection(cell: dict) -> str:
-    return f"{_number(cell['detection_precision'])} / {_number(cell['detection_recall'])}"
+    """'precision / recall', '-' where undefined (nobody flagged; no attacker)."""
+    show = lambda v: "-" if v is None or not math.isfinite(v) else f"{v:.2f}"
+    return f"{show(cell['detection_precision'])} / {show(cell['detection_recall'])}"
 
 
 def markdown(c, table: list[dict], notes: dict) -> str:
@@ -230,7 +234,7 @@ def markdown(c, table: list[dict], notes: dict) -> str:
     lines += ["", "Accuracy drop against 'none' of the same defense (paired by seed):", ""]
     drop = lambda t: _pm(t, "accuracy_drop") if t["attack"] != "none" else ""
     lines += _grid(names, ran, at, drop) + [""]
-    flagging = [d for d in ran if at[names[0], d]["detection_precision"] is not None]
+    flagging = [d for d in ran if at[names[0], d]["flags_clients"]]
     if flagging:
         lines += ["Detection by the rules that flag clients (precision / recall):", ""]
         lines += _grid(names, flagging, at, _detection) + [""]

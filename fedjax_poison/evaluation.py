@@ -42,13 +42,15 @@ def chunk_facts(records, g: int) -> dict:
 
 
 def detection(detected: np.ndarray, flags_last_round: np.ndarray) -> dict:
-    """The defense's flags: cumulative (tp, fp, fn, tn) [4] and the evaluated round's flags."""
+    """The defense's flags: cumulative (tp, fp, fn, tn) [4] and the evaluated round's flags.
+    Precision is null while nobody was flagged, recall while no attacker was selected
+    (undefined, not 0); `detection` keeps the counts, false positives included."""
     tp, fp, fn, tn = (int(v) for v in detected)
     return {
         "flagged": int(flags_last_round.sum()),
         "detection": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
-        "detection_precision": tp / max(tp + fp, 1),
-        "detection_recall": tp / max(tp + fn, 1),
+        "detection_precision": tp / (tp + fp) if tp + fp else None,
+        "detection_recall": tp / (tp + fn) if tp + fn else None,
     }
 
 

@@ -113,9 +113,10 @@ def summarize(plan: plan_lib.Plan, programs, rows: list, compile_s: float, train
         ],
         "degenerate_rounds": [r["degenerate_rounds"] for r in final],
     }
-    flagging = [r for r in final if "detection_precision" in r]
-    for key in ("detection_precision", "detection_recall") if flagging else ():
-        summary[key] = float(np.mean([r[key] for r in flagging]))
+    for key in ("detection_precision", "detection_recall"):
+        defined = [r[key] for r in final if r.get(key) is not None]
+        if defined:  # the mean over the experiments where the rule's measure is defined
+            summary[key] = float(np.mean(defined))
     return summary
 
 
