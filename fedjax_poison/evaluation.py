@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedjax_poison import metrics
+from fedjax_poison import metrics, stats
 
 MEASURES = ("accuracy", "recall", "precision", "source_recall", "target_precision")
 MEASURES += ("attack_success_rate", "loss")
@@ -46,11 +46,12 @@ def detection(detected: np.ndarray, flags_last_round: np.ndarray) -> dict:
     Precision is null while nobody was flagged, recall while no attacker was selected
     (undefined, not 0); `detection` keeps the counts, false positives included."""
     tp, fp, fn, tn = (int(v) for v in detected)
+    precision, recall = stats.detection_ratios(tp, fp, fn)
     return {
         "flagged": int(flags_last_round.sum()),
         "detection": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
-        "detection_precision": tp / (tp + fp) if tp + fp else None,
-        "detection_recall": tp / (tp + fn) if tp + fn else None,
+        "detection_precision": precision,
+        "detection_recall": recall,
     }
 
 

@@ -66,6 +66,11 @@ def window_size(config: Mapping, observed: Sequence[int], override: int | None =
     return auto_window(rounds, num_rounds)
 
 
+def detection_ratios(tp: int, fp: int, fn: int) -> tuple[float | None, float | None]:
+    """(precision, recall) of flags; None where undefined (nobody flagged; no attacker)."""
+    return (tp / (tp + fp) if tp + fp else None, tp / (tp + fn) if tp + fn else None)
+
+
 def as_float(value) -> float:
     """A metric value as a float: None (NaN written as null) becomes NaN."""
     return math.nan if value is None else float(value)

@@ -163,8 +163,12 @@ def experiment_row(run: Run, e: int) -> dict:
             ref = series(twin_rows, "attack_success_rate", pairs)
             gap = stats.window_gap(mine["attack_success_rate"], ref, run.window)
             entry["attack_success_rate_vs_clean"] = -gap
-    for key in DETECTION:
-        entry[key] = stats.as_float(rows[-1].get(key)) if rows else math.nan
+    counts = rows[-1].get("detection") if rows else None
+    if counts:  # from the counts, so that undefined ratios are NaN in any run's rows
+        ratios = stats.detection_ratios(counts["tp"], counts["fp"], counts["fn"])
+        entry.update({k: stats.as_float(v) for k, v in zip(DETECTION, ratios)})
+    else:
+        entry.update({k: math.nan for k in DETECTION})
     return entry
 
 

@@ -204,3 +204,12 @@ def test_a_clean_row_shows_the_recall_of_the_class_its_twins_attack():
     other = [exp(0, 0.0, 0, flips=""), exp(1, 0.5, 0, twin=0), exp(2, 0.5, 0, twin=0, flips="1:3")]
     rows = [row(e, 20, 0.5) for e in range(3)]
     assert math.isnan(tables.experiment_table(run_of(other, rows))[0]["source_recall"])
+
+
+def test_detection_is_read_from_the_counts_and_undefined_is_empty():
+    counts = {"tp": 0, "fp": 0, "fn": 0, "tn": 20}  # no attacker, nobody flagged
+    rows = [row(e, 20, 0.5, detection=counts, detection_precision=0.0) for e in range(2)]
+    rows[1]["detection"] = {"tp": 3, "fp": 1, "fn": 2, "tn": 14}
+    table = tables.experiment_table(run_of(EXPS[:2], rows))
+    assert math.isnan(table[0]["detection_precision"]) and math.isnan(table[0]["detection_recall"])
+    assert table[1]["detection_precision"] == 0.75 and table[1]["detection_recall"] == 0.6
