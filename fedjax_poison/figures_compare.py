@@ -60,10 +60,17 @@ def matrix_figure(run: tables.Run, table, rows):
     other = [k for k in other if k != "defense"]
     combo = lambda r: tuple(str(r[k]) for k in other)
     combos = list(dict.fromkeys(combo(r) for r in rows))
-    fig, axes = plt.subplots(
-        len(combos), 2, squeeze=False, layout="constrained",
-        figsize=(4 + 2.4 * len(defenses), 1.4 + (0.8 + 0.5 * len(attacks)) * len(combos)),
-    )  # fmt: skip
+    # Side by side while the grid is narrow; with many defenses the two panels stack.
+    wide = len(defenses) > 6
+    panel = (
+        (1.0 * len(defenses), 0.8 + 0.5 * len(attacks))
+        if wide
+        else (2.4 * len(defenses), 0.8 + 0.5 * len(attacks))
+    )
+    grid = (2 * len(combos), 1) if wide else (len(combos), 2)
+    size = (3 + panel[0] * grid[1], 1.4 + panel[1] * grid[0])
+    fig, axes = plt.subplots(*grid, squeeze=False, layout="constrained", figsize=size)
+    axes = axes.reshape(len(combos), 2)  # [combo, (accuracy, success)]
     for i, values in enumerate(combos):
         cells = {(r["attack"], r["defense"]): r for r in rows if combo(r) == values}
         for ax, success in zip(axes[i], (False, True)):

@@ -193,6 +193,21 @@ def test_matrix_of_attacks_and_defenses_says_which_cell_diverged():
     assert np.ma.is_masked(image[2, 1]) and image[0, 0] == pytest.approx(0.8)
 
 
+def test_a_matrix_of_many_defenses_stacks_its_panels():
+    names = ("fedavg", "median", "krum", "pca", "flame", "dnc", "signguard", "nnm+krum")
+    settings = [
+        {"attack": a, "defense": d, "seed": 0, "flips": "6:0" if a == "label_flip" else ""}
+        for a in ("none", "label_flip")
+        for d in names
+    ]
+    run, table, by_seed = build(settings, lambda e, r: 0.5)
+    fig = figures.build_figures(run, table, by_seed)["matrix"]
+    accuracy, success = (ax for ax in fig.axes if ax.images and ax.get_yticklabels())
+    assert accuracy.get_position().y0 > success.get_position().y1  # one above the other
+    width, height = fig.get_size_inches()
+    assert width < 12 and [t.get_text() for t in success.get_xticklabels()] == list(names)
+
+
 def test_an_untargeted_attack_is_shown_by_its_accuracy():
     settings = sweep(seeds=(0,), attack="sign_flip", flips="")
     run, table, by_seed = build(settings, lambda e, r: 0.5)
