@@ -1,10 +1,16 @@
-"""Test-wide JAX settings: strict rank promotion, several CPU devices for sharding tests."""
+"""Test-wide settings: strict rank promotion, several CPU devices for sharding tests, figures
+closed after each test."""
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 
 import jax  # noqa: E402
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -14,3 +20,10 @@ jax.config.update(
     os.path.join(os.path.expanduser("~"), ".cache", "fedjax_poison_tests"),
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    """Each test's figures are closed after it, as a program's would be when it exits."""
+    yield
+    plt.close("all")
