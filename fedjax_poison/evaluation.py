@@ -20,11 +20,14 @@ MEASURES += ("attack_success_rate", "loss")
 STABLE = ("accuracy", "source_recall", "attack_success_rate")
 
 
-def experiment_row(exp_index: int, exp, attack, confusion: np.ndarray, round_done: int) -> dict:
-    """The measures of one evaluation: confusion [V, C, C] (V = 2 with the triggered test set)."""
+def experiment_row(
+    exp_index: int, exp, attack, confusion: np.ndarray, round_done: int, flips=None
+) -> dict:
+    """The measures of one evaluation: confusion [V, C, C] (V = 2 with the triggered test set);
+    source recall and attack success rate on `flips` (default: the experiment's own)."""
     row = {"round": round_done, "experiment": exp_index}
     row.update({k: list(v) if isinstance(v, tuple) else v for k, v in exp.axes.items()})
-    row.update(metrics.summarize(confusion[0], exp.flips))
+    row.update(metrics.summarize(confusion[0], exp.flips if flips is None else flips))
     if attack.measure == "backdoor":
         row["attack_success_rate"] = metrics.backdoor_success(confusion[1], attack.target)
     return row

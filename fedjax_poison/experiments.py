@@ -133,6 +133,17 @@ def clean_twins(exps: list[Experiment], c) -> list[int | None]:
     return [index.get(twin(e)) for e in exps]
 
 
+def measured_flips(exps: list[Experiment], twins: list[int | None]) -> list[attacks.Flips]:
+    """The pairs each experiment's source recall and attack success rate are read on: its
+    own flips, or for an experiment without attack those of the experiments whose clean
+    twin it is, when they all flip the same pairs (its rates are then their reference)."""
+    out = []
+    for e, exp in enumerate(exps):
+        dependents = {x.flips for x, t in zip(exps, twins) if t == e and x.flips}
+        out.append(exp.flips or (dependents.pop() if len(dependents) == 1 else ()))
+    return out
+
+
 def attack_set(exps: list[Experiment]) -> list[str]:
     """The run's attacks, each once, in order of first use (scenario.attack indexes it)."""
     return list(dict.fromkeys(e.attack for e in exps))

@@ -45,6 +45,7 @@ class Plan:
     window: experiments.Window  # the rounds in which attackers poison
     experiments: tuple[experiments.Experiment, ...]
     clean_twins: tuple[int | None, ...]  # [E]
+    measured_flips: tuple[tuple, ...]  # [E] the pairs each row's source measures are read on
     groups: tuple[tuple[int, ...], ...]  # experiments run at once, padded to equal size
     eval_every: int
     eval_batch_size: int
@@ -61,6 +62,7 @@ def build(c) -> Plan:
     """Validates the config and turns it into a Plan; raises ConfigError naming a field."""
     configuration.validate(c)
     exps = experiments.expand(c)
+    twins = experiments.clean_twins(exps, c)
     end = c.num_rounds if c.attack.end_round == -1 else min(c.attack.end_round, c.num_rounds)
     return Plan(
         config=c.to_dict(),
@@ -83,7 +85,8 @@ def build(c) -> Plan:
         defense=c.defense.to_dict(),
         window=experiments.Window(c.attack.start_round, end, c.attack.every),
         experiments=tuple(exps),
-        clean_twins=tuple(experiments.clean_twins(exps, c)),
+        clean_twins=tuple(twins),
+        measured_flips=tuple(experiments.measured_flips(exps, twins)),
         groups=tuple(
             tuple(g) for g in experiment_groups(len(exps), c.sweep.max_parallel, c.mesh.experiments)
         ),

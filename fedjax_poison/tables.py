@@ -159,7 +159,8 @@ def experiment_row(run: Run, e: int) -> dict:
             entry[f"{gap}_final"] = stats.window_gap(mine[m], ref, 1)
         entry["accuracy_vs_clean"] = -entry["accuracy_drop"]
         entry["source_recall_vs_clean"] = -entry["source_recall_loss"]
-        if parse_flips(twin_exp["flips"]) == pairs:  # its success rate is on the same flips
+        twin_pairs_read = parse_flips(twin_exp["flips"]) or twin_pairs(run, twin)
+        if twin_pairs_read == pairs:  # its success rate is on the same flips
             ref = series(twin_rows, "attack_success_rate", pairs)
             gap = stats.window_gap(mine["attack_success_rate"], ref, run.window)
             entry["attack_success_rate_vs_clean"] = -gap

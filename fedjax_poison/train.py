@@ -253,7 +253,9 @@ def _rows(plan, programs, writer, group, state, confusion, records) -> list[dict
     rows = []
     for slot, e in plan_lib.members(group):
         exp = plan.experiments[e]
-        row = evaluation.experiment_row(e, exp, programs.attack_of[e], confusion[slot], state.round)
+        row = evaluation.experiment_row(
+            e, exp, programs.attack_of[e], confusion[slot], state.round, plan.measured_flips[e]
+        )
         row.update(evaluation.chunk_facts(records, slot))
         row["degenerate_rounds"] = int(state.degenerate[slot])
         if programs.flags_clients[e]:

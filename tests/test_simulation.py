@@ -1,5 +1,6 @@
 """The round and the run loop on small synthetic problems: compile once, vmap clients, outputs."""
 
+import csv
 import json
 import os
 
@@ -157,3 +158,20 @@ def test_chunked_sweep_matches_the_whole_sweep(tmp_path):
         assert abs(ra["accuracy"] - rb["accuracy"]) < 0.01
     lines = open(tmp_path / "b/metrics.jsonl").read().splitlines()
     assert len(lines) == 3 * 2  # evaluations after rounds 2 and 3, no duplicated padding rows
+
+
+def test_a_clean_twin_is_measured_on_the_pairs_its_attacked_twins_flip(tmp_path):
+    """The clean experiment's source recall and attack success rate are its attacked twins'
+    reference: read on their flips from its own confusion matrix."""
+    c = tiny_config(num_rounds=2, eval_every=2, **{"attack.flips": "6:0"})
+    c.sweep.malicious_fraction = (0.0, 0.5)
+    train.train_and_evaluate(c, str(tmp_path))
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    (clean,) = [r for r in rows if r["malicious_fraction"] == 0.0]
+    (chunk,) = [np.load(p) for p in sorted((tmp_path / "records").glob("r*.npz"))]
+    confusion = chunk["confusion"][list(chunk["experiment"]).index(clean["experiment"])]
+    assert clean["source_recall"] == pytest.approx(confusion[6, 6] / confusion[6].sum())
+    assert clean["attack_success_rate"] == pytest.approx(confusion[6, 0] / confusion[6].sum())
+    by_seed = list(csv.DictReader(open(tmp_path / "results_by_seed.csv")))
+    attacked = next(r for r in by_seed if r["malicious_fraction"] == "0.5")
+    assert attacked["attack_success_rate_vs_clean_mean"] != ""  # the paired difference
