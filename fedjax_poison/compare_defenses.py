@@ -120,12 +120,11 @@ CELL_METRICS = {  # a cell's statistic: the run's table column it is read from
 }
 
 
-def cells(c, run: tables.Run, summary: dict, notes: dict) -> list[dict]:
-    """One dict per attack x defense (COLUMNS): the stable measures of the run's tables
-    (report.read_run), mean and sample std over the seeds; differences to 'none' of the
-    same defense are paired by seed (the clean twin)."""
-    table = tables.experiment_table(run)
-    groups = {(g["attack"], g["defense"]): g for g in tables.by_seed_table(table)}
+def cells(c, table: list[dict], by_seed: list[dict], summary: dict, notes: dict) -> list[dict]:
+    """One dict per attack x defense (COLUMNS) from the run's tables (tables.experiment_table
+    and by_seed_table): stable measures, mean and sample std over the seeds; differences to
+    'none' of the same defense are paired by seed (the clean twin)."""
+    groups = {(g["attack"], g["defense"]): g for g in by_seed}
     flagging = {(r["attack"], r["defense"]) for r in summary["final"] if "detection" in r}
     degenerate: dict[tuple, int] = {}
     for r in summary["final"]:
@@ -242,18 +241,13 @@ def markdown(c, table: list[dict], notes: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write(c, table: list[dict], notes: dict, workdir: str, run: tables.Run) -> None:
-    """matrix.csv, matrix.md and matrix.png/.pdf (the run's heatmaps, figures_compare) in
-    workdir."""
+def write(c, table: list[dict], notes: dict, workdir: str) -> None:
+    """matrix.csv and matrix.md in workdir."""
     csv = [",".join(COLUMNS)] + [
         ",".join(_number(t.get(k)).replace(",", ";") for k in COLUMNS) for t in table
     ]
     files.write_atomic(os.path.join(workdir, "matrix.csv"), ("\n".join(csv) + "\n").encode())
     files.write_atomic(os.path.join(workdir, "matrix.md"), markdown(c, table, notes).encode())
-    per_experiment = tables.experiment_table(run)
-    by_seed = tables.by_seed_table(per_experiment)
-    fig = figures_compare.matrix_figure(run, per_experiment, by_seed)
-    figures.save(fig, "matrix", report.FolderWriter(workdir))
 
 
 def compare(config, workdir: str, attack_names, defense_names, seeds) -> list[dict]:
@@ -263,8 +257,12 @@ def compare(config, workdir: str, attack_names, defense_names, seeds) -> list[di
     run_dir = os.path.join(workdir, "run")
     summary = train.train_and_evaluate(c, run_dir)
     run = report.read_run(run_dir, name=os.path.basename(os.path.abspath(workdir)))
-    table = cells(c, run, summary, notes)
-    write(c, table, notes, workdir, run)
+    per_experiment = tables.experiment_table(run)
+    by_seed = tables.by_seed_table(per_experiment)
+    table = cells(c, per_experiment, by_seed, summary, notes)
+    write(c, table, notes, workdir)
+    fig = figures_compare.matrix_figure(run, per_experiment, by_seed)  # matrix.png and .pdf
+    figures.save(fig, "matrix", report.FolderWriter(workdir))
     return table
 
 

@@ -62,11 +62,7 @@ def matrix_figure(run: tables.Run, table, rows):
     combos = list(dict.fromkeys(combo(r) for r in rows))
     # Side by side while the grid is narrow; with many defenses the two panels stack.
     wide = len(defenses) > 6
-    panel = (
-        (1.0 * len(defenses), 0.8 + 0.5 * len(attacks))
-        if wide
-        else (2.4 * len(defenses), 0.8 + 0.5 * len(attacks))
-    )
+    panel = ((1.0 if wide else 2.4) * len(defenses), 0.8 + 0.5 * len(attacks))  # inches
     grid = (2 * len(combos), 1) if wide else (len(combos), 2)
     size = (3 + panel[0] * grid[1], 1.4 + panel[1] * grid[0])
     fig, axes = plt.subplots(*grid, squeeze=False, layout="constrained", figsize=size)

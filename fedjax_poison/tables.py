@@ -127,6 +127,11 @@ def diverged_round(run: Run, e: int) -> int | None:
     return run.experiments[e].get("diverged_round")
 
 
+def measured_pairs(run: Run, e: int) -> list[tuple[int, int]]:
+    """The pairs experiment e's source measures are read on: its flips, else twin_pairs."""
+    return parse_flips(run.experiments[e]["flips"]) or twin_pairs(run, e)
+
+
 def twin_pairs(run: Run, e: int) -> list[tuple[int, int]]:
     """The flips of the attacked experiments whose clean twin e is, if they all flip the
     same pairs (a clean row then shows its recall of their source classes), else []."""
@@ -147,20 +152,19 @@ def experiment_row(run: Run, e: int) -> dict:
     entry.update({m: math.nan for m in METRICS})
     if entry["diverged"] is not None:
         return entry
-    pairs = parse_flips(exp["flips"]) or twin_pairs(run, e)
+    pairs = measured_pairs(run, e)
     mine = {m: series(rows, m, pairs) for m in SERIES}
     for m in SERIES:
         entry[m], entry[f"{m}_final"] = stats.tail_mean(mine[m], run.window), stats.final(mine[m])
     if twin is not None and diverged_round(run, twin) is None:
-        twin_exp, twin_rows = run.experiments[twin], run.rows[twin]
+        twin_rows = run.rows[twin]
         for gap, m in GAPS.items():
             ref = series(twin_rows, m, pairs)
             entry[gap] = stats.window_gap(mine[m], ref, run.window)
             entry[f"{gap}_final"] = stats.window_gap(mine[m], ref, 1)
         entry["accuracy_vs_clean"] = -entry["accuracy_drop"]
         entry["source_recall_vs_clean"] = -entry["source_recall_loss"]
-        twin_pairs_read = parse_flips(twin_exp["flips"]) or twin_pairs(run, twin)
-        if twin_pairs_read == pairs:  # its success rate is on the same flips
+        if measured_pairs(run, twin) == pairs:  # its success rate is on the same flips
             ref = series(twin_rows, "attack_success_rate", pairs)
             gap = stats.window_gap(mine["attack_success_rate"], ref, run.window)
             entry["attack_success_rate_vs_clean"] = -gap

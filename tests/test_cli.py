@@ -127,6 +127,24 @@ def wait_for(proc, text: str, lines: list, limit: float = 600) -> None:
     raise AssertionError("".join(lines)[-3000:])
 
 
+def stop_running(signum, *args, then=lambda proc: None):
+    """Launches args, waits for round 2 of 200, calls then(proc), sends signum; (exit status,
+    the output up to round 2, the rest)."""
+    proc = subprocess.Popen(
+        [sys.executable, LAUNCH, *args], cwd=REPO, env=env(), stderr=subprocess.PIPE, text=True
+    )
+    lines = []
+    try:
+        wait_for(proc, "round 2/200", lines)
+        then(proc)
+        proc.send_signal(signum)
+        rest = proc.stderr.read()
+        proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    return proc.returncode, "".join(lines), rest
+
+
 def test_lock_ctrl_c_and_resume(tmp_path):
     """A second launch on a running workdir is refused; Ctrl-C saves the run and prints the
     command that resumes it; that command finishes it with the rows of a run never stopped."""
@@ -138,24 +156,15 @@ def test_lock_ctrl_c_and_resume(tmp_path):
         assert text in reference.stderr, text
 
     work = tmp_path / "work"
-    proc = subprocess.Popen(
-        [sys.executable, LAUNCH, *flags, f"--workdir={work}"],
-        cwd=REPO,
-        env=env(),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines = []
-    try:
-        wait_for(proc, "round 2/200", lines)
+
+    def second_launch(proc):
         second = launch(*flags, f"--workdir={work}")
         assert f"is in use by pid {proc.pid}" in one_line_error(second)
-        proc.send_signal(signal.SIGINT)
-        rest = proc.stderr.read()
-        proc.wait(timeout=300)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, "".join(lines) + rest
+
+    status, lines, rest = stop_running(
+        signal.SIGINT, *flags, f"--workdir={work}", then=second_launch
+    )
+    assert status == 130, lines + rest
     resume = rest.split("resume with:\n", 1)[1].strip().splitlines()[0].strip()
     assert resume.endswith(f"--workdir={work}")
     rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
@@ -176,18 +185,8 @@ def test_sigterm_saves_like_ctrl_c(tmp_path):
     resume, as Ctrl-C does."""
     work = tmp_path / "work"
     flags = [*TINY, "--config.num_rounds=200", "--config.eval_every=1", f"--workdir={work}"]
-    proc = subprocess.Popen(
-        [sys.executable, LAUNCH, *flags], cwd=REPO, env=env(), stderr=subprocess.PIPE, text=True
-    )
-    lines = []
-    try:
-        wait_for(proc, "round 2/200", lines)
-        proc.send_signal(signal.SIGTERM)
-        rest = proc.stderr.read()
-        proc.wait(timeout=300)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, "".join(lines) + rest
+    status, lines, rest = stop_running(signal.SIGTERM, *flags)
+    assert status == 130, lines + rest
     assert "the run was saved; resume with:" in rest
     stopped = json.loads(open(work / "metrics.jsonl").read().splitlines()[-1])["round"]
     saved = checkpoint.Checkpoints(str(work / checkpoint.FOLDER), 200)

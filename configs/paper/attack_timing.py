@@ -9,9 +9,9 @@ at the end as poisoning in every round ('always'); see recall_over_rounds.png. H
 50 clients are malicious, as in the paper's code (25 poisoned workers, breakpoint 75).
 9 experiments: 3 schedules x 3 seeds, run together.
 
-Time on a 2-core CPU, Fashion-MNIST: 1.5 to 3 hours (1,800 experiment-rounds), extrapolated
-from a reduced run of label_flipping.py (5.8 CPU-seconds per experiment-round on the real
-files). For `source_recall_loss` against clean twins, add
+Time on a 2-core CPU, Fashion-MNIST: 2.3 to 2.6 hours (1,800 experiment-rounds),
+extrapolated from the reduced runs of docs/paper_experiments.md (4.6 to 5.2 s of wall time
+per experiment-round on the real files). For `source_recall_loss` against clean twins, add
 `--config.sweep.malicious_fraction='(0, 0.5)'` (twice the experiments).
 """
 

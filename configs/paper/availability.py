@@ -10,9 +10,9 @@ alpha 0 before round 75 and 0.6 from it on ('0/0.6') ends worse than the reverse
 are malicious so that alpha = 1 can fill all 5 slots of a round from them (alpha * 5
 malicious and (1 - alpha) * 5 honest clients must exist). 24 experiments: 8 alphas x 3 seeds.
 
-Time on a 2-core CPU, Fashion-MNIST: 4 to 8 hours (4,800 experiment-rounds), extrapolated
-from a reduced run of label_flipping.py (5.8 CPU-seconds per experiment-round on the real
-files).
+Time on a 2-core CPU, Fashion-MNIST: 6 to 7 hours (4,800 experiment-rounds), extrapolated
+from the reduced runs of docs/paper_experiments.md (4.6 to 5.2 s of wall time per
+experiment-round on the real files).
 """
 
 from configs import paper

@@ -1,4 +1,5 @@
-"""Attack strength: malicious fraction x the paper's three flips x 3 seeds (72 experiments).
+"""Attack strength: malicious fraction x the paper's three flips x 3 seeds (66 experiments:
+the 9 combinations at fraction 0 are 3 distinct clean runs).
 
     python launch.py --config=configs/paper/label_flipping.py:dataset=fashion_mnist \
         --workdir=runs/lf
@@ -9,9 +10,9 @@ while the other classes stay close to the clean run (`other_accuracy`); every at
 experiment is compared with its clean twin (malicious_fraction 0, same flip and seed) in
 `source_recall_loss`.
 
-Time on a 2-core CPU, Fashion-MNIST: 12 to 23 hours (14,400 experiment-rounds),
-extrapolated from a reduced run (10 rounds of one group of 8 experiments on the real files
-took 5.8 CPU-seconds per experiment-round, i.e. 2.9 to 5.8 s of wall time on 2 cores).
+Time on a 2-core CPU, Fashion-MNIST: 17 to 19 hours (13,200 experiment-rounds), extrapolated
+from the reduced runs of docs/paper_experiments.md (4.6 to 5.2 s of wall time per
+experiment-round on the real files).
 CIFAR-10's model is 19 times larger: use an accelerator, or reduce the sweep, e.g.
 `--config.sweep.seed='(0,)' --config.sweep.flips="('5:3',)" --config.num_rounds=50`.
 """
@@ -26,7 +27,7 @@ def get_config(arg=None):
     c.sweep.malicious_fraction = (0.0, 0.02, 0.04, 0.1, 0.2, 0.3, 0.4, 0.5)
     c.sweep.flips = paper.FLIPS[args["dataset"]]
     c.sweep.seed = (0, 1, 2)
-    # 72 experiments: groups of 8 keep memory small and still batch the clients of
+    # 66 experiments: groups of 8 keep memory small and still batch the clients of
     # 8 experiments (40 models) into each step; on an accelerator raise it (0 = all).
     c.sweep.max_parallel = 8
     # The final metrics and the recall curves need no evaluation every round.
