@@ -18,8 +18,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import fedjax_poison
-from fedjax_poison import api, train
 from fedjax_poison.errors import UserError
+from fedjax_poison.runner import api, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (a get_config).")
 _WORKDIR = flags.DEFINE_string(

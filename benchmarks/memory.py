@@ -23,7 +23,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedjax_poison import configuration, plan, setup  # noqa: E402
+from fedjax_poison.config import configuration, plan  # noqa: E402
+from fedjax_poison.runner import setup  # noqa: E402
 
 GIB = 2**30
 

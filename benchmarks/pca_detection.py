@@ -20,7 +20,10 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fedjax_poison import configuration, files, sharding, train  # noqa: E402
+from fedjax_poison import files  # noqa: E402
+from fedjax_poison.config import configuration  # noqa: E402
+from fedjax_poison.round import sharding  # noqa: E402
+from fedjax_poison.runner import train  # noqa: E402
 
 EARLY = 10  # rounds counted as the first ones (the paper's code starts its window here)
 

@@ -22,7 +22,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fedjax_poison import attacks, configuration, experiments, train  # noqa: E402
+from fedjax_poison import attacks  # noqa: E402
+from fedjax_poison.config import configuration, experiments  # noqa: E402
+from fedjax_poison.runner import train  # noqa: E402
 
 
 def load_config(spec: str):

@@ -42,16 +42,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedjax_poison import (  # noqa: E402
-    client,
-    configuration,
-    data,
-    metrics,
-    models,
-    plan,
-    setup,
-    sharding,
-)
+from fedjax_poison import data, models  # noqa: E402
+from fedjax_poison.config import configuration, plan  # noqa: E402
+from fedjax_poison.round import client, metrics, sharding  # noqa: E402
+from fedjax_poison.runner import setup  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Output size of each convolution, in the order of the model's Conv_i layers.

@@ -7,7 +7,7 @@ Tens of seconds per round on a 2-core CPU; use an accelerator for the full 200 r
 `configs/cifar.py:smoke` runs on synthetic data of CIFAR-10's shapes in a few minutes.
 """
 
-from fedjax_poison import configuration
+from fedjax_poison.config import configuration
 
 
 def get_config(arg=None):

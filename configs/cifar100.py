@@ -9,7 +9,7 @@ seconds a round): use an accelerator for the full run. `configs/cifar100.py:smok
 synthetic data of CIFAR-100's shapes in a few minutes.
 """
 
-from fedjax_poison import configuration
+from fedjax_poison.config import configuration
 
 
 def get_config(arg=None):

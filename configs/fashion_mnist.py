@@ -7,7 +7,7 @@ About 10 to 20 minutes on a 2-core CPU (200 rounds, evaluation every round).
 `configs/fashion_mnist.py:smoke` runs on synthetic data in well under a minute.
 """
 
-from fedjax_poison import configuration
+from fedjax_poison.config import configuration
 
 
 def get_config(arg=None):

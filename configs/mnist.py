@@ -8,7 +8,7 @@ tensorflow-datasets copy (data.source=tfds). `configs/mnist.py:smoke` runs on sy
 data of MNIST's shapes in under a minute. Time as for Fashion-MNIST (see its config).
 """
 
-from fedjax_poison import configuration
+from fedjax_poison.config import configuration
 
 
 def get_config(arg=None):

@@ -37,23 +37,12 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from fedjax_poison import (
-    api,
-    checkpoint,
-    configuration,
-    data,
-    defenses,
-    errors,
-    fields,
-    figures,
-    figures_compare,
-    files,
-    report,
-    sharding,
-    stats,
-    tables,
-    train,
-)
+from fedjax_poison import data, defenses, errors, files
+from fedjax_poison.config import configuration, fields
+from fedjax_poison.results import figures, report, stats, tables
+from fedjax_poison.results import matrix_figures as figures_compare
+from fedjax_poison.round import sharding
+from fedjax_poison.runner import api, checkpoint, train
 
 STATS = ("accuracy", "success", "accuracy_drop", "source_recall", "source_recall_loss")
 COLUMNS = ("attack", "defense", "measure", "n", "diverged", "degenerate_rounds")

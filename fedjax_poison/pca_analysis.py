@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from fedjax_poison import figures
 from fedjax_poison.defenses import source_pca
-from fedjax_poison.workdir import Workdir
+from fedjax_poison.results import figures
+from fedjax_poison.runner.workdir import Workdir
 
 
 def load_features(workdir: str, experiment: int = 0) -> dict:

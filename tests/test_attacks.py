@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_poison import attacks, configuration
+from fedjax_poison import attacks
+from fedjax_poison.config import configuration
 
 K, N, C, D = 3, 6, 4, 10  # clients, examples each, classes, parameters
 IMAGE = (8, 8, 1)

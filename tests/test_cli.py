@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from fedjax_poison import checkpoint
+from fedjax_poison.runner import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch.py")

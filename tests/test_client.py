@@ -2,7 +2,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_poison import client, data, models
+from fedjax_poison import data, models
+from fedjax_poison.round import client
 
 SPEC = data.SPECS["fashion_mnist"]
 

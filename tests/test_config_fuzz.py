@@ -17,7 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedjax_poison import configuration, experiments, selection
+from fedjax_poison.config import configuration, experiments
+from fedjax_poison.round import selection
 
 BAD_EXAMPLES = 400
 REFUSED = [0]  # configs refused with a ConfigError naming the field

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from fedjax_poison import data, partition
+from fedjax_poison import data
+from fedjax_poison.data import partition
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 

@@ -5,7 +5,8 @@ import json
 import numpy as np
 from test_simulation import tiny_config
 
-from fedjax_poison import pca_analysis, train
+from fedjax_poison import pca_analysis
+from fedjax_poison.runner import train
 
 
 def pca_config(**overrides):

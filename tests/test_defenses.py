@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_poison import defenses, server
+from fedjax_poison import defenses
+from fedjax_poison.round import server
 
 K, D, C, F = 10, 50, 3, 4
 NAMES = sorted(defenses.DEFENSES)

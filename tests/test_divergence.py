@@ -16,7 +16,8 @@ from absl import flags
 from test_simulation import tiny_config
 
 import launch
-from fedjax_poison import simulation, train
+from fedjax_poison.round import simulation
+from fedjax_poison.runner import train
 
 
 def test_a_single_run_that_diverges_stops_in_one_line(tmp_path, monkeypatch, capsys):

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from fedjax_poison import evaluation
+from fedjax_poison.results import evaluation
 
 
 def test_detection_counts_precision_and_recall_by_hand():

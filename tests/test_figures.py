@@ -9,7 +9,7 @@ from matplotlib.collections import PolyCollection
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from fedjax_poison import figures, report, tables
+from fedjax_poison.results import figures, report, tables
 
 CONFIG = {
     "dataset": "fashion_mnist",

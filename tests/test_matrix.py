@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from test_simulation import tiny_config
 
-from fedjax_poison import compare_defenses, configuration
+from fedjax_poison import compare_defenses
+from fedjax_poison.config import configuration
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_poison import metrics
+from fedjax_poison.round import metrics
 
 
 def test_confusion_matrix_counts_and_mask():

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from fedjax_poison import train
+from fedjax_poison.runner import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The run of tiny_config (test_simulation) with 2 seeds, as command-line overrides.

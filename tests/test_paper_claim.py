@@ -11,7 +11,9 @@ import os
 import numpy as np
 import pytest
 
-from fedjax_poison import configuration, data, files, train
+from fedjax_poison import data, files
+from fedjax_poison.config import configuration
+from fedjax_poison.runner import train
 
 FILES = data.SPECS["fashion_mnist"].default_dir
 

@@ -5,7 +5,8 @@ import importlib
 import pytest
 
 from configs import paper
-from fedjax_poison import attacks, configuration, experiments
+from fedjax_poison import attacks
+from fedjax_poison.config import configuration, experiments
 
 DATASETS = ("fashion_mnist", "cifar10")
 

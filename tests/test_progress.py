@@ -1,6 +1,6 @@
 """The terminal lines of a run, with time injected instead of slept."""
 
-from fedjax_poison.progress import Progress, duration, spread
+from fedjax_poison.runner.progress import Progress, duration, spread
 
 
 def test_a_sweep_line_summarises_every_experiment():

@@ -9,7 +9,8 @@ import stat
 import numpy as np
 import pytest
 
-from fedjax_poison import report, tables, workdir
+from fedjax_poison.results import report, tables
+from fedjax_poison.runner import workdir
 
 CONFIG = {
     "dataset": "fashion_mnist",

@@ -17,7 +17,8 @@ import sys
 import pytest
 from test_simulation import tiny_config
 
-from fedjax_poison import checkpoint, errors, train
+from fedjax_poison import errors
+from fedjax_poison.runner import checkpoint, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = (
@@ -48,7 +49,9 @@ sys.path.insert(0, os.getcwd())
 from absl import app
 from orbax.checkpoint._src.path import atomicity
 import launch
-from fedjax_poison import checkpoint, report, workdir
+from fedjax_poison.runner import checkpoint
+from fedjax_poison.results import report
+from fedjax_poison.runner import workdir
 
 kind, _, at = os.environ.get("KILL", "none:0").partition(":")
 calls = [0]

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_poison import selection
+from fedjax_poison.round import selection
 
 N, K = 50, 5
 

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from fedjax_poison import sharding
+from fedjax_poison.round import sharding
 
 
 def test_mesh_shapes_and_errors():
@@ -33,7 +33,7 @@ def test_sharded_sweep_equals_one_device(tmp_path, experiments, clients, k):
     # (1, 2, 3): three clients of a round on two devices, as 2 x 2 slots, one of them empty.
     from test_simulation import tiny_config
 
-    from fedjax_poison import train
+    from fedjax_poison.runner import train
 
     def sweep(**mesh):
         c = tiny_config(num_rounds=3, clients_per_round=k)

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_poison import client, configuration, plan, server, simulation, train
+from fedjax_poison.config import configuration, plan
+from fedjax_poison.round import client, server, simulation
+from fedjax_poison.runner import train
 
 METRIC_KEYS = {
     "round",

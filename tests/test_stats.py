@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from fedjax_poison import stats
+from fedjax_poison.results import stats
 
 
 def test_evaluation_rounds_end_with_the_last_round():

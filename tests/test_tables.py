@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from fedjax_poison import report, tables
+from fedjax_poison.results import report, tables
 
 CONFIG = {
     "dataset": "fashion_mnist",

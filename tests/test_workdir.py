@@ -10,8 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from fedjax_poison import errors, workdir
-from fedjax_poison.workdir import LOCK, MARKER, Workdir, WorkdirError
+from fedjax_poison import errors
+from fedjax_poison.runner import workdir
+from fedjax_poison.runner.workdir import LOCK, MARKER, Workdir, WorkdirError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = {"dataset": "fashion_mnist", "lr": 0.01, "overwrite": False, "checkpoint_every": 10}
@@ -198,7 +199,7 @@ def test_a_second_claim_fails_naming_the_holder_until_released(tmp_path):
 def test_a_killed_runs_lock_is_free_again(tmp_path):
     holder = (
         "import sys, time\n"
-        "from fedjax_poison.workdir import Workdir\n"
+        "from fedjax_poison.runner.workdir import Workdir\n"
         "w = Workdir.claim(sys.argv[1], {'lr': 0.01}, overwrite=False)\n"
         "print('claimed', flush=True)\n"
         "time.sleep(600)\n"

@@ -143,7 +143,7 @@ def throughput_module(data_dir: str):
 def curve_e(data_dir: str, argv: list) -> None:
     """throughput.py's E curve alone: sweep_e.csv and sweep_e.png in --out."""
     throughput = throughput_module(data_dir)
-    from fedjax_poison import sharding
+    from fedjax_poison.round import sharding
 
     a = throughput.parse_args(argv)
     sharding.use_cpu_devices(0)  # as throughput.main

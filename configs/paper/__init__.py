@@ -4,7 +4,7 @@ Each file's `get_config(arg)` takes `key=value` pairs, e.g.
 `--config=configs/paper/label_flipping.py:dataset=cifar10`.
 """
 
-from fedjax_poison.configuration import ConfigError
+from fedjax_poison.config.configuration import ConfigError
 
 DATASETS = ("fashion_mnist", "cifar10")
 # The flips (source:target) the paper studies per dataset (PAPER.md).

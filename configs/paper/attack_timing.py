@@ -16,7 +16,7 @@ per experiment-round on the real files). For `source_recall_loss` against clean 
 """
 
 from configs import paper
-from fedjax_poison import configuration
+from fedjax_poison.config import configuration
 
 
 def get_config(arg=None):

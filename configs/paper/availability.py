@@ -16,7 +16,7 @@ experiment-round on the real files).
 """
 
 from configs import paper
-from fedjax_poison import configuration
+from fedjax_poison.config import configuration
 
 
 def get_config(arg=None):

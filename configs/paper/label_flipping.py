@@ -18,7 +18,7 @@ CIFAR-10's model is 19 times larger: use an accelerator, or reduce the sweep, e.
 """
 
 from configs import paper
-from fedjax_poison import configuration
+from fedjax_poison.config import configuration
 
 
 def get_config(arg=None):

@@ -1,9 +1,7 @@
-"""The paper's CNNs (Tolpegin et al., Tables 5 and 6) as Flax Linen modules.
+"""The layers every model is built from, in two implementations of the same parameters.
 
-Both models name their output layer `head`; the defenses read its kernel
-([F, C]: one column of F weights per class) from the stacked client updates.
-
-`conv_impl` picks how the layers are computed; parameters and results are the same:
+`conv_impl` picks how the layers are computed; parameters and results are the same
+('auto': im2col on a CPU, XLA's own elsewhere):
 - 'xla': the reference formulation, `lax.conv_general_dilated`, Flax's BatchNorm and
   `reduce_window` max-pooling. For accelerators.
 - 'im2col': the XLA:CPU fast path. Each layer has a hand-written backward, so that
@@ -11,10 +9,7 @@ Both models name their output layer `head`; the defenses read its kernel
   library takes as they are, plus cheap copies (benchmarks/README.md has the measurements).
 """
 
-import dataclasses
 import functools
-from collections.abc import Mapping
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -250,11 +245,23 @@ def _dense_backward(residuals, dy):
 _dense.defvjp(_dense_forward, _dense_backward)
 
 
-class _Layers:
+CONV_IMPLS = ("auto", "im2col", "xla")
+
+
+def resolve_impl(impl: str) -> str:
+    """'auto' -> 'im2col' on a CPU, 'xla' on accelerators; ValueError for an unknown one."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "im2col" if jax.default_backend() == "cpu" else "xla"
+    return impl
+
+
+class Layers:
     """The layer implementations of one `conv_impl` (see the module docstring)."""
 
     def __init__(self, impl: str, train: bool):
-        self.impl, self.train = impl, train
+        self.impl, self.train = resolve_impl(impl), train
 
     def conv(self, features, kernel_size):
         return Conv(features, kernel_size, self.impl)
@@ -273,83 +280,3 @@ class _Layers:
         if self.impl == "xla":
             return nn.max_pool(x, (2, 2), strides=(2, 2))
         return _max_pool(x)
-
-
-class FashionMnistCNN(nn.Module):
-    """Table 6: 2 x (conv 5x5 -> BatchNorm -> ReLU -> max-pool 2) -> dense C; 29,034 params
-    with C = 10 classes. Takes 28 x 28 x 1 images (Fashion-MNIST, MNIST)."""
-
-    num_classes: int = 10
-    conv_impl: str = "im2col"
-
-    @nn.compact
-    def __call__(self, x, train: bool = False, mask=None):  # x: [B, 28, 28, 1] float, mask [B]
-        layers = _Layers(self.conv_impl, train)
-        for features in (16, 32):
-            x = layers.conv(features, 5)(x)
-            x = layers.batch_norm(x, mask)
-            x = layers.max_pool(nn.relu(x))
-        x = x.reshape(x.shape[0], -1)  # [B, 1568]
-        return layers.dense(self.num_classes, name=HEAD)(x)
-
-
-class Cifar10CNN(nn.Module):
-    """Table 5: 3 x (2 x (conv 3x3 -> ReLU -> BatchNorm) -> max-pool 2) -> dense 128 -> dense C.
-
-    551,466 params with C = 10 classes. Takes 32 x 32 x 3 images (CIFAR-10, CIFAR-100).
-    `softmax_output=True` reproduces the original code, whose last layer ends in a softmax
-    that the cross-entropy then applies a second time.
-    """
-
-    num_classes: int = 10
-    conv_impl: str = "im2col"
-    softmax_output: bool = False
-
-    @nn.compact
-    def __call__(self, x, train: bool = False, mask=None):  # x: [B, 32, 32, 3] float, mask [B]
-        layers = _Layers(self.conv_impl, train)
-        for features in (32, 64, 128):
-            for _ in range(2):
-                x = nn.relu(layers.conv(features, 3)(x))
-                x = layers.batch_norm(x, mask)
-            x = layers.max_pool(x)
-        x = x.reshape(x.shape[0], -1)  # [B, 2048]
-        x = layers.dense(128)(x)
-        x = layers.dense(self.num_classes, name=HEAD)(x)
-        return nn.softmax(x) if self.softmax_output else x
-
-
-MODELS: dict[str, type[nn.Module]] = {
-    "fashion_mnist_cnn": FashionMnistCNN,
-    "cifar10_cnn": Cifar10CNN,
-}
-# The input each model is built for (H, W, C).
-INPUT_SHAPES = {"fashion_mnist_cnn": (28, 28, 1), "cifar10_cnn": (32, 32, 3)}
-CONV_IMPLS = ("auto", "im2col", "xla")
-
-
-def config_block(name: str) -> dict:
-    """The `model.` config block of a model: its name and its fields' defaults, with
-    conv_impl 'auto' (im2col on CPU, XLA's convolution elsewhere); num_classes comes from
-    the dataset."""
-    fields = {f.name: f.default for f in dataclasses.fields(MODELS[name])}
-    fields = {k: v for k, v in fields.items() if k not in ("num_classes", "parent", "name")}
-    return {"name": name, **fields, "conv_impl": "auto"}
-
-
-def make_model(block: Mapping[str, Any], num_classes: int) -> nn.Module:
-    """The model of a `model.` config block ({'name': ..., its fields}) for C classes."""
-    kwargs = {k: v for k, v in block.items() if k != "name"}
-    if kwargs.get("conv_impl", "auto") == "auto":
-        kwargs["conv_impl"] = "im2col" if jax.default_backend() == "cpu" else "xla"
-    return MODELS[block["name"]](num_classes=num_classes, **kwargs)
-
-
-def init_variables(model: nn.Module, key: jax.Array, image_shape: tuple[int, int, int]):
-    """Returns (params, batch_stats) for one model."""
-    variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-    return variables["params"], variables["batch_stats"]
-
-
-def count_params(params) -> int:
-    return sum(p.size for p in jax.tree.leaves(params))

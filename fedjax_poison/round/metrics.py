@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_poison import data as data_lib
-from fedjax_poison import sharding
 from fedjax_poison.attacks import Flips
+from fedjax_poison.round import sharding
 
 
 def confusion_matrix(labels: jax.Array, preds: jax.Array, mask: jax.Array, num_classes: int):

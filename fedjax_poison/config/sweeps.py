@@ -12,8 +12,8 @@ twins of several flips) run once.
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from fedjax_poison import attacks, selection
-from fedjax_poison.fields import (
+from fedjax_poison import attacks
+from fedjax_poison.config.fields import (
     ConfigError,
     check,
     is_int,
@@ -22,6 +22,7 @@ from fedjax_poison.fields import (
     validate_defense_name,
     validate_flips,
 )
+from fedjax_poison.round import selection
 
 
 class Axis(NamedTuple):

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fedjax_poison import stats
+from fedjax_poison.results import stats
 
 SETTINGS = ("attack", "defense", "malicious_fraction", "flips", "seed")
 SETTINGS += ("schedule", "alpha", "breakpoint")

@@ -23,10 +23,10 @@ import zipfile
 import jax
 import numpy as np
 
-from fedjax_poison import experiments as experiments_lib
-from fedjax_poison import plan as plan_lib
-from fedjax_poison.checkpoint import CheckpointError
-from fedjax_poison.workdir import Workdir
+from fedjax_poison.config import experiments as experiments_lib
+from fedjax_poison.config import plan as plan_lib
+from fedjax_poison.runner.checkpoint import CheckpointError
+from fedjax_poison.runner.workdir import Workdir
 
 log = logging.getLogger("fedjax_poison")
 METRICS = "metrics.jsonl"

@@ -27,7 +27,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from fedjax_poison import stats, tables  # noqa: E402
+from fedjax_poison.results import stats, tables  # noqa: E402
 
 DPI = 150
 STYLE = {
@@ -417,25 +417,6 @@ def rounds_figure(run: tables.Run, table, rows):
     return fig
 
 
-def build_figures(run: tables.Run, table, by_seed) -> dict:
-    """{name: figure} of a run: curves always (when it has evaluations), the others when
-    their settings vary (see the module docstring)."""
-    if not any(run.rows):
-        return {}
-    from fedjax_poison import figures_compare  # it builds on this module
-
-    keys = set(tables.varying(by_seed, tables.GROUP_KEYS))
-    with plt.style.context(STYLE):
-        figures = {"curves": curves_figure(run, table, by_seed)}
-        if "malicious_fraction" in keys:
-            figures["source_recall_vs_fraction"] = fraction_figure(run, table, by_seed)
-        if keys & {"schedule", "alpha", "breakpoint"}:
-            figures["recall_over_rounds"] = rounds_figure(run, table, by_seed)
-        if len({r["attack"] for r in by_seed} - {"none"}) > 1 or "defense" in keys:
-            figures["matrix"] = figures_compare.matrix_figure(run, table, by_seed)
-    return figures
-
-
 def save(fig, name: str, writer) -> list[str]:
     """Writes `name`.png (150 dpi) and `name`.pdf through writer.write_bytes; closes fig."""
     files = []
@@ -449,12 +430,3 @@ def save(fig, name: str, writer) -> list[str]:
         files.append(f"{name}.{ext}")
     plt.close(fig)
     return files
-
-
-def write_figures(run: tables.Run, table, by_seed, writer) -> list[str]:
-    """Every figure of build_figures, as PNG and PDF; the names written."""
-    return [
-        f
-        for name, fig in build_figures(run, table, by_seed).items()
-        for f in save(fig, name, writer)
-    ]

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedjax_poison import metrics, stats
+from fedjax_poison.results import stats
+from fedjax_poison.round import metrics
 
 MEASURES = ("accuracy", "recall", "precision", "source_recall", "target_precision")
 MEASURES += ("attack_success_rate", "loss")

@@ -16,8 +16,9 @@ import math
 
 import ml_collections
 
-from fedjax_poison import attacks, data, defenses, models, selection, sweeps
-from fedjax_poison.fields import (
+from fedjax_poison import attacks, data, defenses, models
+from fedjax_poison.config import sweeps
+from fedjax_poison.config.fields import (
     ConfigError,
     check,
     is_int,
@@ -26,6 +27,7 @@ from fedjax_poison.fields import (
     validate_defense_name,
     validate_flips,
 )
+from fedjax_poison.round import selection
 
 __all__ = ["SWEEP_AXES", "ConfigError", "paper_config", "smoke", "validate", "variant"]
 SWEEP_AXES = tuple(sweeps.AXES)
@@ -181,7 +183,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 
 def _validate_model(c, spec: data.DatasetSpec) -> None:
-    want = models.INPUT_SHAPES[c.model.name]
+    want = models.input_shape(c.model.name)
     check(
         tuple(spec.image_shape) == want,
         "model.name",

@@ -5,8 +5,8 @@ import textwrap
 
 import numpy as np
 
-from fedjax_poison import tables
-from fedjax_poison.figures import (
+from fedjax_poison.results import tables
+from fedjax_poison.results.figures import (
     CLEAN,
     COLORS,
     draw_lines,

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from fedjax_poison import attacks, client, defenses, selection, server
+from fedjax_poison import attacks, defenses
+from fedjax_poison.round import client, selection, server
 
 PyTree = Any
 

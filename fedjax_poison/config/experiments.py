@@ -14,9 +14,11 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from fedjax_poison import attacks, selection, sweeps
-from fedjax_poison.fields import ConfigError
-from fedjax_poison.simulation import Scenario
+from fedjax_poison import attacks
+from fedjax_poison.config import sweeps
+from fedjax_poison.config.fields import ConfigError
+from fedjax_poison.round import selection
+from fedjax_poison.round.simulation import Scenario
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,9 @@ from typing import NamedTuple
 
 from absl import logging as absl_logging
 
-from fedjax_poison import files, sharding, train
+from fedjax_poison import files
+from fedjax_poison.round import sharding
+from fedjax_poison.runner import train
 
 log = logging.getLogger("fedjax_poison")
 

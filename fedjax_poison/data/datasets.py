@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_poison import raw_files, tfds_source
-from fedjax_poison.raw_files import DataError
+from fedjax_poison.data import raw_files, tfds_source
+from fedjax_poison.data.raw_files import DataError
 
 __all__ = ["SOURCES", "SPECS", "DataError", "Dataset", "DatasetSpec", "load_dataset", "normalize"]
 

@@ -18,8 +18,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fedjax_poison import sharding
 from fedjax_poison.errors import UserError
+from fedjax_poison.round import sharding
 
 FOLDER = "checkpoints"  # in the workdir
 META = ("group", "round", "lines", "train_s", "compile_s")

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fedjax_poison.raw_files import DataError
+from fedjax_poison.data.raw_files import DataError
 
 
 class ClientData(NamedTuple):

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from fedjax_poison.raw_files import DataError
+from fedjax_poison.data.raw_files import DataError
 
 FIX = "`pip install -r requirements-tfds.txt`, or use data.source=files or synthetic"
 

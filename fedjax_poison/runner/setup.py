@@ -8,20 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_poison import (
-    attacks,
-    client,
-    data,
-    defenses,
-    experiments,
-    metrics,
-    models,
-    partition,
-    server,
-    sharding,
-    simulation,
-)
-from fedjax_poison.plan import Plan
+from fedjax_poison import attacks, data, defenses, models
+from fedjax_poison.config import experiments
+from fedjax_poison.config.plan import Plan
+from fedjax_poison.data import partition
+from fedjax_poison.round import client, metrics, server, sharding, simulation
 
 
 class Programs(NamedTuple):

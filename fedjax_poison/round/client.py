@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_poison import data as data_lib
-from fedjax_poison import sharding
+from fedjax_poison.round import sharding
 
 
 class TrainSettings(NamedTuple):

@@ -21,19 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_poison import (
-    checkpoint,
-    defenses,
-    evaluation,
-    report,
-    setup,
-    sharding,
-)
-from fedjax_poison import plan as plan_lib
+from fedjax_poison import defenses
+from fedjax_poison.config import plan as plan_lib
 from fedjax_poison.errors import UserError
-from fedjax_poison.progress import Progress
-from fedjax_poison.workdir import Workdir
-from fedjax_poison.writer import RunWriter
+from fedjax_poison.results import evaluation, report
+from fedjax_poison.round import sharding
+from fedjax_poison.runner import checkpoint, setup
+from fedjax_poison.runner.progress import Progress
+from fedjax_poison.runner.workdir import Workdir
+from fedjax_poison.runner.writer import RunWriter
 
 log = logging.getLogger("fedjax_poison")
 # With checkpoint_every = 0: save after the first evaluation that ends this long after the

@@ -3,7 +3,9 @@ validation. Everything below (setup, the run loop, the writer) takes a `Plan`.""
 
 import dataclasses
 
-from fedjax_poison import client, configuration, data, experiments
+from fedjax_poison import data
+from fedjax_poison.config import configuration, experiments
+from fedjax_poison.round import client
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,2 @@
+"""Running: the loop over rounds, its workdir, checkpoints, files and progress lines, and the
+public Python API."""
