@@ -165,11 +165,13 @@ class Registry(Mapping[str, Callable]):
         except UserError:
             raise
         except (ValueError, TypeError) as e:
-            raise RegistryError(self._name_field(name, str(e), member)) from None
+            raise RegistryError(self.field_message(name, str(e))) from None
 
-    def _name_field(self, name: str, message: str, member: Member) -> str:
-        """The factory's message with its argument spelled as the config field."""
+    def field_message(self, name: str, message: str) -> str:
+        """A member's error message with the argument it starts with spelled as the config
+        field ('iters must be >= 1' -> 'defense.dnc.iters must be >= 1'), else prefixed by
+        the member's name."""
         first = message.split(" ", 1)[0]
-        if first in member.block:
+        if first in self.member(name).block:
             return f"{self.field_of(name, first)}{message[len(first):]}"
         return f"{self.field} {name!r}: {message}"

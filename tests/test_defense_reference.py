@@ -254,7 +254,7 @@ def test_flame_matches_hdbscan_clip_and_noise():
 
 def test_signguard_matches_xu_et_al():
     views, valid_rows = rounds()
-    out = run("signguard", views, signguard_fraction=1.0)
+    out = run("signguard", views, fraction=1.0)
     for (verdict, _), view, x in zip(out, views, valid_rows):
         want, kept = signguard(x, 0.1, 3.0, 20)
         np.testing.assert_array_equal(verdict.flags[np.asarray(view.valid)], ~kept)

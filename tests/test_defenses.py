@@ -37,9 +37,7 @@ def compiled(fn, *args):
 
 
 def build(name, *, k=K, d=D, num_classes=C, head_features=F, num_clients=20, **overrides):
-    cfg = defenses.default_config()
-    cfg.name = name
-    cfg.update(overrides)
+    cfg = defenses.block_for(name, **overrides)
     return defenses.make_defense(
         cfg,
         num_clients=num_clients,
@@ -288,10 +286,10 @@ AS_FEDAVG = {
     "fedavg": {},
     "trimmed_mean": {"trim": 0},
     "norm_clipping": {"clip_norm": 1e9},
-    "centered_clipping": {"cc_tau": 1e9},
-    "multi_krum": {"multi_krum_m": K},
+    "centered_clipping": {"tau": 1e9},
+    "multi_krum": {"m": K},
     "bulyan": {"num_byzantine": 0},
-    "dnc": {"dnc_c": 0.0},
+    "dnc": {"c": 0.0},
     "bucketing+fedavg": {},  # k = 10 in buckets of 2: equal buckets
     "nnm+fedavg": {"num_byzantine": 0},  # every row mixes all rows
 }
@@ -317,7 +315,7 @@ def test_detect_mode_aggregates_with_fedavg(name):
 
 
 def test_only_fltrust_needs_root_and_which_rules_flag():
-    assert [n for n in NAMES if program(n)[0].needs_root] == ["fltrust"]
+    assert [n for n in NAMES if program(n)[0].root_size] == ["fltrust"]
     assert {n for n in NAMES if program(n)[0].flags_clients} == FLAGGING
 
 
@@ -380,7 +378,7 @@ def test_identical_rows_share_krums_pick():
 
 
 def test_multi_krum_by_hand():
-    verdict, _ = hand("multi_krum", [[0], [1], [3], [100]], num_byzantine=0, multi_krum_m=2)
+    verdict, _ = hand("multi_krum", [[0], [1], [3], [100]], num_byzantine=0, m=2)
     np.testing.assert_allclose(verdict.delta, [0.5])
     np.testing.assert_array_equal(verdict.flags, [False, False, True, True])
     np.testing.assert_allclose(verdict.weights, [0.5, 0.5, 0, 0])
@@ -396,7 +394,7 @@ def test_bulyan_by_hand():
 
 
 def test_geometric_median_is_the_median_on_a_line():
-    verdict, _ = hand("geometric_median", [[0], [1], [10]], gm_iters=200)
+    verdict, _ = hand("geometric_median", [[0], [1], [10]], iters=200)
     np.testing.assert_allclose(verdict.delta, [1], atol=1e-3)
     np.testing.assert_allclose(verdict.weights @ jnp.array([0.0, 1.0, 10.0]), verdict.delta[0])
 
@@ -411,10 +409,10 @@ def test_norm_clipping_by_hand():
 
 
 def test_centered_clipping_by_hand():
-    verdict, memory = hand("centered_clipping", [[3, 4], [0, 0.5]], cc_tau=1.0)
+    verdict, memory = hand("centered_clipping", [[3, 4], [0, 0.5]], tau=1.0)
     np.testing.assert_allclose(verdict.delta, [0.3, 0.65], rtol=1e-6)
     np.testing.assert_allclose(memory, verdict.delta)  # the next round's center
-    verdict, _ = hand("centered_clipping", [[0.3, 0.65], [0.3, 0.65]], memory, cc_tau=1.0)
+    verdict, _ = hand("centered_clipping", [[0.3, 0.65], [0.3, 0.65]], memory, tau=1.0)
     np.testing.assert_allclose(verdict.delta, [0.3, 0.65], rtol=1e-6)
 
 
@@ -458,7 +456,7 @@ def test_flame_keeps_the_majority_direction_clipped_to_the_median_norm():
     # Three updates point along x (norms 4, 2, 1), two elsewhere: the majority is kept
     # (min cluster size 5 // 2 + 1 = 3) and clipped to the median norm 2 of all five.
     rows = [[4, 0], [2, 0], [1, 0], [0, 1], [0, -5]]
-    verdict, _ = hand("flame", rows, flame_lambda=0.0)
+    verdict, _ = hand("flame", rows, noise_lambda=0.0)
     np.testing.assert_array_equal(verdict.flags, [False] * 3 + [True] * 2)
     np.testing.assert_allclose(verdict.delta, [(2 + 2 + 1) / 3, 0], rtol=1e-6)
     np.testing.assert_allclose(verdict.weights, [1 / 3] * 3 + [0, 0], rtol=1e-6)
@@ -469,7 +467,7 @@ def test_dnc_drops_the_update_along_the_top_singular_vector():
     # (-1,-2), (-2,-1), (-3,-2), (-2,-3), (8,8); the top singular vector is (1,1)/sqrt(2),
     # squared projections 4.5, 4.5, 12.5, 12.5, 128: f=1, c=1 drops the last.
     rows = [[1, 0], [0, 1], [-1, 0], [0, -1], [10, 10]]
-    verdict, _ = hand("dnc", rows, num_byzantine=1, dnc_c=1.0)
+    verdict, _ = hand("dnc", rows, num_byzantine=1, c=1.0)
     np.testing.assert_allclose(verdict.scores, [4.5, 4.5, 12.5, 12.5, 128], rtol=1e-5)
     np.testing.assert_array_equal(verdict.flags, [False] * 4 + [True])
     np.testing.assert_allclose(verdict.delta, [0, 0], atol=1e-6)
@@ -480,7 +478,7 @@ def test_signguard_filters_by_norm_band_and_sign_majority():
     # 1/4), the sign-flipped row (1/4, 0, 3/4). Norms 2, 2, 2, 2, 20: median 2, the big row
     # is 10x the median, outside [0.1, 3].
     rows = [[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, -1, -1, 1], [10, 10, 10, -10]]
-    verdict, _ = hand("signguard", rows, signguard_fraction=1.0)
+    verdict, _ = hand("signguard", rows, fraction=1.0)
     np.testing.assert_array_equal(verdict.flags, [False] * 3 + [True] * 2)
     np.testing.assert_allclose(verdict.delta, [1, 1 / 3, 1 / 3, 1 / 3], rtol=1e-6)
 
@@ -535,28 +533,36 @@ def test_auc_matches_sklearn():
         ({"name": "nope"}, 5, "defense.name must be one of"),
         ({"mode": "quarantine"}, 5, "defense.mode must be one of"),
         ({"name": "krum", "mode": "block"}, 5, "defense.mode='block' needs defense.name='pca'"),
-        ({"trim_ratio": 0.7}, 5, "defense.trim_ratio must be in [0, 0.5), got 0.7"),
-        ({"name": "trimmed_mean", "trim": 3}, 5, "defense.trim must be < k/2"),
+        ({"name": "trimmed_mean", "trim_ratio": 0.7}, 5, "defense.trimmed_mean.trim_ratio must "
+         "be in [0, 0.5), got 0.7"),
+        ({"name": "trimmed_mean", "trim": 3}, 5, "defense.trimmed_mean.trim must be < k/2"),
         ({"name": "krum", "num_byzantine": 1}, 4, "krum needs k > 2f+2"),
-        ({"name": "multi_krum", "multi_krum_m": 9}, 5, "defense.multi_krum_m must be <= k=5"),
+        ({"name": "multi_krum", "m": 9}, 5, "defense.multi_krum.m must be in [1, k=5]"),
         ({"name": "bulyan", "num_byzantine": 1}, 5, "bulyan needs k >= 4f+3"),
-        ({"source_class": 10}, 5, "defense.source_class must be in [0, 10)"),
-        ({"window": 0}, 5, "defense.window must be >= 1"),
-        ({"row_scale": "max"}, 5, "defense.row_scale must be one of"),
-        ({"min_separation": -1.0}, 5, "defense.min_separation must be >= 0"),
-        ({"cc_tau": -1.0}, 5, "defense.cc_tau must be >= 0"),
-        ({"min_separation": float("inf")}, 5, "defense.min_separation must be a finite number"),
-        ({"bucket_size": 0}, 5, "defense.bucket_size must be >= 1"),
-        ({"flame_lambda": -0.1}, 5, "defense.flame_lambda must be >= 0"),
-        ({"name": "dnc", "dnc_c": 5.0}, 5, "dnc removes floor(c*f)=5 of k=5"),
-        ({"signguard_upper": 0.5}, 5, "defense.signguard_upper must be >= 1"),
-        ({"signguard_fraction": 0.0}, 5, "defense.signguard_fraction must be in (0, 1]"),
+        ({"name": "pca", "source_class": 10}, 5, "defense.pca.source_class must be in [0, 10)"),
+        ({"name": "pca", "window": 0}, 5, "defense.pca.window must be >= 1"),
+        ({"name": "pca", "row_scale": "max"}, 5, "defense.pca.row_scale must be one of"),
+        ({"name": "pca", "min_separation": -1.0}, 5, "defense.pca.min_separation must be a"),
+        ({"name": "centered_clipping", "tau": -1.0}, 5, "defense.centered_clipping.tau must be"),
+        ({"name": "pca", "min_separation": float("inf")}, 5, "defense.pca.min_separation must "
+         "be a finite number"),
+        ({"name": "bucketing+median", "bucket_size": 0}, 5, "defense.bucketing.bucket_size "
+         "must be >= 1"),
+        ({"name": "flame", "noise_lambda": -0.1}, 5, "defense.flame.noise_lambda must be >= 0"),
+        ({"name": "dnc", "c": 5.0}, 5, "dnc removes floor(c*f)=5 of k=5"),
+        ({"name": "signguard", "upper": 0.5}, 5, "defense.signguard.upper must be >= 1"),
+        ({"name": "signguard", "fraction": 0.0}, 5, "defense.signguard.fraction must be in "
+         "(0, 1]"),
         ({"name": "nope+median"}, 5, "'nope' is not one"),
     ],
 )
 def test_validate_names_the_field(overrides, k, message):
     cfg = defenses.default_config()
-    cfg.update(overrides)
+    name = overrides.pop("name", "fedavg")
+    mode = overrides.pop("mode", "filter")
+    cfg.name, cfg.mode = name, mode
+    for field, value in overrides.items():
+        cfg[name.split("+")[0]][field] = value
     with pytest.raises(ValueError) as error:
         defenses.validate(cfg, clients_per_round=k, num_clients=50, num_classes=10)
     assert message in str(error.value)
@@ -565,31 +571,19 @@ def test_validate_names_the_field(overrides, k, message):
 @pytest.mark.parametrize(
     "factory, kwargs, message",
     [
-        (
-            "dnc",
-            {
-                "num_byzantine": 1,
-                "dnc_iters": 0,
-                "dnc_subsample": 9,
-                "dnc_c": 1.0,
-                "mode": "filter",
-            },
-            "dnc_iters",
-        ),
-        ("flame", {"flame_lambda": -1.0, "mode": "filter"}, "flame_lambda"),
-        ("trimmed_mean", {"trim": 1, "trim_ratio": 0.6}, "trim_ratio"),
-        ("bulyan", {"num_byzantine": 1, "mode": "quarantine"}, "mode"),
+        ("dnc", {"clients_per_round": 5, "iters": 0, "mode": "filter"}, "iters"),
+        ("flame", {"noise_lambda": -1.0, "mode": "filter"}, "noise_lambda"),
+        ("trimmed_mean", {"clients_per_round": 5, "trim": 1, "trim_ratio": 0.6}, "trim_ratio"),
+        ("bulyan", {"clients_per_round": 7, "mode": "quarantine"}, "mode"),
     ],
 )
 def test_factories_check_their_own_arguments(factory, kwargs, message):
-    with pytest.raises(ValueError, match=f"defense.{message} must be"):
+    with pytest.raises(ValueError, match=f"^{message} must be"):
         defenses.DEFENSES[factory](**kwargs)
 
 
 def test_defaults_validate_for_the_paper_setup():
     for name in NAMES:
-        cfg = defenses.default_config()
-        cfg.name = name
-        if name == "bulyan":  # needs k >= 4f + 3 = 7 with f = 1; with k = 5 only f = 0
-            cfg.num_byzantine = 0
+        # bulyan needs k >= 4f + 3 = 7 with f = 1; with k = 5 only f = 0
+        cfg = defenses.block_for(name, **({"num_byzantine": 0} if name == "bulyan" else {}))
         defenses.validate(cfg, clients_per_round=5, num_clients=50, num_classes=10)

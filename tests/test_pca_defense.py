@@ -15,11 +15,9 @@ FIRST_ROUND = 10
 
 
 def pca_config(**overrides):
-    cfg = defenses.default_config()
-    cfg.name = "pca"
-    cfg.start_round = 1  # judge every round (the first round is never judged: see below)
-    cfg.update(overrides)
-    return cfg
+    mode = overrides.pop("mode", "filter")
+    # start_round 1: judge every round (the first round is never judged: see below)
+    return defenses.block_for("pca", mode, **{"start_round": 1, **overrides})
 
 
 def build(cfg, head_features, num_params):
@@ -105,7 +103,7 @@ _COMPILED = {}
 
 def compiled(cfg, head_features, num_params):
     """(init, jitted apply) of the pca defense, built once per setting."""
-    key = (tuple(sorted(cfg.items())), head_features, num_params)
+    key = (repr(cfg.to_dict()), head_features, num_params)
     if key not in _COMPILED:
         defense = build(cfg, head_features, num_params)
         _COMPILED[key] = (defense.init, jax.jit(defense.apply))

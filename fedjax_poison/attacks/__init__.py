@@ -8,16 +8,17 @@ A registry name -> factory, like the defenses (and optax): every factory returns
 
 masked by ctx.poisoned [k] (malicious clients inside the attack window): honest rows come
 back untouched. A factory's keyword arguments with defaults are its config block
-`attack.<name>.*`; those without (the sizes in SIZES) are filled in by `make_attack`.
-Names joined by '+' chain attacks in order: 'backdoor+scale' stamps a trigger on the data,
-then boosts the trained update. Adding an attack is one factory and one line in ATTACKS.
+`attack.<name>.*`; those without (the sizes in SIZES) are filled in by `make_attack`
+(the convention of every registry: fedjax_poison/registry.py). Names joined by '+' chain
+attacks in order: 'backdoor+scale' stamps a trigger on the data, then boosts the trained
+update. Adding an attack is one factory and one `register` call, from the package or from
+a user's script (`fedjax_poison.register_attack`).
 """
 
 from __future__ import annotations
 
 import difflib
-import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
@@ -46,6 +47,7 @@ from fedjax_poison.attacks.label_flip import (
 )
 from fedjax_poison.attacks.model_poisoning import gaussian, inf, scale, sign_flip
 from fedjax_poison.attacks.threat import draw_malicious, poisoning_now
+from fedjax_poison.registry import Registry, RegistryError
 
 __all__ = [
     "ATTACKS",
@@ -66,34 +68,43 @@ __all__ = [
     "parse_flips",
     "poison_labels",
     "poisoning_now",
+    "register",
     "select",
     "split_name",
 ]
 
-ATTACKS: Mapping[str, Callable[..., Attack]] = {
-    "none": none,
-    "label_flip": label_flip,
-    "backdoor": backdoor,
-    "adaptive_flip": adaptive_flip,
-    "sign_flip": sign_flip,
-    "gaussian": gaussian,
-    "scale": scale,
-    "alie": alie,
-    "ipm": ipm,
-    "min_max": min_max,
-    "min_sum": min_sum,
-    "inf": inf,
-}
 # What make_attack fills in (never config fields).
 SIZES = ("num_classes", "image_shape", "clients_per_round", "head_index")
 # Fields of the attack block shared by every attack.
 SHARED = ("name", "malicious_fraction", "flips", "start_round", "end_round", "every")
+ATTACKS = Registry("attack", "attack.name", "attack.{name}", sizes=SIZES)
+
+
+def register(name: str, factory: Callable[..., Attack], *, replace: bool = False):
+    """Adds an attack: `factory(**block, **sizes it names) -> Attack` (see the module
+    docstring; `fedjax_poison.testing.check_attack` checks the contract)."""
+    if name in SHARED:
+        raise RegistryError(f"attack name {name!r} is a field of the attack block; choose another")
+    return ATTACKS.register(name, factory, replace=replace)
+
+
+register("none", none)
+register("label_flip", label_flip)
+register("backdoor", backdoor)
+register("adaptive_flip", adaptive_flip)
+register("sign_flip", sign_flip)
+register("gaussian", gaussian)
+register("scale", scale)
+register("alie", alie)
+register("ipm", ipm)
+register("min_max", min_max)
+register("min_sum", min_sum)
+register("inf", inf)
 
 
 def block_defaults(name: str) -> dict:
     """The config block of one attack: its factory's keyword arguments with defaults."""
-    params = inspect.signature(ATTACKS[name]).parameters.values()
-    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    return ATTACKS.block(name)
 
 
 def default_config(flips: str = "") -> ml_collections.ConfigDict:
@@ -118,7 +129,7 @@ def split_name(name: str) -> list[str]:
     parts = [p.strip() for p in str(name).split("+")]
     for part in parts:
         if part not in ATTACKS:
-            close = difflib.get_close_matches(part, ATTACKS, n=1)
+            close = difflib.get_close_matches(part, list(ATTACKS), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise AttackConfigError(
                 f"attack.name {name!r}: {part!r} is not an attack{hint}; "
@@ -139,10 +150,11 @@ def make_attack(name: str, cfg, **sizes) -> Attack:
     """
     built = []
     for part in split_name(name):
-        params = inspect.signature(ATTACKS[part]).parameters
         block = cfg[part] if part in cfg else {}
-        kwargs = {p: (sizes[p] if p in SIZES else block[p]) for p in params}
-        built.append(ATTACKS[part](**kwargs))
+        try:
+            built.append(ATTACKS.build(part, dict(block.items()), **sizes))
+        except RegistryError as e:
+            raise AttackConfigError(str(e)) from None
     return chain(*built)
 
 

@@ -14,7 +14,10 @@ metrics.jsonl and in every file of a run.
 import difflib
 import math
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from fedjax_poison import attacks, data, defenses, models
 from fedjax_poison.config import sweeps
@@ -27,6 +30,8 @@ from fedjax_poison.config.fields import (
     validate_defense_name,
     validate_flips,
 )
+from fedjax_poison.data import partition
+from fedjax_poison.registry import RegistryError
 from fedjax_poison.round import selection
 
 __all__ = ["SWEEP_AXES", "ConfigError", "paper_config", "smoke", "validate", "variant"]
@@ -41,18 +46,21 @@ def paper_config(dataset: str) -> ml_collections.ConfigDict:
     recipe = data.SPECS[dataset].recipe
     c = ml_collections.ConfigDict()
     c.dataset = dataset
-    c.model = ml_collections.ConfigDict(dict(recipe["model"]))
+    model = recipe["model"]
+    c.model = ml_collections.ConfigDict({**models.config_block(model["name"]), **model})
     c.data = ml_collections.ConfigDict(
         dict(
             source="auto",  # auto | tfds | files | synthetic
             dir="",  # '' = the source's default (TFDS_DATA_DIR, or the spec's default_dir)
-            partition="iid",  # iid (the paper's round-robin) | dirichlet
-            dirichlet_alpha=0.5,
+            partition="iid",  # a partition: iid (the paper's round-robin), dirichlet, shards
             partition_seed=0,  # the split is shared by every experiment of a sweep
             synthetic_train=6000,
             synthetic_test=1000,
         )
     )
+    for name in partition.PARTITIONS:  # their blocks: data.dirichlet.alpha, ...
+        if partition.PARTITIONS.block(name):
+            c.data[name] = ml_collections.ConfigDict(partition.PARTITIONS.block(name))
     c.num_clients = 50
     c.clients_per_round = 5
     c.num_rounds = 200
@@ -115,7 +123,7 @@ def variant(c: ml_collections.ConfigDict, arg: str | None, path: str) -> ml_coll
 
 def reference(c) -> ml_collections.ConfigDict:
     """The defaults `c` is checked against: its dataset's paper config, with the model
-    block of the model it names (a known one)."""
+    block of the model it names (a registered one)."""
     ref = paper_config(c.dataset)
     ref.model = ml_collections.ConfigDict(models.config_block(c.model.name))
     return ref
@@ -168,13 +176,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(ok, "dataset", f"must be one of {sorted(data.SPECS)}", dataset)
     model = c.get("model")
     name = model.get("name") if isinstance(model, ml_collections.ConfigDict) else None
-    ok = isinstance(name, str) and name in models.MODELS
-    check(ok, "model.name", f"must be one of {sorted(models.MODELS)}", name)
+    try:
+        models.MODELS.check_name(name)
+    except RegistryError as e:
+        raise ConfigError(str(e)) from None
     _check_fields(c, reference(c))
     spec = data.SPECS[c.dataset]
+    _validate_counts(c)
     _validate_model(c, spec)
     _validate_data(c)
-    _validate_counts(c)
     _validate_devices(c)
     _validate_attack(c, spec.num_classes)
     _validate_selection(c)
@@ -183,33 +193,77 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 
 def _validate_model(c, spec: data.DatasetSpec) -> None:
+    """The model builds from its block and takes the dataset's images to C logits (traced
+    abstractly: nothing is computed)."""
     want = models.input_shape(c.model.name)
     check(
-        tuple(spec.image_shape) == want,
+        want is None or tuple(spec.image_shape) == want,
         "model.name",
         f"must take {spec.name}'s {'x'.join(map(str, spec.image_shape))} images (it takes "
-        f"{'x'.join(map(str, want))}): start from the dataset's own config file in configs/",
+        f"{'x'.join(map(str, want or ()))}): start from the dataset's own config file in configs/",
         c.model.name,
     )
-    impls = models.CONV_IMPLS
+    shape = (1, *spec.image_shape)
+    try:
+        model = models.make_model(c.model.to_dict(), spec.num_classes)
+        init = lambda key: model.init(key, jnp.zeros(shape, jnp.float32), train=False)
+        variables = jax.eval_shape(init, jax.random.key(0))
+        out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(shape), train=False), variables)
+    except RegistryError as e:
+        raise ConfigError(str(e)) from None
+    except ValueError as e:  # a field's value, as the model's layers check it
+        raise ConfigError(models.MODELS.field_message(c.model.name, str(e))) from None
+    except Exception as e:  # a user's model may fail in any way while it is traced
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ConfigError(
+            f"model.name {c.model.name!r} cannot take {spec.name}'s images "
+            f"{spec.image_shape}: {type(e).__name__}: {first}"
+        ) from None
     check(
-        c.model.conv_impl in impls, "model.conv_impl", f"must be one of {impls}", c.model.conv_impl
+        tuple(out.shape) == (1, spec.num_classes),
+        "model.name",
+        f"must give {spec.num_classes} logits per image, it gives shape {tuple(out.shape)}",
+        c.model.name,
+    )
+    check(
+        models.HEAD in variables.get("params", {}),
+        "model.name",
+        f"must name its output layer {models.HEAD!r} (the defenses read it)",
+        c.model.name,
     )
 
 
 def _validate_data(c) -> None:
     d = c.data
     check(d.source in data.SOURCES, "data.source", f"must be one of {data.SOURCES}", d.source)
-    check(
-        d.partition in ("iid", "dirichlet"),
-        "data.partition",
-        "must be iid or dirichlet",
-        d.partition,
-    )
-    check(d.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0", d.dirichlet_alpha)
+    try:
+        partition.PARTITIONS.check_name(d.partition)
+        _try_partition(c)
+    except RegistryError as e:
+        raise ConfigError(str(e)) from None
     for field in ("synthetic_train", "synthetic_test"):
         check(d[field] > 0, f"data.{field}", "must be a positive integer", d[field])
     check(d.partition_seed >= 0, "data.partition_seed", "must be >= 0", d.partition_seed)
+
+
+def _try_partition(c) -> None:
+    """Builds the partition on stand-in labels, to check its block; what depends on the real
+    data (enough examples for the clients) is checked when the data is loaded."""
+    num_classes = data.SPECS[c.dataset].num_classes
+    labels = np.arange(max(c.num_clients * c.batch_size, num_classes)) % num_classes
+    block = c.data[c.data.partition].to_dict() if c.data.partition in c.data else {}
+    try:
+        partition.split(
+            c.data.partition,
+            block,
+            labels,
+            num_clients=c.num_clients,
+            batch_size=c.batch_size,
+            num_classes=num_classes,
+            rng=np.random.default_rng(0),
+        )
+    except data.DataError:
+        pass
 
 
 def _validate_counts(c) -> None:

@@ -12,8 +12,8 @@ from fedjax_poison.round import client
 class DataSettings:
     source: str  # auto | tfds | files | synthetic
     dir: str | None
-    partition: str  # iid | dirichlet
-    dirichlet_alpha: float
+    partition: str  # a name of data.partition.PARTITIONS
+    partition_block: dict  # its block `data.<partition>.*`
     partition_seed: int
     synthetic_sizes: tuple[int, int]  # (train, test)
 
@@ -73,7 +73,7 @@ def build(c) -> Plan:
             c.data.source,
             c.data.dir or None,
             c.data.partition,
-            c.data.dirichlet_alpha,
+            c.data[c.data.partition].to_dict() if c.data.partition in c.data else {},
             c.data.partition_seed,
             (c.data.synthetic_train, c.data.synthetic_test),
         ),

@@ -34,7 +34,8 @@ class DatasetSpec:
     class_names: tuple[str, ...]
     default_dir: str  # where its raw files are looked for ('~' is expanded)
     files: tuple[str, ...]  # the raw files, in the order `read_files` takes them
-    read_files: Callable[[list[str], str], tuple[np.ndarray, ...]]  # (paths, fix) -> arrays
+    # (paths, fix) -> (x_train, y_train, x_test, y_test); None: only tfds provides it
+    read_files: Callable[[list[str], str], tuple[np.ndarray, ...]] | None
     fix: str  # how a user gets the raw files
     # The training setup its config starts from: the paper's (Tolpegin et al., Section 6)
     # for Fashion-MNIST and CIFAR-10, the same models and schedules for MNIST and CIFAR-100.
@@ -267,12 +268,14 @@ def load_dataset(
     if source == "synthetic":
         return synthetic_dataset(spec, *synthetic_sizes, seed=seed)
     if source == "auto":
-        if tfds_source.ready(spec.tfds_name, data_dir):
+        if spec.tfds_name and tfds_source.ready(spec.tfds_name, data_dir):
             source = "tfds"
-        elif all(os.path.exists(p) for p in raw_paths(spec, data_dir)):
+        elif spec.read_files and all(os.path.exists(p) for p in raw_paths(spec, data_dir)):
             source = "files"
         else:
             raise DataError(_how_to_provide(spec, data_dir))
+    if (source == "tfds" and not spec.tfds_name) or (source == "files" and not spec.read_files):
+        raise DataError(f"data.source={source!r}: dataset {name!r} has no {source} source")
     if source == "tfds":
         arrays = tfds_source.load(spec.tfds_name, data_dir)
     else:
@@ -287,14 +290,19 @@ def load_dataset(
 
 
 def _how_to_provide(spec: DatasetSpec, data_dir: str | None) -> str:
-    return (
-        f"no {spec.name} data found. Provide it in one of these ways:\n"
-        f"  1. tfds: `pip install -r requirements-tfds.txt`, then data.source=tfds with network "
-        f"(downloads into $TFDS_DATA_DIR or ~/tensorflow_datasets), or point $TFDS_DATA_DIR / "
-        f"data.dir at a prepared copy;\n"
-        f"  2. files: {spec.fix}; looked in {os.path.dirname(raw_paths(spec, data_dir)[0])};\n"
-        f"  3. data.source=synthetic: generated stand-in data with the same shapes."
-    )
+    ways = []
+    if spec.tfds_name:
+        ways.append(
+            "tfds: `pip install -r requirements-tfds.txt`, then data.source=tfds with network "
+            "(downloads into $TFDS_DATA_DIR or ~/tensorflow_datasets), or point $TFDS_DATA_DIR "
+            "/ data.dir at a prepared copy"
+        )
+    if spec.read_files and spec.files:
+        folder = os.path.dirname(raw_paths(spec, data_dir)[0])
+        ways.append(f"files: {spec.fix}; looked in {folder}")
+    ways.append("data.source=synthetic: generated stand-in data with the same shapes.")
+    listed = "".join(f"\n  {i}. {way}" for i, way in enumerate(ways, 1))
+    return f"no {spec.name} data found. Provide it in one of these ways:{listed}"
 
 
 def raw_paths(spec: DatasetSpec, data_dir: str | None) -> list[str]:

@@ -1,13 +1,23 @@
-"""The training set split among clients: the paper's IID deal, or Dirichlet label skew.
+"""The training set split among clients: a registry of partitions (`data.partition`).
 
-Shapes: [M] dataset size, [N] clients, [n] examples per client.
+Every partition is a factory `(labels [M], *, num_clients, batch_size, num_classes, rng,
+**block) -> (indices [N, n], count [N])`, whose keyword arguments with defaults are its
+block `data.<name>.*` (the registry convention: fedjax_poison/registry.py). Built in: the
+paper's IID deal, Dirichlet label skew, and McMahan et al.'s shards.
+Shapes: [M] dataset size, [N] clients, [n] examples per client (padded by repeating the
+client's own indices past count).
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 
 from fedjax_poison.data.raw_files import DataError
+from fedjax_poison.registry import Registry, RegistryError
+
+SIZES = ("labels", "num_clients", "batch_size", "num_classes", "rng")
+PARTITIONS = Registry("partition", "data.partition", "data.{name}", sizes=SIZES)
 
 
 class ClientData(NamedTuple):
@@ -74,6 +84,86 @@ def partition_dirichlet(
     clients = [rng.permutation(ci) for ci in clients]
     count = np.array([len(ci) for ci in clients], np.int32)
     indices = np.stack([np.pad(ci, (0, count.max() - len(ci)), mode="edge") for ci in clients])
+    return indices, count
+
+
+def iid(
+    *, labels: np.ndarray, num_clients: int, batch_size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's IID split (Tolpegin et al. 2020): equal clients, batches dealt round-robin."""
+    indices = partition_iid(len(labels), num_clients, batch_size, rng)
+    return indices, np.full(num_clients, indices.shape[1], np.int32)
+
+
+def dirichlet(
+    *,
+    labels: np.ndarray,
+    num_clients: int,
+    num_classes: int,
+    rng: np.random.Generator,
+    alpha: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Label skew: each class divided among clients in Dirichlet(alpha) proportions (Hsu et
+    al. 2019); small alpha, few classes per client."""
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha!r}")
+    return partition_dirichlet(labels, num_clients, alpha, rng, num_classes)
+
+
+def shards(
+    *,
+    labels: np.ndarray,
+    num_clients: int,
+    rng: np.random.Generator,
+    per_client: int = 2,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pathological non-IID split of McMahan et al. (AISTATS 2017): the examples sorted
+    by label, cut into num_clients * per_client equal shards, `per_client` random shards
+    to each client (2: most clients hold two classes)."""
+    if per_client < 1:
+        raise ValueError(f"per_client must be >= 1, got {per_client!r}")
+    count = num_clients * per_client
+    if len(labels) < count:
+        raise DataError(
+            f"num_clients={num_clients} x data.shards.per_client={per_client} shards need at "
+            f"least {count} training examples, got {len(labels)}"
+        )
+    order = np.argsort(labels, kind="stable")
+    size = len(labels) // count
+    cut = order[: size * count].reshape(count, size)  # [shards, size]
+    dealt = rng.permutation(count).reshape(num_clients, per_client)
+    indices = np.stack([rng.permutation(cut[row].reshape(-1)) for row in dealt])
+    return indices, np.full(num_clients, indices.shape[1], np.int32)
+
+
+# Fields of the `data.` block: no partition may take their names for its block.
+DATA_FIELDS = ("source", "dir", "partition", "partition_seed", "synthetic_train", "synthetic_test")
+
+
+def register(name: str, factory: Callable[..., tuple], *, replace: bool = False):
+    """Adds a partition (see the module docstring)."""
+    if name in DATA_FIELDS:
+        raise RegistryError(f"partition name {name!r} is a field of the data block")
+    return PARTITIONS.register(name, factory, replace=replace)
+
+
+register("iid", iid)
+register("dirichlet", dirichlet)
+register("shards", shards)
+
+
+def split(name: str, block, labels, **sizes) -> tuple[np.ndarray, np.ndarray]:
+    """(indices [N, n], count [N]) of partition `name`, checked: every client holds at least
+    one example, and every index lies in [0, M)."""
+    indices, count = PARTITIONS.build(name, block, labels=labels, **sizes)
+    indices, count = np.asarray(indices), np.asarray(count, np.int32)
+    n = len(labels)
+    if indices.ndim != 2 or count.shape != (indices.shape[0],):
+        raise DataError(f"partition {name!r} returned indices {indices.shape}, count {count.shape}")
+    if (count < 1).any() or (count > indices.shape[1]).any():
+        raise DataError(f"partition {name!r} left a client with no example (or too many)")
+    if indices.min() < 0 or indices.max() >= n:
+        raise DataError(f"partition {name!r} returned an index outside [0, {n})")
     return indices, count
 
 

@@ -1,8 +1,10 @@
 """Defenses: aggregation rules over one round's stacked client updates, inside the jitted round.
 
 A registry name -> factory, like optax: every factory returns a `Defense`, a pair of pure
-functions `init() -> memory` and `apply(view, memory) -> (verdict, memory)`. The round
-builds a `RoundView` (updates `delta = local - global` [k, d], the output layer's rows,
+functions `init() -> memory` and `apply(view, memory) -> (verdict, memory)`. A factory's
+keyword arguments with defaults are its block `defense.<name>.*`, validated by building it
+(fedjax_poison/registry.py); `register` adds a rule or pre-aggregator from a user's script.
+The round builds a `RoundView` (updates `delta = local - global` [k, d], the output layer's rows,
 client ids, round index, which rows are valid) and adds `verdict.delta` to the global params.
 
 Pre-aggregators (`norm_clipping`, `bucketing`, `nnm`) compose with any rule, optax-chain
@@ -22,11 +24,9 @@ size; the server (server.guard) turns non-finite rows into invalid ones.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
-import ml_collections
 from jax import lax
 
 from fedjax_poison.defenses.base import (
@@ -38,24 +38,36 @@ from fedjax_poison.defenses.base import (
     detection_counts,
     weighted_mean,
 )
-from fedjax_poison.defenses.config import default_config, validate
+from fedjax_poison.defenses.config import block_for, default_config
 from fedjax_poison.defenses.preaggregate import PreAggregator, chain
-from fedjax_poison.defenses.registry import DEFENSES, PRE_AGGREGATORS, split_name
+from fedjax_poison.defenses.registry import (
+    DEFENSES,
+    PRE_AGGREGATORS,
+    SHARED,
+    SIZES,
+    register,
+    split_name,
+)
 from fedjax_poison.defenses.source_pca import PCAMemory
+from fedjax_poison.registry import RegistryError
 
 __all__ = [
     "DEFENSES",
     "MODES",
     "PRE_AGGREGATORS",
+    "SHARED",
+    "SIZES",
     "Defense",
     "PCAMemory",
     "PreAggregator",
     "RoundView",
     "Verdict",
     "auc",
+    "block_for",
     "default_config",
     "detection_counts",
     "make_defense",
+    "register",
     "select",
     "split_name",
     "validate",
@@ -64,7 +76,7 @@ __all__ = [
 
 
 def make_defense(
-    cfg,
+    cfg: Mapping,
     *,
     num_clients: int,
     clients_per_round: int,
@@ -72,31 +84,58 @@ def make_defense(
     num_classes: int,
     head_features: int,
 ) -> Defense:
-    """Validate the `defense.` block (a ConfigDict or a plain mapping) and build the named
-    rule, or chain ('nnm+krum').
+    """The rule or chain ('nnm+krum') named by the `defense.` block (a ConfigDict or a
+    mapping: name, mode, and the blocks of its parts by name), built from each part's block.
 
-    Each factory's keyword arguments are named after config fields or these sizes.
+    Each part gets as `clients_per_round` the rows it receives (bucketing passes fewer on).
+    Raises RegistryError naming the field that cannot run.
     """
-    cfg = ml_collections.ConfigDict(dict(cfg))
-    validate(
-        cfg, clients_per_round=clients_per_round, num_clients=num_clients, num_classes=num_classes
-    )
-    values = dict(cfg.items())
-    values.update(
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    name, mode = cfg.get("name"), cfg.get("mode", "filter")
+    pre, rule = split_name(name)
+    if mode not in MODES:
+        raise RegistryError(f"defense.mode must be one of {list(MODES)}, got {mode!r}")
+    if mode == "block" and name != "pca":
+        raise RegistryError(f"defense.mode='block' needs defense.name='pca', got {name!r}")
+    if not 1 <= clients_per_round <= num_clients:
+        raise RegistryError(
+            f"defense.name {name!r} needs 1 <= k <= N, got k={clients_per_round}, N={num_clients}"
+        )
+    sizes = dict(
         num_clients=num_clients,
-        clients_per_round=clients_per_round,
         num_params=num_params,
         num_classes=num_classes,
         head_features=head_features,
+        mode=mode,
     )
+    rows, parts, clients = clients_per_round, [], True
+    for part in pre:
+        built = PRE_AGGREGATORS.build(part, cfg.get(part), clients_per_round=rows, **sizes)
+        parts.append(built)
+        rows, clients = built.rows, clients and built.rows_are_clients
+    if DEFENSES.member(rule).info["per_client_memory"] and not clients:
+        raise RegistryError(
+            f"defense.name {name!r}: {rule} keeps a memory per client and cannot follow "
+            "bucketing, whose rows are buckets, not clients"
+        )
+    try:
+        built = DEFENSES.build(rule, cfg.get(rule), clients_per_round=rows, **sizes)
+    except RegistryError as e:
+        raise RegistryError(f"{e} (k: the rows after {'+'.join(pre)})" if pre else str(e)) from None
+    return chain(parts, built, mode) if parts else built
 
-    def build(factory):
-        return factory(**{p: values[p] for p in inspect.signature(factory).parameters})
 
-    pre, rule = split_name(cfg.name)
-    if not pre:
-        return build(DEFENSES[rule])
-    return chain([build(PRE_AGGREGATORS[p]) for p in pre], build(DEFENSES[rule]), cfg.mode)
+def validate(cfg: Mapping, *, clients_per_round: int, num_clients: int, num_classes: int) -> None:
+    """Raises RegistryError naming the field if the `defense.` block cannot run: the rule is
+    built as the run would build it (its sizes that only shape arrays set to 1)."""
+    make_defense(
+        cfg,
+        num_clients=num_clients,
+        clients_per_round=clients_per_round,
+        num_params=1,
+        num_classes=num_classes,
+        head_features=1,
+    )
 
 
 def select(defense_set: Sequence[Defense], index: jax.Array) -> Defense:
@@ -104,7 +143,7 @@ def select(defense_set: Sequence[Defense], index: jax.Array) -> Defense:
     that a sweep over defenses stays one compiled program.
 
     Its memory is the tuple of every rule's memory (each experiment holds them all; only
-    the chosen rule's changes). `needs_root` and `flags_clients` hold for any of the set.
+    the chosen rule's changes). `root_size` and `flags_clients` hold for any of the set.
     """
 
     def init():
@@ -125,6 +164,6 @@ def select(defense_set: Sequence[Defense], index: jax.Array) -> Defense:
     return Defense(
         init,
         apply,
-        needs_root=any(d.needs_root for d in defense_set),
+        root_size=max(d.root_size for d in defense_set),
         flags_clients=any(d.flags_clients for d in defense_set),
     )

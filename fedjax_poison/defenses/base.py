@@ -60,14 +60,21 @@ class Defense(NamedTuple):
 
     init: Callable[[], PyTree]  # the rule's memory: fixed-shape arrays, () if none
     apply: Callable[[RoundView, PyTree], tuple[Verdict, PyTree]]  # pure, jittable
-    needs_root: bool  # the round must compute root_update (FLTrust)
+    root_size: int  # examples of the server's clean root set the round trains on (FLTrust); 0: none
     flags_clients: bool  # flags are meaningful (detection precision/recall)
 
 
 def require(ok: bool, field: str, need: str, got) -> None:
-    """A factory's check of its own argument, named after its `defense.` config field."""
+    """A factory's check of its own argument `field` (the registry names it as the config
+    field `defense.<rule>.<field>`)."""
     if not ok:
-        raise ValueError(f"defense.{field} must be {need}, got {got!r}")
+        raise ValueError(f"{field} must be {need}, got {got!r}")
+
+
+def require_two_clients(k: int) -> None:
+    """A rule that compares clients with each other needs two of them a round."""
+    if k < 2:
+        raise ValueError(f"needs k >= 2 clients per round (rows), got k={k}")
 
 
 def require_mode(mode: str) -> None:

@@ -39,11 +39,17 @@ def outlier_scores(sub: jax.Array, valid: jax.Array) -> jax.Array:
 
 
 def dnc(
-    *, num_byzantine: int, dnc_iters: int, dnc_subsample: int, dnc_c: float, mode: str
+    *,
+    clients_per_round: int,
+    mode: str,
+    num_byzantine: int = 1,
+    iters: int = 5,
+    subsample: int = 10000,
+    c: float = 1.0,
 ) -> Defense:
-    """DnC: `dnc_iters` times, draw b = `dnc_subsample` coordinates (all of them if d is
+    """DnC: `iters` times, draw b = `subsample` coordinates (all of them if d is
     smaller), score each valid update by its squared projection on the top singular vector
-    of the centered subsample, and keep the n - floor(c * f) lowest (c = `dnc_c`,
+    of the centered subsample, and keep the n - floor(c * f) lowest (c = `c`,
     f = `num_byzantine`, n the valid rows; at least one; rows tied at the cut are all
     kept). The updates kept in every iteration are averaged; the others are flagged.
 
@@ -53,16 +59,18 @@ def dnc(
     the iterations, in the updates' units (+inf where that overflows).
     """
     require(num_byzantine >= 0, "num_byzantine", ">= 0", num_byzantine)
-    require(dnc_iters >= 1, "dnc_iters", ">= 1", dnc_iters)
-    require(dnc_subsample >= 1, "dnc_subsample", ">= 1", dnc_subsample)
-    require(dnc_c >= 0, "dnc_c", ">= 0", dnc_c)
+    require(iters >= 1, "iters", ">= 1", iters)
+    require(subsample >= 1, "subsample", ">= 1", subsample)
+    require(c >= 0 and c == c, "c", ">= 0", c)
     require_mode(mode)
-    removed = int(dnc_c * num_byzantine + 1e-9)
+    removed = int(c * num_byzantine + 1e-9)
+    k = clients_per_round
+    require(removed < k, "c", f"< k/f: dnc removes floor(c*f)={removed} of k={k}", c)
 
     def apply(view, memory):
         valid, updates = clean(view)
         d = updates.shape[1]
-        b = min(dnc_subsample, d)
+        b = min(subsample, d)
         s = scale_of(updates, valid)
         scaled = updates / s
         n = valid.sum()
@@ -75,10 +83,10 @@ def dnc(
             ahead = jnp.sum(valid[None, :] & (score[None, :] < score[:, None]), axis=1)
             return valid & (ahead < keep_count), score
 
-        good, scores = jax.vmap(iteration)(jnp.arange(dnc_iters))
+        good, scores = jax.vmap(iteration)(jnp.arange(iters))
         good = jnp.all(good, axis=0)
         aggregate = weighted_mean(updates, good.astype(jnp.float32))
         scores = rescale(scores.mean(axis=0), s * s)
         return flagging_verdict(updates, ~good, scores, mode, aggregate, valid=valid), memory
 
-    return Defense(no_memory, apply, needs_root=False, flags_clients=True)
+    return Defense(no_memory, apply, root_size=0, flags_clients=True)

@@ -32,10 +32,10 @@ def cosine_distances(updates: jax.Array) -> jax.Array:
     return jnp.clip(1.0 - unit @ unit.T, 0.0, 2.0)
 
 
-def flame(*, flame_lambda: float, mode: str) -> Defense:
+def flame(*, mode: str, noise_lambda: float = 0.001) -> Defense:
     """FLAME: the updates outside the majority cluster of cosine distances are flagged; the
     others are clipped to the median norm S of all valid updates and averaged, and the
-    aggregate gets Gaussian noise of standard deviation `flame_lambda` * S per coordinate
+    aggregate gets Gaussian noise of standard deviation `noise_lambda` * S per coordinate
     (the paper's lambda, 0.001 for image classification).
 
     Departures, all documented: distances are between updates (local - global), not whole
@@ -44,7 +44,7 @@ def flame(*, flame_lambda: float, mode: str) -> Defense:
     alone, so it is the same for every ordering of the clients. Scores: the mean cosine
     distance to the kept updates.
     """
-    require(flame_lambda >= 0, "flame_lambda", ">= 0", flame_lambda)
+    require(noise_lambda >= 0, "noise_lambda", ">= 0", noise_lambda)
     require_mode(mode)
 
     def apply(view, memory):
@@ -57,10 +57,10 @@ def flame(*, flame_lambda: float, mode: str) -> Defense:
         clipped = masked_mean(scale[:, None] * updates, kept)
         key = jax.random.fold_in(jax.random.key(NOISE_STREAM), view.round)
         noise = jax.random.normal(key, clipped.shape, jnp.float32)
-        delta = jnp.where(kept.any(), clipped + flame_lambda * bound * noise, 0.0)
+        delta = jnp.where(kept.any(), clipped + noise_lambda * bound * noise, 0.0)
         weights = kept.astype(jnp.float32) / jnp.maximum(kept.sum(), 1)
         scores = jnp.sum(jnp.where(kept[None, :], dist, 0.0), axis=1) / jnp.maximum(kept.sum(), 1)
         verdict = flagging_verdict(updates, ~kept, scores, mode, (delta, weights), valid=valid)
         return verdict, memory
 
-    return Defense(no_memory, apply, needs_root=False, flags_clients=True)
+    return Defense(no_memory, apply, root_size=0, flags_clients=True)

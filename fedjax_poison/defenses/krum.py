@@ -80,10 +80,17 @@ def lowest_by_krum(d2, key, alive, num_byzantine: int, count) -> jax.Array:
     return lowest_shares(keys, alive, count)
 
 
-def krum(*, num_byzantine: int) -> Defense:
+def require_krum(num_byzantine: int, k: int, rule: str) -> None:
+    """Krum's scores need k > 2f + 2 rows."""
+    require(num_byzantine >= 0, "num_byzantine", ">= 0", num_byzantine)
+    need = f"< (k-2)/2: {rule} needs k > 2f+2, k={k}"
+    require(k > 2 * num_byzantine + 2, "num_byzantine", need, num_byzantine)
+
+
+def krum(*, clients_per_round: int, num_byzantine: int = 1) -> Defense:
     """The update with the lowest Krum score (Blanchard et al., NeurIPS 2017); f =
     `num_byzantine`, neighbours n - f - 2 of the n valid rows (see the module docstring)."""
-    require(num_byzantine >= 0, "num_byzantine", ">= 0", num_byzantine)
+    require_krum(num_byzantine, clients_per_round, "krum")
 
     def aggregate(valid, updates, view):
         d2, key, s = geometry(updates, valid)
@@ -95,20 +102,22 @@ def krum(*, num_byzantine: int) -> Defense:
     return stateless(aggregate)
 
 
-def multi_krum(*, num_byzantine: int, multi_krum_m: int, mode: str) -> Defense:
+def multi_krum(
+    *, clients_per_round: int, mode: str, num_byzantine: int = 1, m: int = -1
+) -> Defense:
     """Mean of the m updates with the lowest Krum scores; the rest are flagged (Blanchard
-    et al., NeurIPS 2017). m = `multi_krum_m` (at most n), or n - f when it is -1, n the
-    valid rows."""
-    require(num_byzantine >= 0, "num_byzantine", ">= 0", num_byzantine)
-    require(multi_krum_m == -1 or multi_krum_m >= 1, "multi_krum_m", ">= 1 or -1", multi_krum_m)
+    et al., NeurIPS 2017). m at most n, or n - f when it is -1, n the valid rows."""
+    require_krum(num_byzantine, clients_per_round, "multi_krum")
+    require(m == -1 or 1 <= m <= clients_per_round, "m", f"in [1, k={clients_per_round}] or -1", m)
     require_mode(mode)
+    chosen = m
 
     def aggregate(valid, updates, view):
         n = valid.sum()
-        m = jnp.minimum(multi_krum_m, n) if multi_krum_m > 0 else n - num_byzantine
-        m = jnp.maximum(m, jnp.minimum(n, 1))
+        count = jnp.minimum(chosen, n) if chosen > 0 else n - num_byzantine
+        count = jnp.maximum(count, jnp.minimum(n, 1))
         d2, key, s = geometry(updates, valid)
-        share = lowest_by_krum(d2, key, valid, num_byzantine, m)
+        share = lowest_by_krum(d2, key, valid, num_byzantine, count)
         scores = reported(d2, valid, num_byzantine, s)
         aggregate = weighted_mean(updates, share)
         return flagging_verdict(updates, share <= 0, scores, mode, aggregate, valid=valid)
@@ -159,11 +168,14 @@ def trimmed_around_median(updates, picked, beta) -> jax.Array:
     return jnp.sum(w * values, axis=0) / jnp.maximum(beta, 1).astype(jnp.float32)
 
 
-def bulyan(*, num_byzantine: int, mode: str) -> Defense:
+def bulyan(*, clients_per_round: int, mode: str, num_byzantine: int = 1) -> Defense:
     """Krum-select theta = n - 2f updates, then per coordinate average the beta = theta - 2f
     values closest to their median (El Mhamdi et al., ICML 2018); n the valid rows, each
     count at least 1. Unpicked rows are flagged."""
     require(num_byzantine >= 0, "num_byzantine", ">= 0", num_byzantine)
+    k = clients_per_round
+    need = f"<= (k-3)/4: bulyan needs k >= 4f+3, k={k}"
+    require(k >= 4 * num_byzantine + 3, "num_byzantine", need, num_byzantine)
     require_mode(mode)
 
     def aggregate(valid, updates, view):

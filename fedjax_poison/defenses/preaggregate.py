@@ -46,6 +46,7 @@ class PreAggregator(NamedTuple):
     # (view [k rows], memory) -> (view [m rows], mix [m, k], memory); pure, jittable
     apply: Callable[[RoundView, PyTree], tuple[RoundView, jax.Array, PyTree]]
     rows_are_clients: bool  # m == k and row i stands for client i
+    rows: int  # m: the rows it passes on, of the k it receives
 
 
 def mixed(view: RoundView, mix: jax.Array, valid: jax.Array, ids: jax.Array) -> RoundView:
@@ -60,7 +61,7 @@ def mixed(view: RoundView, mix: jax.Array, valid: jax.Array, ids: jax.Array) -> 
     )
 
 
-def clipping(*, clip_norm: float) -> PreAggregator:
+def clipping(*, clients_per_round: int, clip_norm: float = 0.0) -> PreAggregator:
     """`norm_clipping` before another rule: each valid row scaled to norm at most
     `clip_norm` (0: the median norm of the valid rows), then passed on (Sun et al., 2019)."""
     require(clip_norm >= 0, "clip_norm", ">= 0 (0: median norm)", clip_norm)
@@ -70,10 +71,10 @@ def clipping(*, clip_norm: float) -> PreAggregator:
         mix = jnp.diag(clip_scales(updates, valid, clip_norm))
         return mixed(view, mix, valid, view.client_ids), mix, memory
 
-    return PreAggregator(lambda: (), apply, rows_are_clients=True)
+    return PreAggregator(lambda: (), apply, rows_are_clients=True, rows=clients_per_round)
 
 
-def bucketing(*, bucket_size: int) -> PreAggregator:
+def bucketing(*, clients_per_round: int, bucket_size: int = 2) -> PreAggregator:
     """Bucketing (Karimireddy, He and Jaggi, ICLR 2022): the valid rows in a random order,
     cut into buckets of s = `bucket_size`, each bucket's mean one row -> ceil(k / s) rows
     (the last bucket may be smaller; buckets with no valid row are invalid rows).
@@ -102,15 +103,19 @@ def bucketing(*, bucket_size: int) -> PreAggregator:
         first = jnp.min(jnp.where(member, ids[None, :], jnp.iinfo(jnp.int32).max), axis=1)
         return mixed(view, mix, size > 0, jnp.where(size > 0, first, -1)), mix, memory
 
-    return PreAggregator(lambda: (), apply, rows_are_clients=False)
+    rows = -(-clients_per_round // bucket_size)
+    return PreAggregator(lambda: (), apply, rows_are_clients=False, rows=rows)
 
 
-def nnm(*, num_byzantine: int) -> PreAggregator:
+def nnm(*, clients_per_round: int, num_byzantine: int = 1) -> PreAggregator:
     """Nearest Neighbor Mixing (Allouah et al., AISTATS 2023): each valid row replaced by the
     mean of its n - f nearest valid rows, itself included (n the valid rows, f =
     `num_byzantine`, at least one). Rows at equal distance at the cut share the places left.
     """
     require(num_byzantine >= 0, "num_byzantine", ">= 0", num_byzantine)
+    k = clients_per_round
+    need = f"< k/2: nnm averages the k-f nearest of k={k} rows"
+    require(k > 2 * num_byzantine, "num_byzantine", need, num_byzantine)
 
     def apply(view, memory):
         valid, updates = clean(view)
@@ -121,7 +126,7 @@ def nnm(*, num_byzantine: int) -> PreAggregator:
         mix = jnp.where(valid[:, None], share / jnp.maximum(near, 1), 0.0)
         return mixed(view, mix, valid, view.client_ids), mix, memory
 
-    return PreAggregator(lambda: (), apply, rows_are_clients=True)
+    return PreAggregator(lambda: (), apply, rows_are_clients=True, rows=clients_per_round)
 
 
 def _normalised(mix: jax.Array) -> jax.Array:
@@ -166,4 +171,4 @@ def chain(parts: Sequence[PreAggregator], rule: Defense, mode: str) -> Defense:
             verdict = verdict._replace(delta=delta, weights=weights)
         return verdict, (tuple(memories), rule_memory)
 
-    return Defense(init, apply, needs_root=rule.needs_root, flags_clients=rule.flags_clients)
+    return Defense(init, apply, root_size=rule.root_size, flags_clients=rule.flags_clients)

@@ -43,7 +43,7 @@ def stateless(aggregate, *, flags_clients: bool = False) -> Defense:
         valid, updates = clean(view)
         return aggregate(valid, updates, view), memory
 
-    return Defense(no_memory, apply, needs_root=False, flags_clients=flags_clients)
+    return Defense(no_memory, apply, root_size=0, flags_clients=flags_clients)
 
 
 def fedavg() -> Defense:
@@ -76,12 +76,14 @@ def trim_count(trim: int, trim_ratio: float, n: jax.Array) -> jax.Array:
     return jnp.clip(t, 0, jnp.maximum((n - 1) // 2, 0))
 
 
-def trimmed_mean(*, trim: int, trim_ratio: float) -> Defense:
+def trimmed_mean(*, clients_per_round: int, trim: int = -1, trim_ratio: float = 0.2) -> Defense:
     """Coordinate-wise mean after dropping the t largest and t smallest values (Yin et al.,
     ICML 2018). t is a count: `trim`, or floor(trim_ratio * n) when trim is -1, n the valid
     rows (the paper's beta fraction times n, rounded down)."""
     require(trim >= -1, "trim", ">= 0 (or -1 for trim_ratio)", trim)
     require(0 <= trim_ratio < 0.5, "trim_ratio", "in [0, 0.5)", trim_ratio)
+    k = clients_per_round
+    require(2 * trim < k, "trim", f"< k/2 with k={k}", trim)
 
     def aggregate(valid, updates, view) -> Verdict:
         k, n = updates.shape[0], valid.sum()
@@ -96,24 +98,25 @@ def trimmed_mean(*, trim: int, trim_ratio: float) -> Defense:
     return stateless(aggregate)
 
 
-def geometric_median(*, gm_iters: int, gm_eps: float) -> Defense:
+def geometric_median(*, iters: int = 10, eps: float = 1e-6) -> Defense:
     """Smoothed Weiszfeld iterations from the mean of the valid updates (RFA, Pillutla et al.,
-    IEEE TSP 2022): weights 1 / max(nu, distance) with nu = `gm_eps` in update units, as in
-    RFA's smoothing; `gm_iters` + 1 steps. The result is the weighted mean of the last step.
+    IEEE TSP 2022): weights 1 / max(nu, distance) with nu = `eps` in update units, as in
+    RFA's smoothing; `iters` + 1 steps (the RFA paper finds a few enough). The result is
+    the weighted mean of the last step.
     """
-    require(gm_iters >= 1, "gm_iters", ">= 1", gm_iters)
-    require(gm_eps > 0, "gm_eps", "> 0", gm_eps)
+    require(iters >= 1, "iters", ">= 1", iters)
+    require(eps > 0, "eps", "> 0", eps)
 
     def aggregate(valid, updates, view) -> Verdict:
         s = scale_of(updates, valid)  # Weiszfeld commutes with scaling; distances stay finite
-        x, nu = updates / s, gm_eps / s
+        x, nu = updates / s, eps / s
 
         def weights_at(center):
             w = jnp.where(valid, 1.0 / jnp.maximum(distances_to(x, center), nu), 0.0)
             return w / jnp.maximum(w.sum(), 1e-30)
 
         start = masked_mean(x, valid)
-        center = lax.fori_loop(0, gm_iters, lambda _, v: weights_at(v) @ x, start)
+        center = lax.fori_loop(0, iters, lambda _, v: weights_at(v) @ x, start)
         weights = weights_at(center)
         delta = (weights @ x) * s
         return make_verdict(delta, weights, scores=distances_to(updates, delta), valid=valid)
@@ -130,7 +133,7 @@ def clip_scales(updates: jax.Array, valid: jax.Array, clip_norm: float) -> jax.A
     return jnp.where(valid, scale, 0.0)
 
 
-def norm_clipping(*, clip_norm: float) -> Defense:
+def norm_clipping(*, clip_norm: float = 0.0) -> Defense:
     """Scale each update to norm at most `clip_norm` (0: the median norm of the valid
     updates), then average (Sun et al., "Can you really backdoor FL?", 2019)."""
     require(clip_norm >= 0, "clip_norm", ">= 0 (0: median norm)", clip_norm)
@@ -143,16 +146,17 @@ def norm_clipping(*, clip_norm: float) -> Defense:
     return stateless(aggregate)
 
 
-def centered_clipping(*, num_params: int, cc_tau: float, cc_iters: int) -> Defense:
-    """Clip each update's distance to a center at `cc_tau` and move the center by the mean
-    over the valid updates, `cc_iters` times (Karimireddy, He and Jaggi, ICML 2021).
+def centered_clipping(*, num_params: int, tau: float = 0.0, iters: int = 1) -> Defense:
+    """Clip each update's distance to a center at `tau` and move the center by the mean
+    over the valid updates, `iters` times (Karimireddy, He and Jaggi, ICML 2021; the paper
+    finds one iteration enough).
 
     The center starts at the last round's aggregate, kept in memory [d] (the server's
-    momentum in the paper); `cc_tau` 0 means the median distance of the valid updates to
+    momentum in the paper); `tau` 0 means the median distance of the valid updates to
     that center. With no valid update the center stays where it was.
     """
-    require(cc_tau >= 0, "cc_tau", ">= 0 (0: median distance)", cc_tau)
-    require(cc_iters >= 1, "cc_iters", ">= 1", cc_iters)
+    require(tau >= 0, "tau", ">= 0 (0: median distance)", tau)
+    require(iters >= 1, "iters", ">= 1", iters)
 
     def init():
         return jnp.zeros((num_params,), jnp.float32)
@@ -160,16 +164,16 @@ def centered_clipping(*, num_params: int, cc_tau: float, cc_iters: int) -> Defen
     def apply(view, last):
         valid, updates = clean(view)
         spread = distances_to(updates, last)
-        tau = masked_median(spread, valid) if cc_tau <= 0 else jnp.float32(cc_tau)
+        tau_now = masked_median(spread, valid) if tau <= 0 else jnp.float32(tau)
 
         def step(_, v):
             diff = updates - v[None, :]
-            scale = jnp.minimum(1.0, tau / jnp.maximum(norms(diff), 1e-30))
+            scale = jnp.minimum(1.0, tau_now / jnp.maximum(norms(diff), 1e-30))
             return v + masked_mean(scale[:, None] * diff, valid)
 
-        delta = lax.fori_loop(0, cc_iters, step, last.astype(updates.dtype))
+        delta = lax.fori_loop(0, iters, step, last.astype(updates.dtype))
         scores = distances_to(updates, delta)
         weights = uniform_over(valid)
         return make_verdict(delta, weights, scores=scores, valid=valid), delta
 
-    return Defense(init, apply, needs_root=False, flags_clients=False)
+    return Defense(init, apply, root_size=0, flags_clients=False)

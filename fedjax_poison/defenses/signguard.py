@@ -56,26 +56,25 @@ def sign_clusters(features: jax.Array, valid: jax.Array, iters: int) -> jax.Arra
 
 def signguard(
     *,
-    signguard_lower: float,
-    signguard_upper: float,
-    signguard_fraction: float,
-    kmeans_iters: int,
     mode: str,
+    lower: float = 0.1,
+    upper: float = 3.0,
+    fraction: float = 0.1,
+    kmeans_iters: int = 20,
 ) -> Defense:
     """SignGuard: keep the valid updates whose norm over the median norm M lies in
-    [L, R] = [`signguard_lower`, `signguard_upper`] (the paper's 0.1 and 3.0) and which fall
+    [L, R] = [`lower`, `upper`] (the paper's 0.1 and 3.0) and which fall
     in the larger of two clusters of sign statistics (the fractions of positive, zero and
-    negative values over a random `signguard_fraction` of the coordinates, at least one);
+    negative values over a random `fraction` of the coordinates, at least one);
     clip the kept updates to M and average them. The rest are flagged.
 
     The paper clusters with MeanShift; here two-cluster k-means (`kmeans_iters` Lloyd steps),
     as in its simpler variant. The coordinates come from a key derived from the round
     alone. Scores: distance of the sign features to the kept rows' mean features.
     """
-    lower, upper, fraction = signguard_lower, signguard_upper, signguard_fraction
-    require(0 <= lower <= 1, "signguard_lower", "in [0, 1] (the median norm passes)", lower)
-    require(upper >= 1, "signguard_upper", ">= 1 (the median norm passes)", upper)
-    require(0 < fraction <= 1, "signguard_fraction", "in (0, 1]", fraction)
+    require(0 <= lower <= 1, "lower", "in [0, 1] (the median norm passes)", lower)
+    require(upper >= 1 and upper < float("inf"), "upper", ">= 1 (the median norm passes)", upper)
+    require(0 < fraction <= 1, "fraction", "in (0, 1]", fraction)
     require(kmeans_iters >= 1, "kmeans_iters", ">= 1", kmeans_iters)
     require_mode(mode)
 
@@ -85,9 +84,9 @@ def signguard(
         size = norms(updates)
         bound = masked_median(size, valid)
         ratio = size / jnp.where(bound > 0, bound, 1.0)
-        in_range = (ratio >= signguard_lower) & (ratio <= signguard_upper)
+        in_range = (ratio >= lower) & (ratio <= upper)
         in_range = valid & jnp.where(bound > 0, in_range, True)
-        b = max(1, int(signguard_fraction * d + 1e-9))
+        b = max(1, int(fraction * d + 1e-9))
         key = jax.random.fold_in(jax.random.key(COORDINATE_STREAM), view.round)
         coords = sample_coordinates(key, d, b)
         features = sign_features(updates, coords)
@@ -100,4 +99,4 @@ def signguard(
         verdict = flagging_verdict(updates, ~kept, scores, mode, (delta, weights), valid=valid)
         return verdict, memory
 
-    return Defense(no_memory, apply, needs_root=False, flags_clients=True)
+    return Defense(no_memory, apply, root_size=0, flags_clients=True)

@@ -17,6 +17,7 @@ from fedjax_poison.defenses.base import (
     no_memory,
     require,
     require_mode,
+    require_two_clients,
     weighted_mean,
 )
 from fedjax_poison.defenses.cluster import farthest_pair, masked_mean, two_means
@@ -74,12 +75,14 @@ def foolsgold(*, num_clients: int, num_classes: int, head_features: int, mode: s
         verdict = flagging_verdict(updates, share <= 0, scores, mode, aggregate, valid=valid)
         return verdict, history
 
-    return Defense(init, apply, needs_root=False, flags_clients=True)
+    return Defense(init, apply, root_size=0, flags_clients=True)
 
 
-def fltrust(*, mode: str) -> Defense:
+def fltrust(*, mode: str, root_size: int = 100) -> Defense:
     """Trust = ReLU(cosine with the server's root update); updates rescaled to the root's
-    norm, averaged by trust (Cao et al., NDSS 2021). Zero trust = flagged."""
+    norm, averaged by trust (Cao et al., NDSS 2021). Zero trust = flagged. The root update
+    is the server's own training on a clean root set of `root_size` examples."""
+    require(root_size >= 1, "root_size", ">= 1", root_size)
     require_mode(mode)
 
     def apply(view, memory):
@@ -94,7 +97,7 @@ def fltrust(*, mode: str) -> Defense:
         verdict = flagging_verdict(updates, flags, -cos, mode, (delta, weights), valid=valid)
         return verdict, memory
 
-    return Defense(no_memory, apply, needs_root=True, flags_clients=True)
+    return Defense(no_memory, apply, root_size=root_size, flags_clients=True)
 
 
 def _inverse_density(cos: jax.Array, members: jax.Array, n_valid: jax.Array) -> jax.Array:
@@ -110,12 +113,13 @@ def _inverse_density(cos: jax.Array, members: jax.Array, n_valid: jax.Array) -> 
     return n / jnp.maximum(n_valid, 1) * dns
 
 
-def lfighter(*, kmeans_iters: int, mode: str) -> Defense:
+def lfighter(*, clients_per_round: int, mode: str, kmeans_iters: int = 20) -> Defense:
     """Cluster the output-layer changes of the two classes with the largest total magnitude
     into 2 with k-means; flag the cluster that is smaller and/or denser, i.e. has the lower
     size-weighted inverse density (Jebreel et al., "LFighter", Neural Networks 2024).
     k-means runs on the valid rows scaled by a power of two (it commutes with scaling)."""
     require(kmeans_iters >= 1, "kmeans_iters", ">= 1", kmeans_iters)
+    require_two_clients(clients_per_round)
     require_mode(mode)
 
     def apply(view, memory):
@@ -143,4 +147,4 @@ def lfighter(*, kmeans_iters: int, mode: str) -> Defense:
         verdict = flagging_verdict(updates, flags, scores, mode, aggregate, valid=valid)
         return verdict, memory
 
-    return Defense(no_memory, apply, needs_root=False, flags_clients=True)
+    return Defense(no_memory, apply, root_size=0, flags_clients=True)

@@ -153,7 +153,7 @@ def make_round_step(
         trained = jax.vmap(train_all, in_axes=in_axes)(params, batch_stats, *grouped)
         return gather_clients(jax.tree.map(lambda a: a.reshape(slots, *a.shape[2:])[:k], trained))
 
-    needs_root = any(d.needs_root for d in defense_set)
+    needs_root = any(d.root_size for d in defense_set)
 
     def round_step(state: ServerState, scenario: Scenario, data: ClientData):
         key = jax.random.fold_in(jax.random.key(scenario.seed), state.round)

@@ -46,21 +46,21 @@ def compiler_options() -> dict[str, str]:
 def split_clients(plan: Plan, dataset: data.Dataset) -> partition.ClientData:
     """Partitions the training set into the N clients' padded arrays (host numpy)."""
     d = plan.data
-    rng = np.random.default_rng(d.partition_seed)
-    if d.partition == "iid":
-        size = len(dataset.y_train)
-        indices = partition.partition_iid(size, plan.num_clients, plan.train.batch_size, rng)
-        count = None
-    else:
-        indices, count = partition.partition_dirichlet(
-            dataset.y_train, plan.num_clients, d.dirichlet_alpha, rng, plan.spec.num_classes
-        )
+    indices, count = partition.split(
+        d.partition,
+        d.partition_block,
+        dataset.y_train,
+        num_clients=plan.num_clients,
+        batch_size=plan.train.batch_size,
+        num_classes=plan.spec.num_classes,
+        rng=np.random.default_rng(d.partition_seed),
+    )
     return partition.make_client_data(dataset.x_train, dataset.y_train, indices, count)
 
 
-def root_data(plan: Plan, dataset: data.Dataset) -> simulation.ClientData:
-    """The server's small clean root set (FLTrust), as one client's arrays [1, n, ...]."""
-    size = int(plan.defense.get("root_size", 100))
+def root_data(plan: Plan, dataset: data.Dataset, size: int) -> simulation.ClientData:
+    """The server's small clean root set of `size` examples (FLTrust), as one client's
+    arrays [1, n, ...]."""
     rng = np.random.default_rng([plan.data.partition_seed, 1])
     idx = rng.choice(len(dataset.y_train), size, replace=False)
     return simulation.ClientData(
@@ -137,7 +137,7 @@ def build(plan: Plan) -> Programs:
             sharding.client_groups(mesh),
         ),
         server.head_index(params),
-        root_data(plan, dataset) if defense.needs_root else None,
+        root_data(plan, dataset, defense.root_size) if defense.root_size else None,
         sharding.client_constraint(mesh),
         sharding.replicated_constraint(mesh),
     )
