@@ -37,8 +37,8 @@ def detection_config(args, source_class: int):
     c.sweep.malicious_fraction = tuple(args.fractions)
     c.defense.name = "pca"
     c.defense.mode = "detect"
-    c.defense.source_class = source_class
-    c.defense.start_round = args.start_round
+    c.defense.pca.source_class = source_class
+    c.defense.pca.start_round = args.start_round
     return c
 
 
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=30, help="a multiple of 10, at least 20")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.3, 0.5])
-    p.add_argument("--start-round", type=int, default=1, help="defense.start_round (from 1)")
+    p.add_argument("--start-round", type=int, default=1, help="defense.pca.start_round (from 1)")
     p.add_argument("--data-source", default="files", help="data.source: files, tfds, ...")
     p.add_argument("--workdir", default="", help="where the runs write (default: a temp dir)")
     args = p.parse_args(argv)
@@ -93,7 +93,7 @@ def main(argv=None) -> None:
         train.train_and_evaluate(detection_config(args, source_class), workdir)
         rows = files.read_lines(os.path.join(workdir, "metrics.jsonl"))
         table += table_rows(rows, source_class, args.rounds)
-    print(f"{args.rounds} rounds, defense.start_round={args.start_round}, runs in {root}")
+    print(f"{args.rounds} rounds, defense.pca.start_round={args.start_round}, runs in {root}")
     print(markdown(sorted(table, key=lambda r: (r["malicious"], r["source"]))))
 
 

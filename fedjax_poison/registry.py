@@ -25,6 +25,13 @@ from fedjax_poison.errors import UserError
 FIELD_TYPES = (bool, int, float, str, tuple)
 
 
+def short(value) -> str:
+    """A one-line repr of at most 80 characters (a ConfigDict's own is multi-line YAML)."""
+    value = value.to_dict() if hasattr(value, "to_dict") else value
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 class RegistryError(UserError, ValueError):
     """A name that is not registered, a block that does not build, or a bad registration;
     the message names the config field."""
@@ -135,9 +142,9 @@ class Registry(Mapping[str, Callable]):
         if isinstance(name, str) and name in self._members:
             return
         close = difflib.get_close_matches(str(name), list(self._members), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = f" (did you mean {close[0]!r}?)" if close and isinstance(name, str) else ""
         raise RegistryError(
-            f"{self.field} {name!r} is not a registered {self.family}{hint}; choose from "
+            f"{self.field} {short(name)} is not a registered {self.family}{hint}; choose from "
             f"{sorted(self._members)}"
         )
 

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedjax_poison import defenses
 from fedjax_poison.config import configuration, experiments
 from fedjax_poison.round import selection
 
@@ -67,12 +68,12 @@ POSITIVE = (
     "data.synthetic_train",
     "data.synthetic_test",
     "attack.every",
-    "defense.window",
-    "defense.kmeans_iters",
-    "defense.block_after",
-    "defense.gm_iters",
-    "defense.cc_iters",
-    "defense.root_size",
+    "defense.pca.window",
+    "defense.pca.kmeans_iters",
+    "defense.pca.block_after",
+    "defense.geometric_median.iters",
+    "defense.centered_clipping.iters",
+    "defense.fltrust.root_size",
 )
 NON_NEGATIVE = (
     "checkpoint_every",
@@ -80,16 +81,24 @@ NON_NEGATIVE = (
     "attack.start_round",
     "selection.breakpoint",
     "sweep.max_parallel",
-    "defense.start_round",
-    "defense.num_byzantine",
+    "defense.pca.start_round",
+    "defense.krum.num_byzantine",
 )
 
 
 def build(paper: str = "fashion_mnist", **changes) -> ml_collections.ConfigDict:
     """The paper config with dotted fields changed, built from a dict (as a config file or a
-    loaded config.json can be), so that no type check of ml_collections stands in the way."""
+    loaded config.json can be), so that no type check of ml_collections stands in the way.
+    A field of a member's block (defense.pca.window, data.dirichlet.alpha) also makes that
+    member the one in use: a block is checked by building its member."""
     d = _copy(BASE[paper])
     for path, value in changes.items():
+        section, *member = path.split(".")[:-1] or [""]
+        if section == "defense" and member:
+            pre = member[0] in defenses.PRE_AGGREGATORS and member[0] not in defenses.DEFENSES
+            d["defense"]["name"] = f"{member[0]}+median" if pre else member[0]
+        if section == "data" and member:
+            d["data"]["partition"] = member[0]
         *parents, last = path.split(".")
         target = d
         for p in parents:
@@ -207,11 +216,14 @@ def out_of_range(draw):
                 ("min_lr", st.floats(max_value=-1e-30)),
                 ("momentum", st.one_of(st.floats(max_value=-1e-9), st.floats(min_value=1))),
                 ("lr_decay_factor", st.one_of(st.floats(max_value=0), st.floats(min_value=1.01))),
-                ("data.dirichlet_alpha", st.floats(max_value=0)),
-                ("defense.trim_ratio", st.one_of(st.floats(max_value=-0.01), st.floats(0.5))),
-                ("defense.min_separation", st.floats(max_value=-1e-9)),
+                ("data.dirichlet.alpha", st.floats(max_value=0)),
+                (
+                    "defense.trimmed_mean.trim_ratio",
+                    st.one_of(st.floats(max_value=-0.01), st.floats(0.5)),
+                ),
+                ("defense.pca.min_separation", st.floats(max_value=-1e-9)),
                 ("selection.alpha_after", st.floats(1.01).filter(lambda a: a != -1)),
-                ("defense.source_class", st.integers(10, 2**31 - 1)),
+                ("defense.pca.source_class", st.integers(10, 2**31 - 1)),
             ]
         )
     )
@@ -227,14 +239,15 @@ def out_of_range_values_are_refused(case):
 
 
 def _allowed(field: str):
-    from fedjax_poison import data, defenses, models
+    from fedjax_poison import data, models
+    from fedjax_poison.data import partition
 
     return {
         "dataset": data.SPECS,
         "model.name": models.MODELS,
         "model.conv_impl": ("auto", "im2col", "xla"),
         "data.source": data.SOURCES,
-        "data.partition": ("iid", "dirichlet"),
+        "data.partition": partition.PARTITIONS,
         "selection.schedule": selection.SCHEDULES,
         "defense.name": defenses.DEFENSES,
         "defense.mode": defenses.MODES,

@@ -11,7 +11,7 @@ from fedjax_poison.runner import train
 
 def pca_config(**overrides):
     c = tiny_config(num_rounds=6, eval_every=2, **overrides)
-    c.defense.name, c.defense.mode, c.defense.start_round = "pca", "detect", 1
+    c.defense.name, c.defense.mode, c.defense.pca.start_round = "pca", "detect", 1
     return c
 
 

@@ -33,7 +33,7 @@ def test_every_defense_runs_on_the_default_mesh(tmp_path):
         "--config.eval_batch_size=100",
         "--config.num_rounds=2",
         "--config.tensorboard=False",
-        "--config.defense.source_class=-1",  # pca over every class: the batched case
+        "--config.defense.pca.source_class=-1",  # pca over every class: the batched case
         f"--config.sweep.defense={RULES!r}",
         f"--workdir={tmp_path}",
     ]

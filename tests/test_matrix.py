@@ -96,8 +96,8 @@ def test_a_diverged_cell_says_so_without_a_number(matrix):
 def test_a_defense_that_cannot_run_is_a_note(matrix):
     workdir, _, cells = matrix
     note = cells["label_flip", "bulyan"]["note"]
-    assert note.startswith("not run: defense.num_byzantine") and "k=3" in note
-    assert "- bulyan: not run: defense.num_byzantine" in open(workdir / "matrix.md").read()
+    assert note.startswith("not run: defense.bulyan.num_byzantine") and "k=3" in note
+    assert "- bulyan: not run: defense.bulyan.num_byzantine" in open(workdir / "matrix.md").read()
     assert math.isnan(float(cells["label_flip", "bulyan"]["accuracy_mean"] or "nan"))
 
 

@@ -40,8 +40,8 @@ TINY = [
     # pca in detect mode: its window memory and the detection counts must survive a resume.
     "--config.defense.name=pca",
     "--config.defense.mode=detect",
-    "--config.defense.start_round=2",
-    "--config.defense.window=2",
+    "--config.defense.pca.start_round=2",
+    "--config.defense.pca.window=2",
 ]
 DRIVER = """
 import asyncio, json, os, signal, sys

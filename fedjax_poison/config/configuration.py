@@ -12,6 +12,7 @@ metrics.jsonl and in every file of a run.
 """
 
 import difflib
+import functools
 import math
 
 import jax
@@ -203,34 +204,43 @@ def _validate_model(c, spec: data.DatasetSpec) -> None:
         f"{'x'.join(map(str, want or ()))}): start from the dataset's own config file in configs/",
         c.model.name,
     )
-    shape = (1, *spec.image_shape)
+    hashable = lambda v: tuple(v) if isinstance(v, list) else v
+    block = tuple(sorted((k, hashable(v)) for k, v in c.model.to_dict().items()))
+    factory = models.MODELS.get(c.model.name)
+    message = _model_problem(factory, block, tuple(spec.image_shape), spec.num_classes, spec.name)
+    if message:
+        raise ConfigError(message)
+
+
+@functools.lru_cache(maxsize=256)
+def _model_problem(factory, block, image_shape, num_classes, dataset) -> str:
+    """Why the model of `block` cannot run on the dataset's images ('' if it can): traced
+    abstractly (nothing is computed), once per model, block and dataset shape."""
+    name, shape = dict(block)["name"], (1, *image_shape)
     try:
-        model = models.make_model(c.model.to_dict(), spec.num_classes)
+        model = models.make_model(dict(block), num_classes)
         init = lambda key: model.init(key, jnp.zeros(shape, jnp.float32), train=False)
         variables = jax.eval_shape(init, jax.random.key(0))
         out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(shape), train=False), variables)
     except RegistryError as e:
-        raise ConfigError(str(e)) from None
+        return str(e)
     except ValueError as e:  # a field's value, as the model's layers check it
-        raise ConfigError(models.MODELS.field_message(c.model.name, str(e))) from None
+        return models.MODELS.field_message(name, str(e))
     except Exception as e:  # a user's model may fail in any way while it is traced
         first = str(e).splitlines()[0] if str(e) else ""
-        raise ConfigError(
-            f"model.name {c.model.name!r} cannot take {spec.name}'s images "
-            f"{spec.image_shape}: {type(e).__name__}: {first}"
-        ) from None
-    check(
-        tuple(out.shape) == (1, spec.num_classes),
-        "model.name",
-        f"must give {spec.num_classes} logits per image, it gives shape {tuple(out.shape)}",
-        c.model.name,
-    )
-    check(
-        models.HEAD in variables.get("params", {}),
-        "model.name",
-        f"must name its output layer {models.HEAD!r} (the defenses read it)",
-        c.model.name,
-    )
+        return (
+            f"model.name {name!r} cannot take {dataset}'s images {image_shape}: "
+            f"{type(e).__name__}: {first}"
+        )
+    if tuple(out.shape) != (1, num_classes):
+        return (
+            f"model.name {name!r} must give {num_classes} logits per image, it gives shape "
+            f"{tuple(out.shape)}"
+        )
+    if models.HEAD not in variables.get("params", {}):
+        head = models.HEAD
+        return f"model.name {name!r} must name its output layer {head!r} (the defenses read it)"
+    return ""
 
 
 def _validate_data(c) -> None:
