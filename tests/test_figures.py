@@ -57,7 +57,7 @@ def lines_of(ax):
 
 def test_the_title_says_what_ran():
     run, table, by_seed = build(sweep(), lambda e, r: 0.8 - 0.1 * e)
-    fig = figures.build_figures(run, table, by_seed)["curves"]
+    fig = report.build_figures(run, table, by_seed)["curves"]
     title = fig.get_suptitle()
     assert title.startswith("lf_run: ")
     for words in ("fashion_mnist (synthetic data)", "label_flip", "Shirt→T-shirt/top"):
@@ -71,7 +71,7 @@ def test_a_swept_alpha_is_in_the_legend_not_the_title():
         for a in (0.0, 0.4)
     ]
     run, table, by_seed = build(settings, lambda e, r: 0.6 - 0.4 * e)
-    fig = figures.build_figures(run, table, by_seed)["recall_over_rounds"]
+    fig = report.build_figures(run, table, by_seed)["recall_over_rounds"]
     title = " ".join(fig.get_suptitle().split())  # the title wraps
     assert "schedule availability" in title and "alpha" not in title
     labels = [h.get_label() for h in fig.legends[0].legend_handles]
@@ -145,7 +145,7 @@ def test_identical_clean_twins_are_drawn_once_and_breakpoints_sit_above_the_axes
     # every clean run has the same curve; the attacked ones differ
     curve = lambda e, r: 0.9 if e % 2 == 0 else 0.1 * (e + r)
     run, table, by_seed = build(settings, curve)
-    fig = figures.build_figures(run, table, by_seed)["recall_over_rounds"]
+    fig = report.build_figures(run, table, by_seed)["recall_over_rounds"]
     ax = fig.axes[0]
     styles = [line.get_linestyle() for line in lines_of(ax)]
     assert styles.count("--") == 1 and styles.count("-") == 3  # 6 groups, 4 distinct curves
@@ -170,7 +170,7 @@ def test_fraction_figure_puts_the_clean_twins_at_zero():
     settings = [{"malicious_fraction": 0.0, "seed": 0, "attack": "none", "flips": ""}]
     settings += [{"malicious_fraction": f, "seed": 0} for f in (0.2, 0.4)]
     run, table, by_seed = build(settings, lambda e, r: (0.9, 0.6, 0.3)[e])
-    fig = figures.build_figures(run, table, by_seed)["source_recall_vs_fraction"]
+    fig = report.build_figures(run, table, by_seed)["source_recall_vs_fraction"]
     (line,) = [line for line in lines_of(fig.axes[0]) if line.get_marker() == "o"]
     assert line.get_xdata().tolist() == [0.0, 0.2, 0.4]
     assert line.get_ydata().tolist() == pytest.approx([0.9, 0.6, 0.3])
@@ -183,7 +183,7 @@ def test_matrix_of_attacks_and_defenses_says_which_cell_diverged():
         for d in ("fedavg", "median")
     ]
     run, table, by_seed = build(settings, lambda e, r: 0.5, diverged=(5,))
-    fig = figures.build_figures(run, table, by_seed)["matrix"]
+    fig = report.build_figures(run, table, by_seed)["matrix"]
     accuracy = fig.axes[0]
     texts = [t.get_text() for t in accuracy.texts]
     assert texts.count("diverged") == 1 and texts.count("0.80") == 5
@@ -201,7 +201,7 @@ def test_a_matrix_of_many_defenses_stacks_its_panels():
         for d in names
     ]
     run, table, by_seed = build(settings, lambda e, r: 0.5)
-    fig = figures.build_figures(run, table, by_seed)["matrix"]
+    fig = report.build_figures(run, table, by_seed)["matrix"]
     accuracy, success = (ax for ax in fig.axes if ax.images and ax.get_yticklabels())
     assert accuracy.get_position().y0 > success.get_position().y1  # one above the other
     width, height = fig.get_size_inches()
@@ -211,6 +211,6 @@ def test_a_matrix_of_many_defenses_stacks_its_panels():
 def test_an_untargeted_attack_is_shown_by_its_accuracy():
     settings = sweep(seeds=(0,), attack="sign_flip", flips="")
     run, table, by_seed = build(settings, lambda e, r: 0.5)
-    built = figures.build_figures(run, table, by_seed)
+    built = report.build_figures(run, table, by_seed)
     assert [ax.get_ylabel() for ax in built["curves"].axes] == ["test accuracy"]
     assert [ax.get_ylabel() for ax in built["source_recall_vs_fraction"].axes] == ["test accuracy"]

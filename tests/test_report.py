@@ -9,6 +9,7 @@ import stat
 import numpy as np
 import pytest
 
+from fedjax_poison import report as command
 from fedjax_poison.results import report, tables
 from fedjax_poison.runner import workdir
 
@@ -202,7 +203,7 @@ def test_command_line_with_several_workdirs(tmp_path, capsys, monkeypatch):
     write_workdir(tmp_path / "a", clean=False)
     write_workdir(tmp_path / "b", clean=False)
     out = tmp_path / "out"
-    assert report.main([str(tmp_path / "a"), str(tmp_path / "b"), f"--out={out}"]) == 0
+    assert command.main([str(tmp_path / "a"), str(tmp_path / "b"), f"--out={out}"]) == 0
     for name in ("a/results.csv", "b/curves.pdf", "combined_results.csv", "combined_curves.png"):
         assert (out / name).stat().st_size > 0, name
     combined = read_csv(out / "combined_results.csv")
@@ -213,22 +214,22 @@ def test_command_line_with_several_workdirs(tmp_path, capsys, monkeypatch):
     # Without --out each workdir is rebuilt in place, and nothing lands in the current folder.
     monkeypatch.chdir(tmp_path / "out")
     before = sorted(os.listdir("."))
-    assert report.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert command.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     assert sorted(os.listdir(".")) == before and (tmp_path / "a" / "results.csv").exists()
     assert "add --out=FOLDER" in capsys.readouterr().out
 
 
 def test_command_line_errors_are_one_line(tmp_path, capsys):
-    assert report.main([str(tmp_path / "missing")]) == 2
+    assert command.main([str(tmp_path / "missing")]) == 2
     assert "holds no run" in capsys.readouterr().err
     write_workdir(tmp_path / "a")
-    assert report.main([str(tmp_path / "a"), "--window=0"]) == 2
+    assert command.main([str(tmp_path / "a"), "--window=0"]) == 2
 
 
 def test_a_run_workdir_lists_the_report_in_its_manifest(tmp_path):
     claimed = workdir.Workdir.claim(str(tmp_path), CONFIG, overwrite=False)
     claimed.release()
     write_workdir(tmp_path, clean=False)
-    assert report.main([str(tmp_path)]) == 0
+    assert command.main([str(tmp_path)]) == 0
     marker = json.loads((tmp_path / workdir.MARKER).read_text())
     assert marker["paths"]["results.csv"] == "file" and marker["paths"]["curves.png"] == "file"

@@ -7,6 +7,7 @@ schedule without attackers) is set to one neutral value, so that identical exper
 are recognised and run once.
 """
 
+import dataclasses
 import itertools
 import logging
 from typing import NamedTuple
@@ -23,22 +24,31 @@ from fedjax_poison.round.simulation import Scenario
 log = logging.getLogger(__name__)
 
 
-class Experiment(NamedTuple):
-    """One experiment's settings; `axes` holds the swept ones (for tables and labels)."""
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """One experiment: a value per sweep axis, read as `exp.<axis>` (`exp.seed`, `exp.flips`,
+    ...: sweeps.AXES says what each holds); `axes` holds the swept ones as the config gives
+    them (for labels)."""
 
-    axes: dict
-    malicious_fraction: float
-    flips: attacks.Flips  # the (source, target) pairs its attack flips; () if none
-    seed: int
-    schedule: str
-    alpha: tuple[float, float]  # before / from the breakpoint
-    breakpoint: int  # a round number: 'late' and alpha[1] apply from this round on
-    attack: str = "label_flip"  # a name of attacks.ATTACKS, or several joined by '+'
-    defense: str = "fedavg"  # a name of defenses.DEFENSES, or a chain joined by '+'
+    values: dict  # axis -> its value, in sweeps.AXES order
+    axes: dict = dataclasses.field(default_factory=dict)
+
+    def __getattr__(self, name: str):
+        values = self.__dict__.get("values", {})
+        if name not in values:
+            raise AttributeError(f"an Experiment has no axis or attribute {name!r}")
+        return values[name]
+
+    def replace(self, **changes) -> "Experiment":
+        """The experiment with some axes set to other values."""
+        unknown = set(changes) - set(self.values)
+        if unknown:
+            raise TypeError(f"not sweep axes: {sorted(unknown)}")
+        return Experiment({**self.values, **changes}, self.axes)
 
     def settings(self) -> tuple:
-        """Everything but the axes: equal settings make equal experiments."""
-        return tuple(self)[1:]
+        """Every axis and its value: equal settings make equal experiments."""
+        return tuple(self.values.items())
 
 
 def expand(c) -> list[Experiment]:
@@ -76,8 +86,8 @@ def expand(c) -> list[Experiment]:
 def _experiment(c, combo: dict) -> Experiment:
     values = {axis: spec.default(c) for axis, spec in sweeps.AXES.items()}
     values.update({axis: sweeps.AXES[axis].convert(v) for axis, v in combo.items()})
-    exp = Experiment(axes=combo, **values)
-    return exp._replace(flips=attacked_pairs(c, exp))
+    exp = Experiment(values, combo)
+    return exp.replace(flips=attacked_pairs(c, exp))
 
 
 def attacked_pairs(c, exp: Experiment) -> attacks.Flips:
@@ -99,11 +109,11 @@ def canonical(exp: Experiment, c) -> Experiment:
     attackers, no attack, no flip and the 'always' schedule; alpha and the breakpoint of
     the config where the schedule does not use them."""
     if not sweeps.attacked(exp):
-        exp = exp._replace(malicious_fraction=0.0, attack="none", flips=(), schedule="always")
+        exp = exp.replace(malicious_fraction=0.0, attack="none", flips=(), schedule="always")
     if not sweeps.AXES["alpha"].matters(exp):
-        exp = exp._replace(alpha=sweeps.AXES["alpha"].default(c))
+        exp = exp.replace(alpha=sweeps.AXES["alpha"].default(c))
     if not sweeps.uses_breakpoint(exp):
-        exp = exp._replace(breakpoint=sweeps.AXES["breakpoint"].default(c))
+        exp = exp.replace(breakpoint=sweeps.AXES["breakpoint"].default(c))
     return exp
 
 
@@ -131,7 +141,7 @@ def clean_twins(exps: list[Experiment], c) -> list[int | None]:
     """For each experiment, the one without attackers and every other setting equal (itself
     for an experiment without attackers), or None when the sweep has no such experiment."""
     index = {e.settings(): i for i, e in enumerate(exps)}
-    twin = lambda e: canonical(e._replace(malicious_fraction=0.0), c).settings()
+    twin = lambda e: canonical(e.replace(malicious_fraction=0.0), c).settings()
     return [index.get(twin(e)) for e in exps]
 
 
@@ -196,8 +206,4 @@ def stack(scenarios: list[Scenario]) -> Scenario:
 
 def label(exp: Experiment) -> str:
     """A short human-readable name, e.g. 'malicious_fraction=0.1 flips=6:0 seed=1'."""
-    parts = []
-    for k, v in exp.axes.items():
-        v = attacks.format_flips(attacks.parse_flips(v)) if k == "flips" else v
-        parts.append(f"{k}={v}")
-    return " ".join(parts) or "single"
+    return sweeps.label(exp.axes)

@@ -1,15 +1,19 @@
 """The sweep axes: `sweep.<axis>` lists values of one experiment setting.
 
 Each axis is one entry of AXES: how a value is checked, what it sets in an experiment, its
-value when not swept, and when it changes anything. Adding an axis is one entry here and
-a field of `experiments.Experiment` (and, if the round must see it, of `Scenario`).
+value when not swept, when it changes anything, and how the results record and show it.
+Everything else derives from AXES: the config's `sweep` block, the settings of an
+`experiments.Experiment` (`exp.<axis>`), experiments.json, the columns and groups of the
+tables, labels, and the figures' titles and legends. Adding an axis is one entry here (and,
+if the round must see it, a field of `Scenario`).
 
 An axis that changes no experiment of the sweep (e.g. `sweep.alpha` without the
 'availability' schedule) is refused; combinations that come out identical (e.g. the clean
 twins of several flips) run once.
 """
 
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from fedjax_poison import attacks
@@ -25,14 +29,44 @@ from fedjax_poison.config.fields import (
 from fedjax_poison.round import selection
 
 
+def plain_cell(value) -> str:
+    """A recorded value as a table cell: floats as '%g', anything else as str."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 class Axis(NamedTuple):
-    """One sweep axis; `c` is the run's config, `exp` an experiments.Experiment."""
+    """One sweep axis; `c` is the run's config, `exp` an experiments.Experiment.
+
+    The fields after `inert` say how the results record and show the axis; their defaults
+    suit an axis of plain values (a number or a name).
+    """
 
     check: Callable[[Any, Any], None]  # (value, c): raises ConfigError naming sweep.<axis>
-    convert: Callable[[Any], Any]  # value -> the experiment field's value
-    default: Callable[[Any], Any]  # c -> the field's value when the axis is not swept
-    matters: Callable[[Any], bool]  # exp -> whether the field changes that experiment
+    convert: Callable[[Any], Any]  # value (or a recorded one) -> the experiment's value
+    # c -> the experiment's value when the axis is not swept; c may also be a config.json
+    # read back, of an older run that lacks the field (use `setting`)
+    default: Callable[[Any], Any]
+    matters: Callable[[Any], bool]  # exp -> whether the value changes that experiment
     inert: str  # when the axis changes nothing (for the message refusing it)
+    record: Callable[[Any], Any] = lambda value: value  # experiment's value -> JSON
+    cell: Callable[[Any], str] = plain_cell  # recorded value (or a cell) -> a table cell
+    # (cell, the dataset's class names) -> words for figures; None: '<axis> <cell>'
+    words: Callable[[str, Sequence[str]], str] | None = None
+    quiet: str | None = None  # a cell that titles leave unsaid (the usual value)
+    pooled: bool = False  # tables pool experiments over its values (statistics across seeds)
+    column: int = 100  # tables and titles list the axes by column
+    hue: int = 100  # figures colour lines by the varying axis of lowest hue
+    ordered: bool = False  # its values are ordered: sequential colours
+
+
+def setting(c, path: str, fallback):
+    """The value of the config `c` at a dotted path; `fallback` where c lacks it (a
+    config.json of an older run)."""
+    for key in path.split("."):
+        if key not in c:
+            return fallback
+        c = c[key]
+    return c
 
 
 def attacked(exp) -> bool:
@@ -83,8 +117,33 @@ def _alpha_pair(value) -> tuple[float, float]:
 
 
 def _default_alpha(c) -> tuple[float, float]:
-    after = c.selection.alpha if c.selection.alpha_after == -1 else c.selection.alpha_after
-    return float(c.selection.alpha), float(after)
+    alpha, after = setting(c, "selection.alpha", 0.5), setting(c, "selection.alpha_after", -1)
+    return float(alpha), float(alpha if after == -1 else after)
+
+
+def _alpha_cell(value) -> str:
+    """'0.5', or '0/0.6' for alpha before/from the breakpoint; a cell stays as it is."""
+    if isinstance(value, str):
+        return value
+    before, after = value if isinstance(value, (list, tuple)) else (value, value)
+    return f"{before:g}" if before == after else f"{before:g}/{after:g}"
+
+
+def parse_flips(value) -> attacks.Flips:
+    """'6:0,1:3', ['6:0', '1:3'] or [[6, 0], [1, 3]] -> ((6, 0), (1, 3)); '' -> ()."""
+    if isinstance(value, str):
+        return attacks.parse_flips(value)
+    return tuple(
+        attacks.parse_flips(pair)[0] if isinstance(pair, str) else (int(pair[0]), int(pair[1]))
+        for pair in value or ()
+    )
+
+
+def flip_words(cell: str, names: Sequence[str]) -> str:
+    """'Shirt→T-shirt/top' for flips '6:0' (class numbers without names); 'no flip'."""
+    name = lambda c: names[c] if c < len(names) else str(c)
+    pairs = parse_flips(cell)
+    return ", ".join(f"{name(s)}→{name(t)}" for s, t in pairs) if pairs else "no flip"
 
 
 def uses_flips(exp) -> bool:
@@ -102,52 +161,93 @@ def uses_breakpoint(exp) -> bool:
 
 AXES: dict[str, Axis] = {
     "malicious_fraction": Axis(
-        _check_fraction, float, lambda c: float(c.attack.malicious_fraction), lambda e: True, ""
+        _check_fraction,
+        float,
+        lambda c: float(setting(c, "attack.malicious_fraction", 0.0)),
+        lambda e: True,
+        "",
+        words=lambda cell, names: f"{100 * float(cell):g}% malicious",
+        column=2,
+        hue=0,
+        ordered=True,
     ),
+    # the (source, target) pairs the experiment's attack flips; () if none
     "flips": Axis(
         lambda v, c: validate_flips(v, _num_classes(c), "sweep.flips"),
-        attacks.parse_flips,
-        lambda c: attacks.parse_flips(c.attack.flips),
+        parse_flips,
+        lambda c: parse_flips(setting(c, "attack.flips", "")),
         uses_flips,
         "only label_flip (mapping 'pairs') and adaptive_flip flip the `flips` pairs, and only "
         "with attackers",
+        record=attacks.format_flips,
+        words=flip_words,
+        column=3,
+        hue=6,
     ),
-    "seed": Axis(_check_seed, int, lambda c: int(c.seed), lambda e: True, ""),
+    "seed": Axis(
+        _check_seed,
+        int,
+        lambda c: int(setting(c, "seed", 0)),
+        lambda e: True,
+        "",
+        pooled=True,
+        column=4,
+    ),
     "schedule": Axis(
         _check_schedule,
         str,
-        lambda c: c.selection.schedule,
+        lambda c: setting(c, "selection.schedule", "always"),
         attacked,
         "the schedule decides when malicious clients train: it needs attackers",
+        quiet="always",
+        column=5,
+        hue=2,
     ),
+    # (before, from the breakpoint)
     "alpha": Axis(
         _check_alpha,
         _alpha_pair,
         _default_alpha,
         lambda e: attacked(e) and e.schedule == "availability",
         "alpha applies to selection.schedule='availability' only, with attackers",
+        record=list,
+        cell=_alpha_cell,
+        words=lambda cell, names: f"alpha {cell.replace('/', '→')}",
+        column=6,
+        hue=1,
     ),
+    # a round number: 'late' and alpha[1] apply from this round on
     "breakpoint": Axis(
         _check_breakpoint,
         int,
-        lambda c: int(c.selection.breakpoint),
+        lambda c: int(setting(c, "selection.breakpoint", 75)),
         uses_breakpoint,
         "the breakpoint applies to the schedules 'early' and 'late', and to 'availability' "
         "with different alphas before and after it",
+        column=7,
+        hue=3,
+        ordered=True,
     ),
+    # a name of attacks.ATTACKS, or several joined by '+'
     "attack": Axis(
         lambda v, c: validate_attack_name(c, v, "sweep.attack"),
         str,
-        lambda c: c.attack.name,
+        lambda c: setting(c, "attack.name", "label_flip"),
         lambda e: e.malicious_fraction > 0,
         "an attack needs attackers: attack.malicious_fraction is 0",
+        words=lambda cell, names: "no attack" if cell == "none" else cell,
+        column=0,
+        hue=4,
     ),
+    # a name of defenses.DEFENSES, or a chain joined by '+'
     "defense": Axis(
         lambda v, c: validate_defense_name(c, v, "sweep.defense", _num_classes(c)),
         str,
-        lambda c: c.defense.name,
+        lambda c: setting(c, "defense.name", "fedavg"),
         lambda e: True,
         "",
+        column=1,
+        hue=5,
     ),
 }
 
@@ -187,3 +287,30 @@ def refuse_inert(axes: dict[str, tuple], exps: list) -> None:
         distinct = {repr(AXES[axis].convert(v)) for v in values}
         if len(distinct) > 1 and not any(AXES[axis].matters(e) for e in exps):
             raise ConfigError(f"sweep.{axis} changes no experiment: {AXES[axis].inert}")
+
+
+def record(values: Mapping) -> dict:
+    """An experiment's settings {axis: value} as experiments.json records them."""
+    return {axis: spec.record(values[axis]) for axis, spec in AXES.items()}
+
+
+def read(given: Mapping, config) -> dict:
+    """An experiment's settings as experiments.json records them, from the values `given`
+    for some axes (recorded, or as swept) and the defaults of the run's `config` (a
+    ConfigDict, or config.json: an axis an older run lacks takes its default)."""
+    return {
+        axis: spec.record(spec.convert(given[axis]) if axis in given else spec.default(config))
+        for axis, spec in AXES.items()
+    }
+
+
+def applies(axis: str, recorded: Mapping) -> bool:
+    """Whether the axis changes the experiment with these recorded settings (its `matters`)."""
+    exp = types.SimpleNamespace(**{k: spec.convert(recorded[k]) for k, spec in AXES.items()})
+    return AXES[axis].matters(exp)
+
+
+def label(axes: Mapping) -> str:
+    """A short name from the swept values, e.g. 'malicious_fraction=0.1 flips=6:0 seed=1'."""
+    shown = lambda k, v: attacks.format_flips(parse_flips(v)) if k == "flips" else v
+    return " ".join(f"{k}={shown(k, v)}" for k, v in axes.items()) or "single"

@@ -8,10 +8,12 @@
                                varies), breakpoints labelled above the axes
     matrix                     attacks x defenses: stable accuracy and each attack's success
 
-Seeds are one line, their mean, with a band (or error bars) for the 95% confidence interval
-of the mean (Student t) where two seeds or more ran. Runs without attack are grey and
-dashed; identical curves are drawn once. Diverged experiments are left out, and legends
-say how many. Legends sit outside the axes.
+Settings are named as their sweep axis says (config/sweeps.AXES); the title gives those
+every line shares, the legend and panel titles the others. Seeds are one line, their mean,
+with a band (or error bars) for the 95% confidence interval of the mean (Student t) where
+two seeds or more ran. Runs without attack are grey and dashed; identical curves are drawn
+once. Diverged experiments are left out, and legends say how many. Legends sit outside the
+axes.
 """
 
 import io
@@ -27,6 +29,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fedjax_poison.config import sweeps  # noqa: E402
 from fedjax_poison.results import stats, tables  # noqa: E402
 
 DPI = 150
@@ -45,8 +48,6 @@ STYLE = {
 CLEAN = {"color": "0.45", "linestyle": "--"}
 COLORS = [f"C{i}" for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]  # tab10 without its grey
 BAND = "band: 95% CI of the mean over seeds"
-HUE_ORDER = ("malicious_fraction", "alpha", "schedule", "breakpoint", "attack", "defense")
-HUE_ORDER += ("flips",)
 LABELS = {
     "accuracy": "test accuracy",
     "source_recall": "source-class recall",
@@ -56,17 +57,18 @@ LABELS = {
 
 
 def setting_label(key: str, value, names) -> str:
-    """A setting in words: '30% malicious', 'Shirt→T-shirt/top', 'alpha 0→0.6', ..."""
+    """A setting in words, as its axis puts them: '30% malicious', 'Shirt→T-shirt/top',
+    'alpha 0→0.6', else '<axis> <cell>'; a run's name as it is."""
     text = tables.format_setting(key, value)
-    if key == "malicious_fraction":
-        return f"{100 * float(value):g}% malicious"
-    if key == "flips":
-        return tables.flip_names(value, names)
-    if key == "attack":
-        return "no attack" if value == "none" else text
-    if key == "run":
+    axis = sweeps.AXES.get(key)
+    if axis is None:
         return text
-    return f"{key} {text.replace('/', '→')}"
+    return axis.words(text, names) if axis.words else f"{key} {text}"
+
+
+def hue_order() -> list[str]:
+    """The settings figures colour lines by, the first that varies: by their axis's hue."""
+    return sorted(tables.group_keys(), key=lambda k: sweeps.AXES[k].hue)
 
 
 def group_label(row: dict, keys, names) -> str:
@@ -82,19 +84,25 @@ def group_label(row: dict, keys, names) -> str:
 
 
 def title(run: tables.Run, rows, what: str) -> str:
-    """'<run>: <what>' over '<dataset> (synthetic data), <settings all rows share>, <n> seeds'."""
+    """'<run>: <what>' over '<dataset> (synthetic data), <settings all rows share>, <n> seeds'.
+
+    A shared setting is said where it changes the (first attacked) experiments and is not
+    its axis's quiet value (schedule 'always')."""
     names = tables.class_names(run.config.get("dataset", ""))
     dataset = run.config.get("dataset", "?")
     if run.data_source == "synthetic":
         dataset += " (synthetic data)"
     attacked = [r for r in rows if not tables.is_clean(r)] or rows  # clean ones say so
-    first, varying = attacked[0], set(tables.varying(attacked, tables.GROUP_KEYS))
-    shown = [k for k in ("attack", "flips", "malicious_fraction", "defense") if k not in varying]
-    if first["schedule"] != "always" and "schedule" not in varying:
-        shown += ["schedule"]
-        shown += ["alpha"] if first["schedule"] == "availability" and "alpha" not in varying else []
-    if first["flips"] == "" and "flips" in shown:
-        shown.remove("flips")
+    first = attacked[0]
+    varying = set(tables.varying(attacked, tables.group_keys()))
+    recorded = run.experiments[first["experiments"][0]]
+    shown = [
+        k
+        for k in tables.group_keys()
+        if k not in varying
+        and sweeps.applies(k, recorded)
+        and tables.format_setting(k, first[k]) != sweeps.AXES[k].quiet
+    ]
     parts = [dataset, *(setting_label(k, first[k], names) for k in shown)]
     seeds = max(r["seeds"] for r in rows)
     parts.append(f"{seeds} seed{'s' if seeds > 1 else ''}")
@@ -156,7 +164,7 @@ def format_axes(ax, metric: str, rounds: bool = True) -> None:
 def hue_colors(rows, hue) -> dict:
     """A colour per value of the hue setting (sequential for numbers); clean rows grey."""
     values = list(dict.fromkeys(str(r[hue]) for r in rows if not tables.is_clean(r))) if hue else []
-    numeric = hue in ("malicious_fraction", "breakpoint")
+    numeric = hue is not None and sweeps.AXES[hue].ordered
     cmap = plt.get_cmap("viridis")
     at = lambda i: cmap(0.1 + 0.75 * i / max(len(values) - 1, 1)) if numeric else COLORS[i % 9]
     return {v: at(i) for i, v in enumerate(values)}
@@ -239,7 +247,7 @@ def hue_handles(rows, hue, colors, names) -> list:
             label = setting_label(hue, r[hue], names) if hue else "mean over the seeds"
             label += " (no attack)" if tables.is_clean(r) and "no attack" not in label else ""
             handles[key] = Line2D([], [], label=label, **style_of(r, hue, colors))
-    keys = tables.varying(rows, tables.GROUP_KEYS)
+    keys = tables.varying(rows, tables.group_keys())
     keys = [k for k in keys if k == hue or k in split_keys(rows, keys, hue)]
     left_out = [group_label(r, keys, names) for r in rows if r["diverged"]]
     return list(handles.values()) + [Line2D([], [], ls="none", label=t) for t in left_out]
@@ -247,10 +255,10 @@ def hue_handles(rows, hue, colors, names) -> list:
 
 def curves_figure(run: tables.Run, table, rows):
     """Accuracy and the attack's measure over rounds: colour by the first swept setting of
-    HUE_ORDER, a row of panels per value of the others."""
+    hue_order, a row of panels per value of the others."""
     names = tables.class_names(run.config.get("dataset", ""))
-    metrics, keys = panel_metrics(rows), tables.varying(rows, tables.GROUP_KEYS)
-    hue = next((k for k in HUE_ORDER if k in keys), None)
+    metrics, keys = panel_metrics(rows), tables.varying(rows, tables.group_keys())
+    hue = next((k for k in hue_order() if k in keys), None)
     facet_keys = split_keys(rows, keys, hue)
     facet = lambda r: tuple(str(r[k]) for k in facet_keys)
     attacked = [r for r in rows if not tables.is_clean(r)] or rows
@@ -306,7 +314,8 @@ def fraction_lines(run, rows) -> list[tuple[dict, list]]:
     their other swept settings, with their clean twins at fraction 0 where the line has no
     clean point of its own; clean groups no line took are lines of their own."""
     attacked = [r for r in rows if not tables.is_clean(r)]
-    keys = [k for k in tables.varying(attacked, tables.GROUP_KEYS) if k != "malicious_fraction"]
+    keys = tables.varying(attacked, tables.group_keys())
+    keys = [k for k in keys if k != "malicious_fraction"]
     key = lambda r: tuple(str(r[k]) for k in keys)
     lines: dict[tuple, list] = {}
     for row in attacked + [r for r in rows if tables.is_clean(r)]:
@@ -329,7 +338,7 @@ def fraction_figure(run: tables.Run, table, rows):
     """Stable source recall (or the attack's measure) and accuracy vs malicious fraction,
     a line per other swept setting, error bars the CI95 over seeds."""
     names = tables.class_names(run.config.get("dataset", ""))
-    keys = tables.varying([r for r in rows if not tables.is_clean(r)], tables.GROUP_KEYS)
+    keys = tables.varying([r for r in rows if not tables.is_clean(r)], tables.group_keys())
     keys = [k for k in keys if k != "malicious_fraction"]
     metrics = list(dict.fromkeys([measure_of(rows), "accuracy"]))
     fig, axes = plt.subplots(1, len(metrics), figsize=(1 + 4.5 * len(metrics), 4.4), squeeze=False,
@@ -397,7 +406,7 @@ def draw_lines(axes, metrics, lines) -> list:
 def rounds_figure(run: tables.Run, table, rows):
     """The attack's measure over rounds, a line per group; breakpoints above the axes."""
     names = tables.class_names(run.config.get("dataset", ""))
-    metric, keys = measure_of(rows), tables.varying(rows, tables.GROUP_KEYS)
+    metric, keys = measure_of(rows), tables.varying(rows, tables.group_keys())
     fig, ax = plt.subplots(figsize=(9, 4.6), layout="constrained")
     entries = []
     for i, row in enumerate(rows):

@@ -56,7 +56,7 @@ def matrix_figure(run: tables.Run, table, rows):
     names = tables.class_names(run.config.get("dataset", ""))
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
-    other = split_keys(rows, tables.varying(rows, tables.GROUP_KEYS), "attack")
+    other = split_keys(rows, tables.varying(rows, tables.group_keys()), "attack")
     other = [k for k in other if k != "defense"]
     combo = lambda r: tuple(str(r[k]) for k in other)
     combos = list(dict.fromkeys(combo(r) for r in rows))
@@ -91,7 +91,7 @@ def overlay_figure(runs, tables_, rows_of):
         layout="constrained",
         figsize=(1.5 + 3.8 * len(metrics), 4.6),
     )
-    keys = ["run", *tables.varying(every, tables.GROUP_KEYS)]
+    keys = ["run", *tables.varying(every, tables.group_keys())]
     entries, dashes = [], iter(["--", ":", "-.", (0, (5, 1, 1, 1))] * 100)
     colors = iter(COLORS * 100)
     for run, table, rows in zip(runs, tables_, rows_of):

@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 
 from fedjax_poison import errors  # noqa: E402
 from fedjax_poison import files as files_lib  # noqa: E402
+from fedjax_poison.config import sweeps  # noqa: E402
 from fedjax_poison.results import figures, matrix_figures, stats, tables  # noqa: E402
 
 
@@ -63,31 +64,6 @@ def rows_by_experiment(rows: Iterable[dict], num_experiments: int) -> list[list[
     return [[m[k] for k in sorted(m)] for m in mine]
 
 
-def config_settings(config: dict) -> dict:
-    """The settings (tables.SETTINGS) of an experiment that sweeps nothing."""
-    attack, selection = config.get("attack", {}), config.get("selection", {})
-    alpha, after = selection.get("alpha", 0.5), selection.get("alpha_after", -1)
-    return {
-        "attack": attack.get("name", "label_flip"),
-        "defense": config.get("defense", {}).get("name", "fedavg"),
-        "malicious_fraction": float(attack.get("malicious_fraction", 0.0)),
-        "flips": attack.get("flips", ""),
-        "seed": config.get("seed", 0),
-        "schedule": selection.get("schedule", "always"),
-        "alpha": [alpha, alpha if after == -1 else after],
-        "breakpoint": selection.get("breakpoint", 75),
-    }
-
-
-def flips_text(flips) -> str:
-    """'6:0,1:3' from a string, a list of strings or a list of [source, target] pairs."""
-    if isinstance(flips, str) or not flips:
-        return flips or ""
-    if all(isinstance(f, str) for f in flips):
-        return ",".join(flips)
-    return ",".join(f"{s}:{t}" for s, t in flips)
-
-
 def guess_measure(exp: dict) -> str:
     """An older run's success measure (attacks.MEASURES) from its settings."""
     if exp["attack"] == "none" or float(exp["malicious_fraction"]) == 0:
@@ -99,17 +75,14 @@ def guess_measure(exp: dict) -> str:
 
 def normalize(entry: dict, config: dict, rows: Sequence[dict]) -> dict:
     """An experiments.json entry with every field tables need; what an older run lacks
-    comes from its axes, its config, and its rows (no source recall: no flips)."""
-    axes = entry.get("axes") or {k: entry[k] for k in tables.SETTINGS if k in entry}
-    exp = {k: entry.get(k, axes.get(k, v)) for k, v in config_settings(config).items()}
-    exp["flips"] = flips_text(exp["flips"])
+    comes from its axes, its config (an axis it did not have: its default), and its rows
+    (no source recall: no flips)."""
+    recorded = {k: entry[k] for k in sweeps.AXES if k in entry}
+    axes = entry.get("axes") or recorded
+    exp = sweeps.read({**axes, **recorded}, config)
     if "flips" not in entry and rows and all(r.get("source_recall") is None for r in rows):
         exp["flips"] = ""
-    alpha = exp["alpha"]
-    exp["alpha"] = [float(a) for a in alpha] if isinstance(alpha, list) else [float(alpha)] * 2
-    exp["malicious_fraction"] = float(exp["malicious_fraction"])
-    label = " ".join(f"{k}={flips_text(v) if k == 'flips' else v}" for k, v in axes.items())
-    exp.update(axes=axes, label=entry.get("label") or label or "single")
+    exp.update(axes=axes, label=entry.get("label") or sweeps.label(axes))
     exp["measure"] = entry.get("measure") or guess_measure(exp)
     if "clean_twin" in entry:
         exp["clean_twin"] = entry["clean_twin"]
@@ -117,12 +90,12 @@ def normalize(entry: dict, config: dict, rows: Sequence[dict]) -> dict:
 
 
 def find_clean_twin(exps: Sequence[dict], e: int) -> int | None:
-    """For an older run: the experiment without attack and the same defense, seed,
-    selection and flips (or attack 'none') as e; None for a clean e."""
+    """For an older run: the experiment without attack, every other setting equal, and the
+    same flips (or attack 'none') as e; None for a clean e."""
     me = exps[e]
     if tables.is_clean(me):
         return None
-    keys = ("defense", "seed", "schedule", "alpha", "breakpoint")
+    keys = [k for k in sweeps.AXES if k not in ("malicious_fraction", "attack", "flips")]
     found = [
         i
         for i, o in enumerate(exps)
@@ -147,7 +120,7 @@ def read_experiments(folder: str, config: dict, rows: Sequence[dict]) -> list[di
         for r in rows:
             first.setdefault(int(r.get("experiment", 0)), r)
         entries = [
-            {k: v for k, v in (by_e.get(e) or first.get(e) or {}).items() if k in tables.SETTINGS}
+            {k: v for k, v in (by_e.get(e) or first.get(e) or {}).items() if k in sweeps.AXES}
             for e in range(count)
         ]
         entries = [{"axes": x} if x else {} for x in entries]
@@ -252,7 +225,7 @@ def write_combined(runs: Sequence[tables.Run], writer) -> list[str]:
             every, ["run", *tables.experiment_columns(every)]
         ),
         "combined_results_by_seed.csv": tables.format_csv(
-            groups, ["run", *tables.GROUP_KEYS, *tables.by_seed_columns()]
+            groups, ["run", *tables.group_keys(), *tables.by_seed_columns()]
         ),
         "combined_results.md": tables.format_combined_markdown(runs, groups),
     }
@@ -268,7 +241,7 @@ def build_figures(run: tables.Run, table, by_seed) -> dict:
     their settings vary (see the module docstring)."""
     if not any(run.rows):
         return {}
-    keys = set(tables.varying(by_seed, tables.GROUP_KEYS))
+    keys = set(tables.varying(by_seed, tables.group_keys()))
     with plt.style.context(figures.STYLE):
         made = {"curves": figures.curves_figure(run, table, by_seed)}
         if "malicious_fraction" in keys:

@@ -7,8 +7,11 @@
                          to the clean twin (same seed) `<metric>_vs_clean_mean/_ci95/_n`
     results.md           the same to read: mean ± CI95 with n, under a header saying what ran
 
-A diverged experiment has empty metric cells and its round in `diverged`; it is left out
-of every mean, and n says how many seeds were used. NaN (no flip, no twin) is an empty cell.
+The settings are the sweep axes (config/sweeps.AXES), in the order of their `column`:
+experiments that differ in any of them are apart in every table; groups pool over the
+`pooled` one (the seed). A diverged experiment has empty metric cells and its round in
+`diverged`; it is left out of every mean, and n says how many seeds were used. NaN (no
+flip, no twin) is an empty cell.
 """
 
 import csv
@@ -19,11 +22,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fedjax_poison.config import sweeps
 from fedjax_poison.results import stats
 
-SETTINGS = ("attack", "defense", "malicious_fraction", "flips", "seed")
-SETTINGS += ("schedule", "alpha", "breakpoint")
-GROUP_KEYS = tuple(k for k in SETTINGS if k != "seed")
 SERIES = ("accuracy", "source_recall", "attack_success_rate", "target_precision")
 SERIES += ("other_accuracy",)
 GAPS = {"source_recall_loss": "source_recall", "accuracy_drop": "accuracy"}  # twin - this
@@ -52,11 +53,21 @@ class Run(NamedTuple):
 
     name: str  # names the run in titles and combined tables (its folder's name)
     config: dict  # config.json
-    experiments: list  # [E] dicts: SETTINGS, label, measure, clean_twin, ... (experiments.json)
+    experiments: list  # [E] dicts: settings(), label, measure, clean_twin, ... (experiments.json)
     rows: list  # [E] lists of the experiment's metrics rows, by round
     data_source: str  # the data used ('files' | 'tfds' | 'synthetic'), else the config's
     window: int  # W: evaluations a stable measure averages
     selections: dict  # experiment -> rounds in which a malicious client was selected
+
+
+def settings() -> tuple[str, ...]:
+    """An experiment's settings: the sweep axes, in the order of their columns."""
+    return tuple(sorted(sweeps.AXES, key=lambda axis: sweeps.AXES[axis].column))
+
+
+def group_keys() -> tuple[str, ...]:
+    """The settings that keep groups apart: all but those groups pool over (the seed)."""
+    return tuple(k for k in settings() if not sweeps.AXES[k].pooled)
 
 
 def class_names(dataset: str) -> tuple[str, ...]:
@@ -76,13 +87,6 @@ def parse_flips(flips) -> list[tuple[int, int]]:
     return [(int(s), int(t)) for s, t in flips]
 
 
-def flip_names(flips, names: Sequence[str]) -> str:
-    """'Shirt→T-shirt/top' for flips '6:0' (class numbers without names); 'no flip'."""
-    name = lambda c: names[c] if c < len(names) else str(c)
-    pairs = parse_flips(flips)
-    return ", ".join(f"{name(s)}→{name(t)}" for s, t in pairs) if pairs else "no flip"
-
-
 def is_clean(exp: dict) -> bool:
     """Whether an experiment (or a group of them) ran without attack."""
     fraction = float(exp["malicious_fraction"])
@@ -90,11 +94,10 @@ def is_clean(exp: dict) -> bool:
 
 
 def format_setting(key: str, value) -> str:
-    """A setting as a table cell: alpha '0.5' or '0/0.6' (before/from the breakpoint)."""
-    if key == "alpha" and not isinstance(value, str):  # a cell formatted already stays
-        before, after = value if isinstance(value, (list, tuple)) else (value, value)
-        return f"{before:g}" if before == after else f"{before:g}/{after:g}"
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    """A setting (or a table cell again) as a table cell: its axis's `cell`, e.g. alpha
+    '0.5' or '0/0.6' (before/from the breakpoint)."""
+    axis = sweeps.AXES.get(key)
+    return axis.cell(value) if axis else sweeps.plain_cell(value)
 
 
 def row_value(row: dict, metric: str, pairs: Sequence[tuple[int, int]]) -> float:
@@ -144,7 +147,7 @@ def experiment_row(run: Run, e: int) -> dict:
     """Experiment e's settings, INFO and METRICS (NaN when undefined or diverged)."""
     exp, rows = run.experiments[e], run.rows[e]
     entry = {"run": run.name, "experiment": e, "label": exp["label"]}
-    entry.update({k: format_setting(k, exp[k]) for k in SETTINGS})
+    entry.update({k: format_setting(k, exp[k]) for k in settings()})
     twin = exp.get("clean_twin")
     entry.update(measure=exp["measure"], clean_twin="" if twin is None else twin)
     entry.update(rounds_done=max((r["round"] for r in rows), default=0), window=run.window)
@@ -186,7 +189,7 @@ def by_seed_table(table: Sequence[dict]) -> list[dict]:
     """Experiments equal in all but the seed, grouped (stats.over_seeds): seeds, diverged
     (how many), then mean, std, n and ci95 of every metric over the other seeds."""
     metrics = STABLE + FINAL + tuple(f"{v}_vs_clean" for v in VS_CLEAN)
-    return stats.over_seeds(table, ("run", *GROUP_KEYS), ("measure",), metrics)
+    return stats.over_seeds(table, ("run", *group_keys()), ("measure",), metrics)
 
 
 def varying(entries: Sequence[dict], keys: Sequence[str]) -> list[str]:
@@ -204,7 +207,7 @@ def by_seed_columns() -> list[str]:
 def experiment_columns(table: Sequence[dict]) -> list[str]:
     """The columns of results.csv (detection only where a rule flagged clients)."""
     detection = [k for k in DETECTION if any(math.isfinite(e.get(k, math.nan)) for e in table)]
-    return ["experiment", "label", *SETTINGS, *INFO, *METRICS, *detection]
+    return ["experiment", "label", *settings(), *INFO, *METRICS, *detection]
 
 
 def cell(value) -> str:
@@ -229,7 +232,7 @@ def write_tables(run: Run, writer, table=None, by_seed=None) -> list[str]:
     by_seed = by_seed_table(table) if by_seed is None else by_seed
     files = {
         "results.csv": format_csv(table, experiment_columns(table)),
-        "results_by_seed.csv": format_csv(by_seed, [*GROUP_KEYS, *by_seed_columns()]),
+        "results_by_seed.csv": format_csv(by_seed, [*group_keys(), *by_seed_columns()]),
         "results.md": format_markdown(run, table, by_seed),
     }
     for name, text in files.items():
@@ -305,16 +308,16 @@ def experiment_lines(table: Sequence[dict], keys: Sequence[str]) -> list[str]:
 
 
 def setting_lines(run: Run) -> list[str]:
-    """Markdown list items: each setting with its value(s), flips with class names."""
+    """Markdown list items: each setting that changes some experiment, with its value(s);
+    flips with class names."""
     names = class_names(run.config.get("dataset", ""))
-    schedules = {e["schedule"] for e in run.experiments}
-    hidden = set() if "availability" in schedules else {"alpha"}
-    hidden |= set() if schedules - {"always"} else {"breakpoint"}
     lines = []
-    for key in (k for k in SETTINGS if k not in hidden):
+    for key in settings():
+        if not any(sweeps.applies(key, e) for e in run.experiments):
+            continue
         values = list(dict.fromkeys(format_setting(key, e[key]) for e in run.experiments))
         if key == "flips":
-            values = [f"{v} ({flip_names(v, names)})" if v else "none" for v in values]
+            values = [f"{v} ({sweeps.flip_words(v, names)})" if v else "none" for v in values]
         lines.append(f"- {key}: {', '.join(values)}" + (" (swept)" if len(values) > 1 else ""))
     return lines
 
@@ -350,11 +353,11 @@ def header_lines(run: Run) -> list[str]:
 def format_markdown(run: Run, table: Sequence[dict], by_seed: Sequence[dict]) -> str:
     """results.md: the header, the tables across seeds (when there are several), the table
     per experiment, and what each column means."""
-    keys = varying(by_seed, GROUP_KEYS) if len(by_seed) > 1 else []
+    keys = varying(by_seed, group_keys()) if len(by_seed) > 1 else []
     text = header_lines(run) + [""]
     if any(row["seeds"] > 1 for row in by_seed):
         text += seed_tables(by_seed, keys) + [""]
-    text += experiment_lines(table, varying(table, SETTINGS)) + ["", "## Columns", ""]
+    text += experiment_lines(table, varying(table, settings())) + ["", "## Columns", ""]
     text += [f"- `{m}`: {DESCRIPTIONS[m]}." for m in STABLE]
     return "\n".join(text) + "\n"
 
@@ -369,5 +372,5 @@ def format_combined_markdown(runs: Sequence[Run], by_seed: Sequence[dict]) -> st
             f"{len(run.experiments)} experiment(s), {c.get('num_rounds', '?')} rounds, "
             f"W={run.window}"
         )
-    keys = ["run", *varying(by_seed, GROUP_KEYS)]
+    keys = ["run", *varying(by_seed, group_keys())]
     return "\n".join(lines + [""] + seed_tables(by_seed, keys)) + "\n"

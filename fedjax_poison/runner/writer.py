@@ -25,6 +25,7 @@ import numpy as np
 
 from fedjax_poison.config import experiments as experiments_lib
 from fedjax_poison.config import plan as plan_lib
+from fedjax_poison.config import sweeps
 from fedjax_poison.runner.checkpoint import CheckpointError
 from fedjax_poison.runner.workdir import Workdir
 
@@ -51,7 +52,8 @@ def environment() -> dict:
 
 
 def describe(plan: plan_lib.Plan, programs) -> list[dict]:
-    """experiments.json: one entry per experiment."""
+    """experiments.json: one entry per experiment: its label, the swept values (`axes`),
+    every axis's value (sweeps.record), then what the run made of it."""
     malicious = np.asarray(programs.scenarios.malicious)
     entries = []
     for e, exp in enumerate(plan.experiments):
@@ -61,14 +63,7 @@ def describe(plan: plan_lib.Plan, programs) -> list[dict]:
                 "experiment": e,
                 "label": experiments_lib.label(exp),
                 "axes": {k: list(v) if isinstance(v, tuple) else v for k, v in exp.axes.items()},
-                "malicious_fraction": exp.malicious_fraction,
-                "flips": experiments_lib.attacks.format_flips(exp.flips),
-                "seed": exp.seed,
-                "schedule": exp.schedule,
-                "alpha": list(exp.alpha),
-                "breakpoint": exp.breakpoint,
-                "attack": exp.attack,
-                "defense": exp.defense,
+                **sweeps.record(exp.values),
                 "measure": attack.measure,
                 "backdoor_target": attack.target if attack.measure == "backdoor" else -1,
                 "clean_twin": plan.clean_twins[e],
