@@ -112,7 +112,7 @@ def make_config(a, k: int, num_experiments: int = 1, mesh: tuple = ()):
     c.data.synthetic_train = c.num_clients * a.examples_per_client
     c.data.synthetic_test = a.test_size
     c.clients_per_round, c.batch_size = k, a.batch
-    c.model.conv_impl = a.conv_impl
+    c.model[c.model.name].conv_impl = a.conv_impl
     c.eval_every, c.num_rounds = 1, 1
     c.eval_batch_size = min(c.eval_batch_size, a.test_size)
     if num_experiments > 1:
@@ -121,7 +121,7 @@ def make_config(a, k: int, num_experiments: int = 1, mesh: tuple = ()):
 
 
 def build_model(c):
-    return models.make_model(c.model.to_dict(), data.SPECS[c.dataset].num_classes)
+    return models.make_model(models.spec_of(c.model.to_dict()), data.SPECS[c.dataset].num_classes)
 
 
 def train_flops_per_example(model_name: str, params) -> float:

@@ -54,6 +54,11 @@ class Member:
         return doc.strip().split("\n\n")[0].replace("\n", " ")
 
 
+def is_builtin(factory) -> bool:
+    """Whether `factory` is one of the package's own members."""
+    return getattr(factory, "__module__", "").startswith("fedjax_poison.")
+
+
 def signature_block(factory: Callable, sizes: Sequence[str], skip: Sequence[str] = ()) -> dict:
     """The config block of `factory`: its keyword arguments with defaults, less sizes and
     `skip`. Raises RegistryError for an argument the run cannot fill in (no default, not a
@@ -106,13 +111,14 @@ class Registry(Mapping[str, Callable]):
         self._members: dict[str, Member] = {}
 
     def register(self, name: str, factory: Callable, *, replace: bool = False, **info) -> Callable:
-        """Adds `factory` as `name` (a Python identifier); `replace=True` to change an existing
-        member. Returns the factory."""
+        """Adds `factory` as `name` (a Python identifier) and returns it. A name registered
+        from user code may be registered again (a script or config file run twice: the
+        latest wins); a built-in member is replaced only with replace=True."""
         if not (isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)):
             raise RegistryError(f"a {self.family} name must be an identifier, got {name!r}")
-        if name in self._members and not replace:
+        if name in self._members and not replace and is_builtin(self._members[name].factory):
             raise RegistryError(
-                f"{self.family} {name!r} is registered already; pass replace=True to replace it"
+                f"{self.family} {name!r} is built in; pass replace=True to replace it"
             )
         if not callable(factory):
             raise RegistryError(f"{self.family} {name!r}: {factory!r} is not callable")

@@ -47,7 +47,7 @@ LEAVES = sorted(k for k, v in FIELDS.items() if not isinstance(v, dict))
 NAMES = {  # fields holding one of a few names
     "dataset",
     "model.name",
-    "model.conv_impl",
+    "model.fashion_mnist_cnn.conv_impl",
     "data.source",
     "data.partition",
     "selection.schedule",
@@ -245,7 +245,7 @@ def _allowed(field: str):
     return {
         "dataset": data.SPECS,
         "model.name": models.MODELS,
-        "model.conv_impl": ("auto", "im2col", "xla"),
+        "model.fashion_mnist_cnn.conv_impl": ("auto", "im2col", "xla"),
         "data.source": data.SOURCES,
         "data.partition": partition.PARTITIONS,
         "selection.schedule": selection.SCHEDULES,

@@ -11,9 +11,19 @@ import numpy as np
 import pytest
 
 from fedjax_poison import defenses
-from fedjax_poison.round import server
+from fedjax_poison.testing import (  # the contract's round [K, D], C classes, F features
+    INVALID_ROW,
+    C,
+    D,
+    F,
+    K,
+    check_verdict,
+    hostile_rows,
+    make_view,
+    permuted,
+    random_view,
+)
 
-K, D, C, F = 10, 50, 3, 4
 NAMES = sorted(defenses.DEFENSES)
 CHAINS = [
     "nnm+krum",
@@ -48,70 +58,11 @@ def build(name, *, k=K, d=D, num_classes=C, head_features=F, num_clients=20, **o
     )
 
 
-def make_view(updates, head_rows=None, *, ids=None, round_=20, root=None, global_head=None):
-    """A round as the server builds it: non-finite rows zeroed and marked invalid; head rows
-    read from the first C*F coordinates unless given."""
-    updates, valid = server.guard(jnp.asarray(updates, jnp.float32))
-    k, d = updates.shape
-    if head_rows is None and d >= C * F:
-        head_rows = updates[:, : C * F].reshape(k, C, F)
-    elif head_rows is None:
-        head_rows = jnp.zeros((k, C, F))
-    head_rows = jnp.asarray(head_rows, jnp.float32)
-    return defenses.RoundView(
-        updates=updates,
-        head_rows=head_rows,
-        global_head=jnp.ones(head_rows.shape[1:]) if global_head is None else global_head,
-        client_ids=jnp.arange(k, dtype=jnp.int32) if ids is None else jnp.asarray(ids, jnp.int32),
-        round=jnp.int32(round_),
-        root_update=jnp.zeros(d) if root is None else jnp.asarray(root, jnp.float32),
-        valid=valid,
-    )
-
-
 def random_rows(seed, k=K):
     return np.random.default_rng(seed).normal(size=(k, D))
 
 
-def random_view(seed, rows=None, root=None):
-    rng = np.random.default_rng(seed + 1000)
-    rows = random_rows(seed) if rows is None else rows
-    return make_view(
-        rows,
-        ids=rng.permutation(20)[: rows.shape[0]],
-        root=rng.normal(size=D) if root is None else root,
-        global_head=jnp.asarray(rng.normal(size=(C, F)), jnp.float32),
-    )
-
-
-def hostile_cases() -> dict[str, np.ndarray]:
-    """Rows [K, D] as clients might send them; the first four arrive invalid."""
-    base = random_rows(0)
-    cases = {}
-    for label, row, value in [("nan", 2, np.nan), ("+inf", 7, np.inf), ("-inf", 0, -np.inf)]:
-        cases[label] = base.copy()
-        cases[label][row, 5] = value
-    cases["1e20"] = base.copy()
-    cases["1e20"][9] = 1e20  # finite entries, but the norm overflows float32
-    cases["1e18"] = base.copy()
-    cases["1e18"][4] = 1e18  # finite norm; squared distances overflow
-    cases["1e18 pair"] = cases["1e18"].copy()
-    cases["1e18 pair"][7] = -1e18
-    cases["tiny"] = base.copy()
-    cases["tiny"][:3] *= 1e-30
-    cases["duplicated"] = base.copy()
-    cases["duplicated"][[1, 5]] = base[0]
-    cases["all equal"] = np.tile(base[:1], (K, 1))
-    cases["-1e6"] = base.copy()
-    cases["-1e6"][6] = -1e6
-    cases["outlier"] = base.copy()
-    cases["outlier"][3] *= 100.0
-    cases["random"] = base
-    return cases
-
-
-HOSTILE = hostile_cases()
-INVALID_ROW = {"nan": 2, "+inf": 7, "-inf": 0, "1e20": 9}
+HOSTILE = hostile_rows(random_rows(0))
 
 _PROGRAMS = {}
 
@@ -141,15 +92,6 @@ def run(name, views, memory=None, **overrides):
     return [(pick(verdicts, i), pick(memories, i)) for i in range(len(views))]
 
 
-def permuted(view, perm):
-    return view._replace(
-        updates=view.updates[perm],
-        head_rows=view.head_rows[perm],
-        client_ids=view.client_ids[perm],
-        valid=view.valid[perm],
-    )
-
-
 def without(view, row):
     keep = np.delete(np.arange(view.updates.shape[0]), row)
     return permuted(view, keep)
@@ -166,22 +108,6 @@ def close(a, b, rtol=1e-4, atol=1e-5):
     finite = np.isfinite(a)
     scale = max(1.0, float(np.max(np.abs(b[finite]), initial=0.0)))
     np.testing.assert_allclose(a[finite], b[finite], rtol=rtol, atol=atol * scale)
-
-
-def check_verdict(name, verdict, view, defense):
-    valid = np.asarray(view.valid)
-    assert verdict.delta.shape == (D,) and np.isfinite(verdict.delta).all(), name
-    w = np.asarray(verdict.weights)
-    assert w.shape == (K,) and w.dtype == np.float32 and (w >= 0).all()
-    assert (w[~valid] == 0).all(), "an invalid row has no weight"
-    assert np.isclose(w.sum(), 1.0, rtol=1e-5) or w.sum() == 0
-    assert verdict.flags.shape == (K,) and verdict.flags.dtype == np.bool_
-    assert not verdict.flags[~valid].any(), "the server flags invalid rows, not the rule"
-    assert verdict.scores.shape == (K,) and verdict.scores.dtype == np.float32
-    assert not np.isnan(verdict.scores).any() and not (verdict.scores == -np.inf).any()
-    assert verdict.block.shape == (K,) and verdict.block.dtype == np.bool_
-    if not defense.flags_clients:
-        assert not verdict.flags.any()
 
 
 @pytest.mark.parametrize("name", RULES)

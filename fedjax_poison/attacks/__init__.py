@@ -33,7 +33,10 @@ from fedjax_poison.attacks.base import (
     AttackConfigError,
     AttackContext,
     benign_moments,
+    clean_data,
+    clean_updates,
     none,
+    replace_rows,
 )
 from fedjax_poison.attacks.collusion import alie, ipm, min_max, min_sum
 from fedjax_poison.attacks.label_flip import (
@@ -59,6 +62,8 @@ __all__ = [
     "Flips",
     "benign_moments",
     "chain",
+    "clean_data",
+    "clean_updates",
     "default_config",
     "draw_malicious",
     "flip_table",
@@ -69,6 +74,7 @@ __all__ = [
     "poison_labels",
     "poisoning_now",
     "register",
+    "replace_rows",
     "select",
     "split_name",
 ]

@@ -47,8 +47,8 @@ def paper_config(dataset: str) -> ml_collections.ConfigDict:
     recipe = data.SPECS[dataset].recipe
     c = ml_collections.ConfigDict()
     c.dataset = dataset
-    model = recipe["model"]
-    c.model = ml_collections.ConfigDict({**models.config_block(model["name"]), **model})
+    model = dict(recipe["model"])
+    c.model = models.default_config(model.pop("name"), **model)
     c.data = ml_collections.ConfigDict(
         dict(
             source="auto",  # auto | tfds | files | synthetic
@@ -123,11 +123,8 @@ def variant(c: ml_collections.ConfigDict, arg: str | None, path: str) -> ml_coll
 
 
 def reference(c) -> ml_collections.ConfigDict:
-    """The defaults `c` is checked against: its dataset's paper config, with the model
-    block of the model it names (a registered one)."""
-    ref = paper_config(c.dataset)
-    ref.model = ml_collections.ConfigDict(models.config_block(c.model.name))
-    return ref
+    """The defaults `c` is checked against: its dataset's paper config."""
+    return paper_config(c.dataset)
 
 
 def unknown_field(field: str, known) -> ConfigError:
@@ -205,7 +202,8 @@ def _validate_model(c, spec: data.DatasetSpec) -> None:
         c.model.name,
     )
     hashable = lambda v: tuple(v) if isinstance(v, list) else v
-    block = tuple(sorted((k, hashable(v)) for k, v in c.model.to_dict().items()))
+    chosen = models.spec_of(c.model.to_dict())
+    block = tuple(sorted((k, hashable(v)) for k, v in chosen.items()))
     factory = models.MODELS.get(c.model.name)
     message = _model_problem(factory, block, tuple(spec.image_shape), spec.num_classes, spec.name)
     if message:

@@ -3,7 +3,7 @@ validation. Everything below (setup, the run loop, the writer) takes a `Plan`.""
 
 import dataclasses
 
-from fedjax_poison import data
+from fedjax_poison import data, models
 from fedjax_poison.config import configuration, experiments
 from fedjax_poison.round import client
 
@@ -36,7 +36,7 @@ class Plan:
     config: dict  # the validated config, as written to config.json
     spec: data.DatasetSpec
     data: DataSettings
-    model: dict  # the `model.` block: name and the model's fields
+    model: dict  # the model's spec: {'name': ..., its fields}
     num_clients: int
     clients_per_round: int
     num_rounds: int
@@ -77,7 +77,7 @@ def build(c) -> Plan:
             c.data.partition_seed,
             (c.data.synthetic_train, c.data.synthetic_test),
         ),
-        model=c.model.to_dict(),
+        model=models.spec_of(c.model.to_dict()),
         num_clients=c.num_clients,
         clients_per_round=c.clients_per_round,
         num_rounds=c.num_rounds,

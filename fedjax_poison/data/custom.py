@@ -28,6 +28,7 @@ DEFAULT_RECIPE = dict(
     flips="",
 )
 RECIPE_KEYS = tuple(DEFAULT_RECIPE)
+BUILT_IN = tuple(SPECS)
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_train, x_test, y_test
 
@@ -137,10 +138,9 @@ def from_arrays(name: str, x_train, y_train, x_test, y_test, **kwargs) -> Datase
 
 
 def register(spec: DatasetSpec, *, replace: bool = False) -> DatasetSpec:
-    """Adds `spec` under its name; `replace=True` to change a registered one."""
-    if spec.name in SPECS and not replace:
-        raise RegistryError(
-            f"dataset {spec.name!r} is registered already; pass replace=True to replace it"
-        )
+    """Adds `spec` under its name. A built-in dataset is replaced only with replace=True; a
+    user's may be registered again (the latest wins)."""
+    if spec.name in BUILT_IN and not replace:
+        raise RegistryError(f"dataset {spec.name!r} is built in; pass replace=True to replace it")
     SPECS[spec.name] = spec
     return spec

@@ -308,6 +308,8 @@ def _how_to_provide(spec: DatasetSpec, data_dir: str | None) -> str:
 def raw_paths(spec: DatasetSpec, data_dir: str | None) -> list[str]:
     """Where the raw files are looked for: data_dir (or the default), or the folder of the
     same name as the default inside it (an extracted archive)."""
+    if not spec.files:  # a user's loader reads no files
+        return []
     root = os.path.expanduser(data_dir or spec.default_dir)
     inner = os.path.join(root, os.path.basename(spec.default_dir))
     if not os.path.exists(os.path.join(root, spec.files[0])) and os.path.isdir(inner):

@@ -55,8 +55,11 @@ def server_verdict(verdict: defenses.Verdict, valid: jax.Array) -> defenses.Verd
 
 def average_batch_stats(old: PyTree, stats: PyTree, weights: jax.Array) -> PyTree:
     """The clients' BatchNorm statistics [k, ...] averaged with the verdict's weights [k],
-    leaving out clients whose statistics are not finite; the old ones if nobody is left."""
+    leaving out clients whose statistics are not finite; the old ones if nobody is left
+    (or the model keeps none)."""
     leaves = jax.tree.leaves(stats)
+    if not leaves:  # a model without BatchNorm
+        return old
     ok = jnp.stack([jnp.isfinite(a.reshape(a.shape[0], -1)).all(1) for a in leaves]).all(0)
     w = jnp.where(ok, weights, 0.0)
     total = w.sum()

@@ -1,14 +1,17 @@
-"""`run(config)`: a run from Python (a notebook, a script), set up as the command line does."""
+"""The Python API: `run(config)`, a run set up as the command line does, and `register_*`,
+which add a user's attacks, defenses, models, datasets and partitions to the registries."""
 
 import datetime
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import NamedTuple
 
 from absl import logging as absl_logging
 
-from fedjax_poison import files
+from fedjax_poison import attacks, data, defenses, files, models
+from fedjax_poison.data import custom, partition
 from fedjax_poison.round import sharding
 from fedjax_poison.runner import train
 
@@ -80,3 +83,74 @@ def run(config, workdir: str | None = None, *, name: str = "run") -> RunResult:
         return RunResult(workdir, {}, [])
     history = files.read_lines(os.path.join(workdir, "metrics.jsonl"))
     return RunResult(os.path.abspath(workdir), summary, history)
+
+
+def register_attack(name: str, factory: Callable, *, replace: bool = False) -> Callable:
+    """Adds an attack to `attack.name` (and `sweep.attack`): `factory(**block, **sizes) ->
+    fedjax_poison.attacks.Attack`, whose keyword arguments with defaults become the config
+    block `attack.<name>.*`; the sizes it may take: num_classes, image_shape,
+    clients_per_round, head_index. `fedjax_poison.testing.check_attack` checks it."""
+    return attacks.register(name, factory, replace=replace)
+
+
+def register_defense(
+    name: str,
+    factory: Callable,
+    *,
+    pre_aggregator: bool = False,
+    per_client_memory: bool = False,
+    replace: bool = False,
+) -> Callable:
+    """Adds a defense to `defense.name` (and `sweep.defense`): `factory(**block, **sizes) ->
+    fedjax_poison.defenses.Defense` (pre_aggregator=True: -> PreAggregator, used before a
+    rule with '+'), its keyword arguments with defaults the block `defense.<name>.*`; the
+    sizes it may take: num_clients, clients_per_round (the rows it receives), num_params,
+    num_classes, head_features, mode. `fedjax_poison.testing.check_defense` checks it."""
+    return defenses.register(
+        name,
+        factory,
+        pre_aggregator=pre_aggregator,
+        per_client_memory=per_client_memory,
+        replace=replace,
+    )
+
+
+def register_model(
+    name: str,
+    factory: Callable,
+    *,
+    input_shape: tuple[int, int, int] | None = None,
+    replace: bool = False,
+) -> Callable:
+    """Adds a model to `model.name`: a Flax module class (or factory) taking num_classes,
+    whose fields with defaults become `model.*` (see fedjax_poison.models for the contract;
+    `fedjax_poison.testing.check_model` checks it). input_shape: the only images it takes."""
+    return models.register(name, factory, input_shape=input_shape, replace=replace)
+
+
+def register_dataset(
+    name: str,
+    *,
+    arrays: tuple | None = None,
+    load: Callable[[], tuple] | None = None,
+    tfds_name: str = "",
+    replace: bool = False,
+    **spec,
+) -> data.DatasetSpec:
+    """Adds a dataset to `dataset`, from arrays (x_train, y_train, x_test, y_test: uint8
+    images [M, H, W, C] and integer labels), from `load()` returning them, or from
+    tensorflow-datasets by `tfds_name`. spec: image_shape and num_classes (needed unless
+    `arrays` gives them), mean, std, class_names, recipe (the training setup
+    `configuration.paper_config(name)` starts from; see data/custom.py)."""
+    if arrays is not None:
+        made = custom.from_arrays(name, *arrays, **spec)
+    else:
+        made = custom.make_spec(name, load=load, tfds_name=tfds_name, **spec)
+    return custom.register(made, replace=replace)
+
+
+def register_partition(name: str, factory: Callable, *, replace: bool = False) -> Callable:
+    """Adds a partition to `data.partition`: `factory(*, labels [M], num_clients, batch_size,
+    num_classes, rng, **block) -> (indices [N, n], count [N])`, its keyword arguments with
+    defaults the block `data.<name>.*`."""
+    return partition.register(name, factory, replace=replace)
