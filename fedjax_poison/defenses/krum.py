@@ -6,8 +6,9 @@ itself counted), n the valid rows, f = `num_byzantine`, at least one neighbour. 
 taken of the rows scaled by a power of two, so that rows of 1e18 cannot overflow them and
 their scores are finite (reported scaled back: +inf where that overflows float32). Ties are
 broken by value, never by position: equal scores go to the row with the lower summed squared
-distance to all the others, then to the lower projection on a fixed direction
-(`numeric.tiebreak`); identical rows share their picks equally.
+distance to all the others, then to the lower integer hash of the row's exact values
+(`numeric.row_key`: equal for identical rows wherever they sit, unlike a float projection
+whose last bit can depend on the row's position); identical rows share their picks equally.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from fedjax_poison.defenses.numeric import (
     lowest_shares,
     masked_median,
     rescale,
+    row_key,
     scale_of,
     sq_distances,
-    tiebreak,
 )
 from fedjax_poison.defenses.robust import stateless
 
@@ -55,10 +56,10 @@ def spread_from(d2: jax.Array, alive: jax.Array) -> jax.Array:
 
 
 def geometry(updates: jax.Array, valid: jax.Array):
-    """(squared distances of the rows scaled by s [k, k], their projections for the last
-    tie-break [k], s): s a power of two that keeps every square finite."""
+    """(squared distances of the rows scaled by s [k, k], their keys for the last tie-break
+    [k] (`numeric.row_key`), s): s a power of two that keeps every square finite."""
     s = scale_of(updates, valid)
-    return sq_distances(updates / s), tiebreak(updates / s), s
+    return sq_distances(updates / s), row_key(updates), s
 
 
 def reported(d2, valid, num_byzantine: int, s) -> jax.Array:
@@ -75,7 +76,7 @@ def krum_scores(updates: jax.Array, valid: jax.Array, num_byzantine: int) -> jax
 
 
 def lowest_by_krum(d2, key, alive, num_byzantine: int, count) -> jax.Array:
-    """lowest_shares of the alive rows by (Krum score, spread, projection)."""
+    """lowest_shares of the alive rows by (Krum score, spread, row key)."""
     keys = (scores_from(d2, alive, num_byzantine), spread_from(d2, alive), key)
     return lowest_shares(keys, alive, count)
 
@@ -137,7 +138,7 @@ def bulyan_select(d2, key, valid, num_byzantine: int, theta):
     each the lowest Krum score among the rows not yet picked -> (picked [k] bool, share [k]
     in [0, 1]).
 
-    Rows tied on every key are identical (at distance 0, same projection): which of them is
+    Rows tied on every key are identical (at distance 0, same row key): which of them is
     picked changes no value, and `share` spreads the picks equally over identical rows."""
     k = valid.shape[0]
 

@@ -90,11 +90,15 @@ def masked_mean(x: jax.Array, keep: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(mask, x, 0.0), axis=0) / jnp.maximum(keep.sum(), 1)
 
 
-def tiebreak(x: jax.Array) -> jax.Array:
-    """[k] each row's projection on a fixed pseudo-random direction: a second key for
-    choices between rows with equal scores, a function of the row's values only."""
-    direction = jax.random.normal(jax.random.key(0x7B), (x.shape[1],), jnp.float32)
-    return x @ direction
+def row_key(x: jax.Array) -> jax.Array:
+    """[k] uint32 of each row of x [k, d] from its exact values (-0 counted as 0): the last
+    key for choices between rows with equal scores. Equal rows get equal keys wherever they
+    sit: the key sums hashed bits as integers, exact in any order of summation (a float
+    projection is not: its last bit can depend on the row's position in the batch)."""
+    x = jnp.where(x == 0, 0.0, x).astype(jnp.float32)
+    bits = lax.bitcast_convert_type(x, jnp.uint32)
+    salt = hash32(jnp.arange(x.shape[-1], dtype=jnp.uint32) ^ jnp.uint32(0x9E3779B9))
+    return hash32(jnp.sum(hash32(bits ^ salt[None, :]), axis=-1, dtype=jnp.uint32))
 
 
 def lowest_shares(keys: tuple[jax.Array, ...], valid: jax.Array, count) -> jax.Array:

@@ -1,0 +1,45 @@
+"""Verdicts that do not depend on the clients' order, compiled as a run compiles them
+(plain `jax.jit`, every optimisation on), and rules that build or refuse at k = 1 and 2."""
+
+import jax
+import numpy as np
+import pytest
+
+from fedjax_poison import defenses
+from fedjax_poison.testing import make_view, permuted
+
+K11, D = 11, 50
+
+
+def build(name, k=K11, d=D, **overrides):
+    cfg = defenses.block_for(name, **overrides)
+    return defenses.make_defense(
+        cfg, num_clients=20, clients_per_round=k, num_params=d, num_classes=3, head_features=4
+    )
+
+
+def jitted(name, k=K11, d=D, **overrides):
+    defense = build(name, k=k, d=d, **overrides)
+    return defense, jax.jit(defense.apply)
+
+
+@pytest.mark.parametrize("d", [50, 100])
+def test_identical_rows_share_krums_pick_equally(d):
+    defense, apply = jitted("krum", d=d)
+    for seed in range(3):  # today's rows on which a float projection split the tie
+        rows = np.tile(np.random.default_rng(seed).normal(size=(1, d)), (K11, 1))
+        verdict, _ = apply(make_view(rows), defense.init())
+        np.testing.assert_allclose(verdict.weights, np.full(K11, 1 / K11), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["krum", "multi_krum", "bulyan", "nnm+multi_krum"])
+def test_permuting_the_clients_permutes_the_verdict(name):
+    defense, apply = jitted(name)
+    view = make_view(np.random.default_rng(1).normal(size=(K11, D)))
+    want, _ = jax.device_get(apply(view, defense.init()))
+    for seed in range(20):
+        perm = np.random.default_rng(seed).permutation(K11)
+        got, _ = jax.device_get(apply(permuted(view, perm), defense.init()))
+        np.testing.assert_array_equal(got.flags, want.flags[perm], err_msg=f"perm {seed}")
+        np.testing.assert_allclose(got.weights, want.weights[perm], atol=1e-7)
+        np.testing.assert_allclose(got.delta, want.delta, rtol=1e-5, atol=1e-6)
