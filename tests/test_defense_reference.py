@@ -57,8 +57,10 @@ def bulyan(x, f):
 
 
 def geometric_median(x, iters, nu):
-    """RFA's smoothed Weiszfeld: v <- sum_i w_i x_i / sum_i w_i, w_i = 1 / max(nu, |v - x_i|)."""
-    v = x.mean(0)
+    """RFA's smoothed Weiszfeld: v <- sum_i w_i x_i / sum_i w_i, w_i = 1 / max(nu, |v - x_i|),
+    from the coordinate-wise median (RFA starts from the mean; the rule's docstring says why
+    it does not)."""
+    v = np.median(x, axis=0)
     for _ in range(iters + 1):
         w = 1 / np.maximum(nu, np.linalg.norm(x - v, axis=1))
         v = w @ x / w.sum()

@@ -325,6 +325,17 @@ def test_geometric_median_is_the_median_on_a_line():
     np.testing.assert_allclose(verdict.weights @ jnp.array([0.0, 1.0, 10.0]), verdict.delta[0])
 
 
+@pytest.mark.parametrize("huge", [1e12, 1e18])
+def test_geometric_median_withstands_one_huge_row(huge):
+    # Five honest rows ~N(2, 1) in d=20 and one row of `huge` everywhere, at the defaults:
+    # the aggregate stays within a few units of the honest rows' median.
+    rows = np.random.default_rng(0).normal(2.0, 1.0, size=(6, 20))
+    rows[5] = huge
+    verdict, _ = hand("geometric_median", rows)
+    assert np.abs(verdict.delta - np.median(rows[:5], axis=0)).max() < 3
+    assert verdict.weights[5] < 1e-6
+
+
 def test_norm_clipping_by_hand():
     verdict, _ = hand("norm_clipping", [[3, 4], [0, 1]], clip_norm=1.0)
     np.testing.assert_allclose(verdict.delta, [0.3, 0.9], rtol=1e-6)
