@@ -43,3 +43,27 @@ def test_permuting_the_clients_permutes_the_verdict(name):
         np.testing.assert_array_equal(got.flags, want.flags[perm], err_msg=f"perm {seed}")
         np.testing.assert_allclose(got.weights, want.weights[perm], atol=1e-7)
         np.testing.assert_allclose(got.delta, want.delta, rtol=1e-5, atol=1e-6)
+
+
+RULES = sorted(defenses.DEFENSES) + [
+    "nnm+krum",
+    "bucketing+median",
+    "norm_clipping+trimmed_mean",
+    "norm_clipping+bucketing+median",
+]
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("name", RULES)
+def test_every_rule_builds_or_is_refused_at_few_clients(name, k):
+    """Building either raises a one-line ValueError or gives a rule whose jitted apply on
+    finite rows returns a finite verdict."""
+    try:
+        defense = build(name, k=k, d=12)
+    except ValueError as error:
+        assert "\n" not in str(error) and str(error)
+        return
+    rows = np.random.default_rng(k).normal(size=(k, 12))
+    verdict, _ = jax.jit(defense.apply)(make_view(rows), defense.init())
+    assert np.isfinite(verdict.delta).all() and np.isfinite(verdict.weights).all()
+    assert not np.isnan(verdict.scores).any()

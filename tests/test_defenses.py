@@ -486,6 +486,7 @@ def test_auc_matches_sklearn():
         ({"name": "bucketing+median", "bucket_size": 0}, 5, "defense.bucketing.bucket_size "
          "must be >= 1"),
         ({"name": "flame", "noise_lambda": -0.1}, 5, "defense.flame.noise_lambda must be >= 0"),
+        ({"name": "flame"}, 1, "needs k >= 2 clients per round"),
         ({"name": "dnc", "c": 5.0}, 5, "dnc removes floor(c*f)=5 of k=5"),
         ({"name": "signguard", "upper": 0.5}, 5, "defense.signguard.upper must be >= 1"),
         ({"name": "signguard", "fraction": 0.0}, 5, "defense.signguard.fraction must be in "
@@ -509,7 +510,8 @@ def test_validate_names_the_field(overrides, k, message):
     "factory, kwargs, message",
     [
         ("dnc", {"clients_per_round": 5, "iters": 0, "mode": "filter"}, "iters"),
-        ("flame", {"noise_lambda": -1.0, "mode": "filter"}, "noise_lambda"),
+        ("flame", {"clients_per_round": 5, "noise_lambda": -1.0, "mode": "filter"},
+         "noise_lambda"),
         ("trimmed_mean", {"clients_per_round": 5, "trim": 1, "trim_ratio": 0.6}, "trim_ratio"),
         ("bulyan", {"clients_per_round": 7, "mode": "quarantine"}, "mode"),
     ],

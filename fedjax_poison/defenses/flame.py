@@ -19,6 +19,7 @@ from fedjax_poison.defenses.base import (
     no_memory,
     require,
     require_mode,
+    require_two_clients,
 )
 from fedjax_poison.defenses.cluster import majority_cluster
 from fedjax_poison.defenses.numeric import clean, masked_mean, masked_median, norms, unit_rows
@@ -32,7 +33,7 @@ def cosine_distances(updates: jax.Array) -> jax.Array:
     return jnp.clip(1.0 - unit @ unit.T, 0.0, 2.0)
 
 
-def flame(*, mode: str, noise_lambda: float = 0.001) -> Defense:
+def flame(*, clients_per_round: int, mode: str, noise_lambda: float = 0.001) -> Defense:
     """FLAME: the updates outside the majority cluster of cosine distances are flagged; the
     others are clipped to the median norm S of all valid updates and averaged, and the
     aggregate gets Gaussian noise of standard deviation `noise_lambda` * S per coordinate
@@ -45,6 +46,7 @@ def flame(*, mode: str, noise_lambda: float = 0.001) -> Defense:
     distance to the kept updates.
     """
     require(noise_lambda >= 0, "noise_lambda", ">= 0", noise_lambda)
+    require_two_clients(clients_per_round)  # a majority cluster needs two rows to compare
     require_mode(mode)
 
     def apply(view, memory):
