@@ -169,8 +169,9 @@ def lfighter(heads, iters):
         lowest = [min((cos[a, b] for b in idx if b != a), default=0.0) for a in idx]
         return len(idx) / n * np.mean([1 - low for low in lowest]) if len(idx) else 0.0
 
-    bad_is_1 = not inverse_density(~in1) < inverse_density(in1)
-    return (in1 == bad_is_1) & in1.any() & (~in1).any()
+    density0, density1 = inverse_density(~in1), inverse_density(in1)
+    bad_is_1 = not density0 < density1  # a tie flags nobody, as the rule's docstring says
+    return (in1 == bad_is_1) & in1.any() & (~in1).any() & (density0 != density1)
 
 
 def nnm(x, f):

@@ -389,6 +389,19 @@ def test_lfighter_flags_the_denser_cluster():
     assert verdict.scores[3:].min() > verdict.scores[:3].max()
 
 
+@pytest.mark.parametrize("rows", [2, 4])  # two clients, or two valid of four
+def test_lfighter_with_two_clients_does_not_judge_by_position(rows):
+    head_rows = np.random.default_rng(0).normal(size=(rows, C, 2))
+    updates = np.eye(rows)
+    updates[2:] = np.nan
+    order = np.r_[1, 0, 2:rows]  # the two valid clients swapped
+    verdict, _ = hand("lfighter", updates, head_rows=head_rows, head_features=2)
+    swapped, _ = hand("lfighter", updates[order], head_rows=head_rows[order], head_features=2)
+    np.testing.assert_array_equal(swapped.flags, verdict.flags[order])
+    np.testing.assert_allclose(swapped.weights, verdict.weights[order])
+    np.testing.assert_allclose(swapped.delta, verdict.delta[order])
+
+
 def test_flame_keeps_the_majority_direction_clipped_to_the_median_norm():
     # Three updates point along x (norms 4, 2, 1), two elsewhere: the majority is kept
     # (min cluster size 5 // 2 + 1 = 3) and clipped to the median norm 2 of all five.

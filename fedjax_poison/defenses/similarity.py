@@ -117,7 +117,11 @@ def lfighter(*, clients_per_round: int, mode: str, kmeans_iters: int = 20) -> De
     """Cluster the output-layer changes of the two classes with the largest total magnitude
     into 2 with k-means; flag the cluster that is smaller and/or denser, i.e. has the lower
     size-weighted inverse density (Jebreel et al., "LFighter", Neural Networks 2024).
-    k-means runs on the valid rows scaled by a power of two (it commutes with scaling)."""
+    k-means runs on the valid rows scaled by a power of two (it commutes with scaling).
+
+    When the two densities tie, nobody is flagged (scores 0): the clusters cannot be told
+    apart, and the paper's rule would flag one by its position. Two valid clients always
+    tie (each is a cluster alone)."""
     require(kmeans_iters >= 1, "kmeans_iters", ">= 1", kmeans_iters)
     require_two_clients(clients_per_round)
     require_mode(mode)
@@ -138,11 +142,11 @@ def lfighter(*, clients_per_round: int, mode: str, kmeans_iters: int = 20) -> De
         n = valid.sum()
         score0, score1 = _inverse_density(cos, out1, n), _inverse_density(cos, in1, n)
         bad_is_1 = ~(score0 < score1)
-        both = jnp.any(in1) & jnp.any(out1)
-        flags = both & valid & (in1 == bad_is_1)
+        apart = jnp.any(in1) & jnp.any(out1) & (score0 != score1)  # a tie: nothing to tell
+        flags = apart & valid & (in1 == bad_is_1)
         d0 = norms(data - masked_mean(data, out1, start[0])[None, :])  # distance to each center
         d1 = norms(data - masked_mean(data, in1, start[1])[None, :])
-        scores = rescale(jnp.where(bad_is_1, d0 - d1, d1 - d0), s)
+        scores = jnp.where(apart, rescale(jnp.where(bad_is_1, d0 - d1, d1 - d0), s), 0.0)
         aggregate = weighted_mean(updates, (valid & ~flags).astype(jnp.float32))
         verdict = flagging_verdict(updates, flags, scores, mode, aggregate, valid=valid)
         return verdict, memory
