@@ -56,9 +56,10 @@ and 3 at 30%).
 Modes: 'detect' reports flags and aggregates with FedAvg; 'filter' drops flagged clients
 from the mean; 'block' also sets `block` once a client has been flagged `block_after` times.
 Before `start_round` nobody is flagged (the rows still enter the window). A row the
-server marks invalid (`RoundView.valid` False: its update was not finite) never enters
-the window and is never flagged by this rule; a round without a valid row leaves the
-window as it was.
+server marks invalid (`RoundView.valid` False: its update was not finite), or whose norm
+is not finite when the rule is called without the server, never enters the window, has no
+weight and is never flagged by this rule; a round without a valid row leaves the window as
+it was.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ from fedjax_poison.defenses.base import (
     weighted_mean,
 )
 from fedjax_poison.defenses.cluster import masked_mean, silhouette, two_means
+from fedjax_poison.defenses.numeric import clean
 
 ROW_SCALES = ("update", "row", "none")
 
@@ -263,9 +265,9 @@ def pca(
         return _init_memory(window, clients_per_round, num_rows, head_features, num_clients)
 
     def apply(view: RoundView, memory: PCAMemory):
-        k = view.client_ids.shape[0]
-        sent = getattr(view, "valid", None)  # [k] bool: the update was finite
-        sent = jnp.ones((k,), bool) if sent is None else sent.astype(bool)
+        sent, updates = clean(view)  # [k] bool: the update was valid and its norm finite
+        heads_sent = jnp.where(sent[:, None, None], view.head_rows, 0.0)
+        view = view._replace(updates=updates, head_rows=heads_sent, valid=sent)
         rows, heads = features(view, source_class, row_scale)  # [k, R, F], [R, F]
         first = view.round == 0  # the global model is the initialization
         origin = jnp.where(first, heads, memory.origin)
