@@ -1,7 +1,8 @@
 """One local training step of every registered model, im2col against XLA's convolutions.
 
-    python benchmarks/models.py                      # every model, batch 10, a few minutes
+    python benchmarks/models.py                      # every model, batch 10, ~12 min on 2 cores
     python benchmarks/models.py --models=resnet18 --batch=4
+    python benchmarks/models.py --no-scan --out=/tmp/models.md  # a step alone, no lax.scan
 
 For each model of `models.MODELS` on its usual input (its registered shape; otherwise
 28 x 28 x 1 for the small nets, 32 x 32 x 3 for VGG and ResNet): the parameter count and
@@ -38,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--models", default=",".join(models.MODELS), help="comma-separated names")
     p.add_argument("--batch", type=int, default=10, help="examples a step")
     p.add_argument("--steps", type=int, default=2, help="steps a call (a lax.scan)")
+    p.add_argument("--no-scan", action="store_true", help="time a jitted step alone")
     p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
     p.add_argument("--min-seconds", type=float, default=1.0, help="of steps a round, at least")
     p.add_argument("--out", default=None, help="markdown file (default results/<backend>/)")
@@ -48,9 +50,10 @@ def usual_shape(name: str) -> tuple[int, int, int]:
     return models.input_shape(name) or USUAL_SHAPE.get(name, (28, 28, 1))
 
 
-def make_train(model):
+def make_train(model, scan: bool = True):
     """train(params, batch_stats, opt_state, xs [S, B, H, W, C], ys [S, B]) -> the same
-    three after S SGD steps, in a `lax.scan` as local training runs them."""
+    three after S SGD steps, in a `lax.scan` as local training runs them (scan=False: S = 1,
+    the step alone)."""
     tx = optax.sgd(1e-2, momentum=0.9)
 
     def loss_fn(params, batch_stats, x, y):
@@ -67,6 +70,8 @@ def make_train(model):
         return (optax.apply_updates(params, updates), batch_stats, opt_state), None
 
     def train(params, batch_stats, opt_state, xs, ys):
+        if not scan:
+            return step((params, batch_stats, opt_state), (xs[0], ys[0]))[0]
         return jax.lax.scan(step, (params, batch_stats, opt_state), (xs, ys))[0]
 
     options = setup.compiler_options()
@@ -78,9 +83,10 @@ def prepare(name: str, impl: str, shape, a) -> dict:
     time."""
     model = models.make_model({**models.config_block(name), "conv_impl": impl}, 10)
     params, stats = models.init_variables(model, jax.random.key(0), shape)
-    tx, train = make_train(model)
-    x = jax.random.normal(jax.random.key(1), (a.steps, a.batch, *shape), jnp.float32)
-    y = jax.random.randint(jax.random.key(2), (a.steps, a.batch), 0, 10)
+    tx, train = make_train(model, scan=not a.no_scan)
+    steps = 1 if a.no_scan else a.steps
+    x = jax.random.normal(jax.random.key(1), (steps, a.batch, *shape), jnp.float32)
+    y = jax.random.randint(jax.random.key(2), (steps, a.batch), 0, 10)
     state = (params, stats, tx.init(params))
     start = time.perf_counter()
     compiled = train.lower(*state, x, y).compile()
@@ -135,7 +141,6 @@ def main(argv=None):
     for name in names:
         models.MODELS.check_name(name)
     backend = jax.default_backend()
-    print(f"{jax.devices()[0].device_kind} ({backend}), jax {jax.__version__}", flush=True)
     rows = []
     for name in names:
         rows.append(measure(name, a))
@@ -145,7 +150,9 @@ def main(argv=None):
             f"ms  xla {r['xla_ms']:8.1f} ms  xla/im2col {r['ratio']:.2f}x",
             flush=True,
         )
-    table = markdown(rows)
+    how = "a jitted step alone" if a.no_scan else f"{a.steps} steps a lax.scan"
+    title = f"{jax.devices()[0].device_kind} ({backend}), jax {jax.__version__}, {how}"
+    table = f"{title}\n\n{markdown(rows)}"
     out = a.out or os.path.join(os.path.dirname(__file__), "results", backend, "models.md")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
