@@ -257,7 +257,9 @@ def check_model(name: str, image_shape=(28, 28, 1), num_classes: int = 10, **blo
         f"{name}: needs an output layer {models.HEAD!r} with kernel [F, {num_classes}]"
     )
     x = jax.random.uniform(jax.random.key(1), (3, *image_shape))
-    logits = model.apply({"params": params, "batch_stats": stats}, x, train=False)
+    logits = jax.jit(model.apply, static_argnames="train")(
+        {"params": params, "batch_stats": stats}, x, train=False
+    )
     assert logits.shape == (3, num_classes), f"{name}: logits {logits.shape}"
     mask = jnp.asarray([True, True, False])
     labels = jnp.asarray([0, 1, 0])
@@ -270,10 +272,11 @@ def check_model(name: str, image_shape=(28, 28, 1), num_classes: int = 10, **blo
         per = -jnp.take_along_axis(jax.nn.log_softmax(out), labels[:, None], 1)[:, 0]
         return jnp.sum(per * mask) / mask.sum(), new.get("batch_stats", {})
 
-    (value, new_stats), grads = jax.value_and_grad(loss, has_aux=True)(params, x)
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (value, new_stats), grads = step(params, x)
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads)), f"{name}: gradients"
     other = x.at[2].set(100.0)  # only the masked-out example differs
-    (value2, new_stats2), _ = jax.value_and_grad(loss, has_aux=True)(params, other)
+    (value2, new_stats2), _ = step(params, other)
     np.testing.assert_allclose(value2, value, rtol=1e-5, err_msg=f"{name}: mask ignored")
     for a, b in zip(jax.tree.leaves(new_stats), jax.tree.leaves(new_stats2)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5,
