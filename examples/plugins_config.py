@@ -24,5 +24,5 @@ def get_config(arg: str | None = None):
     c.model.name = "tiny_cnn"
     c.attack.name = "reverse_mean"
     c.defense.name = "norm_filter"
-    c.sweep.malicious_fraction = (0.0, 0.3)
+    c.attack.malicious_fraction = 0.3
     return c
