@@ -8,7 +8,7 @@ For each model of `models.MODELS` on its usual input (its registered shape; othe
 28 x 28 x 1 for the small nets, 32 x 32 x 3 for VGG and ResNet): the parameter count and
 the time of one training step (forward, backward, SGD with momentum, BatchNorm statistics
 updated; `--steps` of them in a `lax.scan`, as local training runs them) with
-`model.conv_impl=im2col` and `=xla`, compiled with the run's options
+`model.<name>.conv_impl=im2col` and `=xla`, compiled with the run's options
 (`setup.compiler_options`). The two are timed in alternating rounds in one
 process, so that a slow spell of the machine hits both; each figure is the median over
 rounds of a round's mean step time. Writes the table as markdown to

@@ -95,7 +95,8 @@ class Registry(Mapping[str, Callable]):
     family: what a member is ('attack'); field: the config field that names one
     ('attack.name'); blocks: where a member's block lives ('attack.{name}'; 'model' for a
     family whose one chosen member's block is the section itself); sizes: the arguments the
-    run fills in; skip: arguments that are neither (Flax's parent and name).
+    run fills in; skip: arguments that are neither (Flax's parent and name); reserved: the
+    section's own fields, which no member may be named after.
     """
 
     def __init__(
@@ -105,9 +106,10 @@ class Registry(Mapping[str, Callable]):
         blocks: str,
         sizes: Sequence[str] = (),
         skip: Sequence[str] = (),
+        reserved: Sequence[str] = (),
     ):
         self.family, self.field, self.blocks = family, field, blocks
-        self.sizes, self.skip = tuple(sizes), tuple(skip)
+        self.sizes, self.skip, self.reserved = tuple(sizes), tuple(skip), tuple(reserved)
         self._members: dict[str, Member] = {}
 
     def register(self, name: str, factory: Callable, *, replace: bool = False, **info) -> Callable:
@@ -116,6 +118,9 @@ class Registry(Mapping[str, Callable]):
         latest wins); a built-in member is replaced only with replace=True."""
         if not (isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)):
             raise RegistryError(f"a {self.family} name must be an identifier, got {name!r}")
+        if name in self.reserved:
+            section = self.field.split(".")[0]
+            raise RegistryError(f"{self.family} name {name!r} is a field of the {section} block")
         if name in self._members and not replace and is_builtin(self._members[name].factory):
             raise RegistryError(
                 f"{self.family} {name!r} is built in; pass replace=True to replace it"

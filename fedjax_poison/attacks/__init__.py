@@ -83,14 +83,12 @@ __all__ = [
 SIZES = ("num_classes", "image_shape", "clients_per_round", "head_index")
 # Fields of the attack block shared by every attack.
 SHARED = ("name", "malicious_fraction", "flips", "start_round", "end_round", "every")
-ATTACKS = Registry("attack", "attack.name", "attack.{name}", sizes=SIZES)
+ATTACKS = Registry("attack", "attack.name", "attack.{name}", sizes=SIZES, reserved=SHARED)
 
 
 def register(name: str, factory: Callable[..., Attack], *, replace: bool = False):
     """Adds an attack: `factory(**block, **sizes it names) -> Attack` (see the module
     docstring; `fedjax_poison.testing.check_attack` checks the contract)."""
-    if name in SHARED:
-        raise RegistryError(f"attack name {name!r} is a field of the attack block; choose another")
     return ATTACKS.register(name, factory, replace=replace)
 
 

@@ -14,10 +14,14 @@ from typing import NamedTuple
 import numpy as np
 
 from fedjax_poison.data.raw_files import DataError
-from fedjax_poison.registry import Registry, RegistryError
+from fedjax_poison.registry import Registry
 
 SIZES = ("labels", "num_clients", "batch_size", "num_classes", "rng")
-PARTITIONS = Registry("partition", "data.partition", "data.{name}", sizes=SIZES)
+# Fields of the `data.` block: no partition may take their names for its block.
+DATA_FIELDS = ("source", "dir", "partition", "partition_seed", "synthetic_train", "synthetic_test")
+PARTITIONS = Registry(
+    "partition", "data.partition", "data.{name}", sizes=SIZES, reserved=DATA_FIELDS
+)
 
 
 class ClientData(NamedTuple):
@@ -136,14 +140,8 @@ def shards(
     return indices, np.full(num_clients, indices.shape[1], np.int32)
 
 
-# Fields of the `data.` block: no partition may take their names for its block.
-DATA_FIELDS = ("source", "dir", "partition", "partition_seed", "synthetic_train", "synthetic_test")
-
-
 def register(name: str, factory: Callable[..., tuple], *, replace: bool = False):
     """Adds a partition (see the module docstring)."""
-    if name in DATA_FIELDS:
-        raise RegistryError(f"partition name {name!r} is a field of the data block")
     return PARTITIONS.register(name, factory, replace=replace)
 
 

@@ -35,9 +35,11 @@ SIZES = ("num_clients", "clients_per_round", "num_params", "num_classes", "head_
 # Fields of the defense block shared by every rule.
 SHARED = ("name", "mode")
 # Aggregators: the last part of a name (or the whole of it).
-DEFENSES = Registry("defense", "defense.name", "defense.{name}", sizes=SIZES)
+DEFENSES = Registry("defense", "defense.name", "defense.{name}", sizes=SIZES, reserved=SHARED)
 # Pre-aggregators: any number of them, joined by '+', before an aggregator.
-PRE_AGGREGATORS = Registry("pre-aggregator", "defense.name", "defense.{name}", sizes=SIZES)
+PRE_AGGREGATORS = Registry(
+    "pre-aggregator", "defense.name", "defense.{name}", sizes=SIZES, reserved=SHARED
+)
 
 
 def register(
@@ -51,8 +53,6 @@ def register(
     """Adds a rule (`factory(**block, **sizes it names) -> Defense`) or, with
     pre_aggregator=True, a pre-aggregator (-> PreAggregator). per_client_memory: its memory
     is indexed by client, so its rows must stay clients (no bucketing before it)."""
-    if name in SHARED:
-        raise RegistryError(f"defense name {name!r} is a field of the defense block")
     registry, other = (PRE_AGGREGATORS, DEFENSES) if pre_aggregator else (DEFENSES, PRE_AGGREGATORS)
     if name in other and signature_block(factory, SIZES) != other.block(name):
         raise RegistryError(
