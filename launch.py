@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 import fedjax_poison
 from fedjax_poison.errors import UserError
+from fedjax_poison.round import sharding
 from fedjax_poison.runner import api, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (a get_config).")
@@ -102,6 +103,7 @@ def main(argv):
         logging.getLogger("fedjax_poison").info("workdir: %s", workdir)
     try:
         fedjax_poison.run(config, workdir)
+        sharding.leave_distributed()
     except train.Interrupted as e:
         fail(f"{e}; resume with:\n  {resume_command(e.workdir)}", status=130)
     except KeyboardInterrupt:  # before the first evaluation, or a second Ctrl-C

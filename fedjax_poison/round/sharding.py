@@ -161,6 +161,16 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def leave_distributed() -> None:
+    """Leaves a multi-host run, every process together after the run's last barrier.
+
+    Left to the interpreter's exit, jax shuts the distributed system down after tearing
+    down its backends, and processes that arrive there far apart (a loaded machine) can
+    end in an abort in the shutdown barrier."""
+    if jax.distributed.is_initialized():
+        jax.distributed.shutdown()
+
+
 def client_groups(mesh: Mesh | None) -> int:
     """How many devices share the clients of a round (and the test set)."""
     return 1 if mesh is None else mesh.shape[CLIENTS]

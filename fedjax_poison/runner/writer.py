@@ -171,7 +171,7 @@ class RunWriter:
                 features=records.features[slots],  # [G, R, k, F]
                 sign=records.feature_sign[slots],
             )
-        if self.plan.tensorboard:
+        if self.plan.tensorboard and self.workdir.primary:  # tensorboardX makes its folders
             self._to_tensorboard(rows)
 
     def _write_npz(self, name: str, **arrays) -> None:
