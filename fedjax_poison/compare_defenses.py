@@ -47,6 +47,9 @@ from fedjax_poison.runner import api, checkpoint, train
 STATS = ("accuracy", "success", "accuracy_drop", "source_recall", "source_recall_loss")
 COLUMNS = ("attack", "defense", "measure", "n", "diverged", "degenerate_rounds")
 COLUMNS += tuple(f"{s}_{m}" for s in STATS for m in ("mean", "std"))
+COLUMNS += ("effect_measure", "effect_attacked", "effect_clean", "effect_diff_mean")
+COLUMNS += ("effect_diff_ci95", "effect_diff_n", "effect")
+COLUMNS += ("attackers_per_round", "rounds_with_attacker")
 COLUMNS += ("detection_precision", "detection_recall", "note")
 # What stops with one line instead of a traceback (as launch.py).
 USER_ERRORS = (
@@ -133,6 +136,9 @@ def cells(c, table: list[dict], by_seed: list[dict], summary: dict, notes: dict)
                 mean = group[f"{metric}_mean"] if metric else math.nan
                 std = group[f"{metric}_std"] if metric else math.nan
                 cell[f"{stat}_mean"], cell[f"{stat}_std"] = mean, std
+            cell.update(effect(measure, group))
+            for key in tables.ATTACKERS:
+                cell[key] = group[f"{key}_mean"]
             for key in ("detection_precision", "detection_recall"):
                 found = [table[e].get(key, math.nan) for e in group["experiments"]]
                 found = [v for v in found if math.isfinite(v)]
@@ -144,10 +150,25 @@ def cells(c, table: list[dict], by_seed: list[dict], summary: dict, notes: dict)
     return out
 
 
-def _number(value) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return ""
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+EFFECT = {"flip": "attack_success_rate", "backdoor": "attack_success_rate"}
+EFFECT["untargeted"] = "accuracy"
+
+
+def effect(measure: str, group: dict) -> dict:
+    """The attack's measure (its success rate, or accuracy for an untargeted attack) beside
+    the clean twin's, their difference paired by seed with its 95% interval, in words."""
+    metric = EFFECT.get(measure)
+    if metric is None:
+        return {"effect_measure": "", "effect": ""}
+    return {
+        "effect_measure": metric,
+        "effect_attacked": group[f"{metric}_mean"],
+        "effect_clean": group[f"{metric}_clean_mean"],
+        "effect_diff_mean": group[f"{metric}_vs_clean_mean"],
+        "effect_diff_ci95": group[f"{metric}_vs_clean_ci95"],
+        "effect_diff_n": group[f"{metric}_vs_clean_n"],
+        "effect": group[f"{metric}_vs_clean_effect"] or "no clean baseline of this measure",
+    }
 
 
 def _pm(cell: dict, stat: str) -> str:
@@ -199,6 +220,30 @@ def _both(cell: dict) -> str:
     return _pm(cell, "accuracy") + (f" / {success}" if success else "")
 
 
+def _effect(cell: dict) -> str:
+    """'ASR 0.210 vs 0.180 clean: +0.030 ± 0.050, not distinguishable from no attack'."""
+    metric = cell.get("effect_measure")
+    if not metric or cell["attack"] == "none":
+        return ""
+    diff, ci = cell["effect_diff_mean"], cell["effect_diff_ci95"]
+    if not math.isfinite(diff):
+        return cell["effect"]
+    text = f"{EFFECT_NAMES[metric]} {cell['effect_attacked']:.3f} vs {cell['effect_clean']:.3f}"
+    text += f" clean: {diff:+.3f}" + (f" ± {ci:.3f}" if math.isfinite(ci) else "")
+    return f"{text}, {cell['effect']}"
+
+
+def _attackers(cell: dict) -> str:
+    """'1.20 a round, ≥ 1 in 70% of rounds'."""
+    mean, share = cell.get("attackers_per_round", math.nan), cell.get("rounds_with_attacker")
+    if cell["attack"] == "none" or not math.isfinite(mean):
+        return ""
+    return f"{mean:.2f} a round, ≥ 1 in {share:.0%} of rounds"
+
+
+EFFECT_NAMES = {"attack_success_rate": "success", "accuracy": "accuracy"}
+
+
 def _detection(cell: dict) -> str:
     """'precision / recall', '-' where undefined (nobody flagged; no attacker)."""
     show = lambda v: "-" if v is None or not math.isfinite(v) else f"{v:.2f}"
@@ -219,9 +264,23 @@ def markdown(c, table: list[dict], notes: dict) -> str:
     for attack in names:
         measure = at[attack, ran[0]]["measure"]
         lines.append(f"- {attack}: {SUCCESS[measure] or 'no attack (the reference row)'}")
-    lines += ["", "Accuracy drop against 'none' of the same defense (paired by seed):", ""]
-    drop = lambda t: _pm(t, "accuracy_drop") if t["attack"] != "none" else ""
-    lines += _grid(names, ran, at, drop) + [""]
+    lines += [
+        "",
+        "Each attack against its clean twin ('none' of the same defense and seeds): the "
+        "attack's measure (success rate; accuracy for untargeted attacks) beside the clean "
+        "run's, their difference paired by seed ± its 95% interval. A difference whose "
+        "interval holds 0 is not distinguishable from no attack: the attack did not "
+        "measurably work.",
+        "",
+    ]
+    lines += _grid(names, ran, at, _effect) + [""]
+    lines += [
+        "Malicious clients among the selected ones: mean a round, and the share of rounds "
+        f"with at least one ({c.clients_per_round} clients a round, "
+        f"{c.attack.malicious_fraction:.0%} of {c.num_clients} malicious):",
+        "",
+    ]
+    lines += _grid(names, ran, at, _attackers) + [""]
     flagging = [d for d in ran if at[names[0], d]["flags_clients"]]
     if flagging:
         lines += ["Detection by the rules that flag clients (precision / recall):", ""]
@@ -232,10 +291,8 @@ def markdown(c, table: list[dict], notes: dict) -> str:
 
 def write(c, table: list[dict], notes: dict, workdir: str) -> None:
     """matrix.csv and matrix.md in workdir."""
-    csv = [",".join(COLUMNS)] + [
-        ",".join(_number(t.get(k)).replace(",", ";") for k in COLUMNS) for t in table
-    ]
-    files.write_atomic(os.path.join(workdir, "matrix.csv"), ("\n".join(csv) + "\n").encode())
+    csv = tables.format_csv(table, COLUMNS)  # the numbers as results.csv writes them
+    files.write_atomic(os.path.join(workdir, "matrix.csv"), csv.encode())
     files.write_atomic(os.path.join(workdir, "matrix.md"), markdown(c, table, notes).encode())
 
 

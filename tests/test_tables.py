@@ -171,7 +171,8 @@ def test_markdown_says_what_ran_and_gives_mean_ci_and_n():
     assert "W=2 evaluations (rounds 15 to 20)" in markdown
     # attacked source recall, seeds 0.2275 and 0.4: mean 0.314, CI 12.7062 * 0.12197 / 1.4142
     assert "| 0.5 | 2 |" in markdown and "0.314 ± 1.096" in markdown
-    assert "-0.561 ± 1.414 (n=2)" in markdown  # the paired difference to the clean twin
+    # beside the clean twin: this vs clean, the paired difference ± CI95, in words
+    assert "0.314 vs 0.875 clean: -0.561 ± 1.414, not distinguishable from no attack" in markdown
 
 
 def test_a_workdir_gets_its_tables_and_figures(tmp_path):

@@ -5,6 +5,7 @@ import dataclasses
 
 from fedjax_poison import data, models
 from fedjax_poison.config import configuration, experiments
+from fedjax_poison.results import stats
 from fedjax_poison.round import client
 
 
@@ -105,12 +106,10 @@ def build(c) -> Plan:
 
 
 def eval_window(configured: int, num_rounds: int, eval_every: int) -> int:
-    """Evaluations in the stable measures: as configured, or those of the last 10% of the
-    rounds (at least one)."""
-    if configured:
-        return configured
-    evaluations = -(-num_rounds // eval_every)
-    return max(1, round(0.1 * num_rounds / eval_every), 1) if evaluations else 1
+    """Evaluations in the stable measures: results.stats.window_size, the one definition
+    the metrics rows, summary.json and every table share."""
+    config = {"eval_window": configured, "num_rounds": num_rounds, "eval_every": eval_every}
+    return stats.window_size(config, [])
 
 
 def experiment_groups(

@@ -70,11 +70,12 @@ def blank_diverged(row: dict, diverged_round: int) -> dict:
 
 
 def add_window(row: dict, history: Sequence[dict], window: int) -> dict:
-    """Adds `<measure>_window`: the mean over the last `window` rows (this one included) of
-    the experiment; null when any of them is null (undefined, or diverged)."""
-    recent = [*history[-(window - 1) :], row] if window > 1 else [row]
+    """Adds `<measure>_window`: stats.tail_mean over the last `window` rows (this one
+    included) of the experiment, as every table computes it; null when any of them is null
+    (undefined, or diverged)."""
+    recent = [*history, row]
     for key in STABLE:
-        values = [r.get(key) for r in recent]
-        ok = all(v is not None and math.isfinite(v) for v in values)
-        row[f"{key}_window"] = float(np.mean(values)) if ok else None
+        values = {r["round"]: stats.as_float(r.get(key)) for r in recent}
+        mean = stats.tail_mean(values, window)
+        row[f"{key}_window"] = mean if math.isfinite(mean) else None
     return row

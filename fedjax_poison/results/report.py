@@ -136,20 +136,26 @@ def with_twins(entries: Sequence[dict], config: dict, rows: Sequence[list]) -> l
     return exps
 
 
-def read_selections(folder: str) -> dict[int, list[int]]:
-    """{experiment: rounds in which a malicious client was selected} from records/*.npz;
-    {} without records."""
-    found: dict[int, set] = {}
+def read_attackers(folder: str) -> dict[int, dict[int, int]]:
+    """{experiment: {round: malicious clients selected}} from records/*.npz; {} without
+    records."""
+    found: dict[int, dict] = {}
     for path in sorted(glob.glob(os.path.join(folder, "records", "r*_e*.npz"))):
         try:
             with np.load(path) as z:
                 exps, rounds = z["experiment"], z["round"]
-                malicious = np.asarray(z["malicious"]).astype(bool).any(-1)  # [G, R]
+                counts = np.asarray(z["malicious"]).astype(bool).sum(-1)  # [G, R]
         except (OSError, KeyError, ValueError, zipfile.BadZipFile):
             continue  # a chunk being written, or damaged: its marks are missing
         for g, e in enumerate(exps.tolist()):
-            found.setdefault(int(e), set()).update(rounds[malicious[g]].tolist())
-    return {e: sorted(r) for e, r in found.items()}
+            found.setdefault(int(e), {}).update(zip(rounds.tolist(), counts[g].tolist()))
+    return found
+
+
+def read_selections(folder: str) -> dict[int, list[int]]:
+    """{experiment: rounds in which a malicious client was selected} from records/*.npz;
+    {} without records."""
+    return {e: sorted(r for r, n in c.items() if n) for e, c in read_attackers(folder).items()}
 
 
 def read_run(path: str, window: int | None = None, name: str | None = None) -> tables.Run:
@@ -167,6 +173,7 @@ def read_run(path: str, window: int | None = None, name: str | None = None) -> t
 def make_run(path, config, exps, rows, summary, window=None, name=None) -> tables.Run:
     """A Run of normalized experiments and all metrics rows."""
     source = summary.get("data_source") or config.get("data", {}).get("source", "?")
+    attackers = read_attackers(path)
     for item in summary.get("diverged") or []:  # for runs whose rows do not say so
         if 0 <= item.get("experiment", -1) < len(exps):
             exps[item["experiment"]].setdefault("diverged_round", item.get("round"))
@@ -177,7 +184,8 @@ def make_run(path, config, exps, rows, summary, window=None, name=None) -> table
         rows=rows_by_experiment(rows, len(exps)),
         data_source=source,
         window=stats.window_size(config, [r["round"] for r in rows], window),
-        selections=read_selections(path),
+        selections={e: sorted(r for r, n in c.items() if n) for e, c in attackers.items()},
+        attackers=attackers,
     )
 
 

@@ -95,6 +95,21 @@ def window_gap(series: Mapping[int, float], reference: Mapping[int, float], wind
     return float(np.mean([reference[r] - series[r] for r in last])) if last else math.nan
 
 
+def window_reference(series: Mapping[int, float], reference: Mapping[int, float], window: int):
+    """Mean of the reference over the last `window` rounds of `series` that it also has
+    (NaN if none): the baseline window_gap compares with."""
+    last = [r for r in sorted(series)[-window:] if r in reference]
+    return float(np.mean([reference[r] for r in last])) if last else math.nan
+
+
+def distinguishable(mean: float, ci95: float) -> bool | None:
+    """Whether a mean difference is told apart from 0 by its 95% interval (mean ± ci95
+    leaves 0 out); None where there is no interval (one seed) or no value."""
+    if not (math.isfinite(mean) and math.isfinite(ci95)):
+        return None
+    return abs(mean) > ci95
+
+
 def spread(values: Sequence[float]) -> Spread:
     """Mean, sample std (n - 1), n and Student-t 95% CI half-width of the finite values."""
     v = np.asarray([x for x in values if x is not None and math.isfinite(x)], np.float64)

@@ -32,7 +32,9 @@ STABLE = ("accuracy", "source_recall", "attack_success_rate", "source_recall_los
 STABLE += ("accuracy_drop", "other_accuracy", "target_precision")
 FINAL = tuple(f"{m}_final" for m in STABLE)
 VS_CLEAN = ("accuracy", "source_recall", "attack_success_rate")  # this - twin, same seed
-METRICS = STABLE + FINAL + tuple(f"{m}_vs_clean" for m in VS_CLEAN)
+CLEAN = tuple(f"{m}_clean" for m in VS_CLEAN)  # the twin's value on the same rounds
+ATTACKERS = ("attackers_per_round", "rounds_with_attacker")  # from records/
+METRICS = STABLE + FINAL + CLEAN + tuple(f"{m}_vs_clean" for m in VS_CLEAN) + ATTACKERS
 DETECTION = ("detection_precision", "detection_recall")
 INFO = ("measure", "clean_twin", "rounds_done", "diverged", "window")
 DESCRIPTIONS = {
@@ -45,6 +47,9 @@ DESCRIPTIONS = {
     "accuracy_drop": "accuracy of the clean twin minus this one's, on the same rounds",
     "other_accuracy": "mean recall of the classes that are neither a source nor a target",
     "target_precision": "precision of the target class(es)",
+    "attackers_per_round": "malicious clients among a round's selected clients, mean over "
+    "the rounds",
+    "rounds_with_attacker": "share of the rounds that selected at least one malicious client",
 }
 
 
@@ -58,6 +63,7 @@ class Run(NamedTuple):
     data_source: str  # the data used ('files' | 'tfds' | 'synthetic'), else the config's
     window: int  # W: evaluations a stable measure averages
     selections: dict  # experiment -> rounds in which a malicious client was selected
+    attackers: dict | None = None  # experiment -> {round: malicious clients selected}
 
 
 def settings() -> tuple[str, ...]:
@@ -153,6 +159,7 @@ def experiment_row(run: Run, e: int) -> dict:
     entry.update(rounds_done=max((r["round"] for r in rows), default=0), window=run.window)
     entry["diverged"] = diverged_round(run, e)
     entry.update({m: math.nan for m in METRICS})
+    entry.update(attacker_counts((run.attackers or {}).get(e)))
     if entry["diverged"] is not None:
         return entry
     pairs = measured_pairs(run, e)
@@ -165,12 +172,16 @@ def experiment_row(run: Run, e: int) -> dict:
             ref = series(twin_rows, m, pairs)
             entry[gap] = stats.window_gap(mine[m], ref, run.window)
             entry[f"{gap}_final"] = stats.window_gap(mine[m], ref, 1)
+            entry[f"{m}_clean"] = stats.window_reference(mine[m], ref, run.window)
         entry["accuracy_vs_clean"] = -entry["accuracy_drop"]
         entry["source_recall_vs_clean"] = -entry["source_recall_loss"]
-        if measured_pairs(run, twin) == pairs:  # its success rate is on the same flips
+        if same_success_measure(run, e, twin, pairs):
             ref = series(twin_rows, "attack_success_rate", pairs)
             gap = stats.window_gap(mine["attack_success_rate"], ref, run.window)
             entry["attack_success_rate_vs_clean"] = -gap
+            entry["attack_success_rate_clean"] = stats.window_reference(
+                mine["attack_success_rate"], ref, run.window
+            )
     counts = rows[-1].get("detection") if rows else None
     if counts:  # from the counts, so that undefined ratios are NaN in any run's rows
         ratios = stats.detection_ratios(counts["tp"], counts["fp"], counts["fn"])
@@ -178,6 +189,39 @@ def experiment_row(run: Run, e: int) -> dict:
     else:
         entry.update({k: math.nan for k in DETECTION})
     return entry
+
+
+def same_success_measure(run: Run, e: int, twin: int, pairs) -> bool:
+    """Whether the twin's attack_success_rate measures what e's does: a backdoor's on the
+    same triggered test set with the same target, a flip's on the same pairs."""
+    mine, theirs = run.experiments[e], run.experiments[twin]
+    if mine["measure"] == "backdoor":
+        target = mine.get("backdoor_target", -1)
+        return target >= 0 and theirs.get("baseline_target", -1) == target
+    return bool(pairs) and measured_pairs(run, twin) == pairs
+
+
+def attacker_counts(counts: dict | None) -> dict:
+    """attackers_per_round and rounds_with_attacker of {round: malicious selected} (NaN
+    without records)."""
+    if not counts:
+        return {k: math.nan for k in ATTACKERS}
+    values = np.asarray(list(counts.values()), np.float64)
+    return {
+        "attackers_per_round": float(values.mean()),
+        "rounds_with_attacker": float((values > 0).mean()),
+    }
+
+
+def effect_words(mean: float, ci95: float, n: int) -> str:
+    """What a paired difference to the clean twin says, in words: whether its 95% interval
+    leaves 0 out."""
+    seen = stats.distinguishable(mean, ci95)
+    if seen is None:
+        return "" if not math.isfinite(mean) else "one seed: no interval, run more seeds to tell"
+    if not seen:
+        return "not distinguishable from no attack"
+    return "higher than without attack" if mean > 0 else "lower than without attack"
 
 
 def experiment_table(run: Run) -> list[dict]:
@@ -188,8 +232,14 @@ def experiment_table(run: Run) -> list[dict]:
 def by_seed_table(table: Sequence[dict]) -> list[dict]:
     """Experiments equal in all but the seed, grouped (stats.over_seeds): seeds, diverged
     (how many), then mean, std, n and ci95 of every metric over the other seeds."""
-    metrics = STABLE + FINAL + tuple(f"{v}_vs_clean" for v in VS_CLEAN)
-    return stats.over_seeds(table, ("run", *group_keys()), ("measure",), metrics)
+    metrics = STABLE + FINAL + CLEAN + tuple(f"{v}_vs_clean" for v in VS_CLEAN) + ATTACKERS
+    rows = stats.over_seeds(table, ("run", *group_keys()), ("measure",), metrics)
+    for row in rows:
+        for m in VS_CLEAN:
+            row[f"{m}_vs_clean_effect"] = effect_words(
+                *(row[f"{m}_vs_clean_{p}"] for p in ("mean", "ci95", "n"))
+            )
+    return rows
 
 
 def varying(entries: Sequence[dict], keys: Sequence[str]) -> list[str]:
@@ -201,7 +251,10 @@ def by_seed_columns() -> list[str]:
     """The columns of results_by_seed.csv after the settings."""
     cols = ["measure", "seeds", "diverged"]
     cols += [f"{m}_{p}" for m in STABLE + FINAL for p in ("mean", "std", "n", "ci95")]
-    return cols + [f"{m}_vs_clean_{p}" for m in VS_CLEAN for p in ("mean", "ci95", "n")]
+    cols += [f"{m}_{p}" for m in CLEAN for p in ("mean", "ci95", "n")]
+    cols += [f"{m}_vs_clean_{p}" for m in VS_CLEAN for p in ("mean", "ci95", "n")]
+    cols += [f"{m}_vs_clean_effect" for m in VS_CLEAN]
+    return cols + [f"{m}_mean" for m in ATTACKERS]
 
 
 def experiment_columns(table: Sequence[dict]) -> list[str]:
@@ -271,8 +324,7 @@ def _diverged(row: dict) -> str:
 
 
 def seed_tables(by_seed: Sequence[dict], keys: Sequence[str]) -> list[str]:
-    """Markdown: mean ± CI95 over seeds per group; then the paired differences to the
-    clean twin where there are any."""
+    """Markdown: mean ± CI95 over seeds per group."""
     used = lambda row: row["seeds"] - row["diverged"]
     n = lambda row: str(used(row)) if not row["diverged"] else f"{used(row)} of {row['seeds']}"
     body = [
@@ -281,17 +333,51 @@ def seed_tables(by_seed: Sequence[dict], keys: Sequence[str]) -> list[str]:
         for row in by_seed
     ]
     lines = ["## Across seeds: mean ± CI95", ""]
-    lines += _md_table([*keys, "n", "diverged", *SHOWN], body)
-    if any(row[f"{m}_vs_clean_n"] for row in by_seed for m in VS_CLEAN):
-        lines += ["", "## Against the clean twin, paired by seed: mean ± CI95 (n)", ""]
-        body = [
-            [*(format_setting(k, row[k]) for k in keys)]
-            + [_pm({**row, "seeds": -1, "diverged": 0}, f"{m}_vs_clean") for m in VS_CLEAN]
-            for row in by_seed
-            if any(row[f"{m}_vs_clean_n"] for m in VS_CLEAN)
+    return lines + _md_table([*keys, "n", "diverged", *SHOWN], body)
+
+
+def against_clean(row: dict, metric: str) -> str:
+    """'0.21 vs 0.18 clean: +0.03 ± 0.05, not distinguishable from no attack' ('' without
+    a twin's value)."""
+    diff, ci = row[f"{metric}_vs_clean_mean"], row[f"{metric}_vs_clean_ci95"]
+    if not math.isfinite(diff):
+        return ""
+    mine, clean = row[f"{metric}_mean"], row[f"{metric}_clean_mean"]
+    text = f"{_num(mine)} vs {_num(clean)} clean: {diff:+.3f}"
+    text += f" ± {ci:.3f}" if math.isfinite(ci) else ""
+    return f"{text}, {row[f'{metric}_vs_clean_effect']}"
+
+
+def attackers_text(row: dict) -> str:
+    """'1.2 a round, ≥ 1 in 70% of rounds' ('' without records)."""
+    mean, share = row["attackers_per_round_mean"], row["rounds_with_attacker_mean"]
+    if not math.isfinite(mean):
+        return ""
+    return f"{mean:.2f} a round, ≥ 1 in {share:.0%} of rounds"
+
+
+def twin_lines(by_seed: Sequence[dict], keys: Sequence[str]) -> list[str]:
+    """Markdown: each attacked group against its clean twin, paired by seed: this, the
+    twin, the difference ± CI95 and whether it is told apart from 0; attackers a round."""
+    rows = [r for r in by_seed if not is_clean(r) and any(r[f"{m}_vs_clean_n"] for m in VS_CLEAN)]
+    if not rows:
+        return []
+    body = [
+        [*(format_setting(k, row[k]) for k in keys), attackers_text(row)]
+        + [against_clean(row, m) for m in VS_CLEAN]
+        for row in rows
+    ]
+    lines = ["## Against the clean twin (no attack, same seeds): this vs clean, difference ± "
+             "CI95 (paired by seed)", ""]  # fmt: skip
+    return (
+        lines
+        + _md_table([*keys, "malicious clients selected", *VS_CLEAN], body)
+        + [
+            "",
+            "A difference whose 95% interval holds 0 is not distinguishable from no attack: "
+            "the attack did not measurably change that measure.",
         ]
-        lines += _md_table([*keys, *(f"{m} - clean" for m in VS_CLEAN)], body)
-    return lines
+    )
 
 
 def experiment_lines(table: Sequence[dict], keys: Sequence[str]) -> list[str]:
@@ -357,8 +443,10 @@ def format_markdown(run: Run, table: Sequence[dict], by_seed: Sequence[dict]) ->
     text = header_lines(run) + [""]
     if any(row["seeds"] > 1 for row in by_seed):
         text += seed_tables(by_seed, keys) + [""]
+    twins = twin_lines(by_seed, keys or varying(by_seed, group_keys()))
+    text += twins + [""] if twins else []
     text += experiment_lines(table, varying(table, settings())) + ["", "## Columns", ""]
-    text += [f"- `{m}`: {DESCRIPTIONS[m]}." for m in STABLE]
+    text += [f"- `{m}`: {DESCRIPTIONS[m]}." for m in (*STABLE, *ATTACKERS)]
     return "\n".join(text) + "\n"
 
 
@@ -373,4 +461,9 @@ def format_combined_markdown(runs: Sequence[Run], by_seed: Sequence[dict]) -> st
             f"W={run.window}"
         )
     keys = ["run", *varying(by_seed, group_keys())]
-    return "\n".join(lines + [""] + seed_tables(by_seed, keys)) + "\n"
+    return (
+        "\n".join(
+            lines + [""] + seed_tables(by_seed, keys) + [""] + twin_lines(by_seed, keys)
+        ).rstrip()
+        + "\n"
+    )
