@@ -17,14 +17,14 @@ CONFIG = {
     "clients_per_round": 5,
     "num_rounds": 4,
     "eval_every": 1,
-    "data": {"source": "auto"},
+    "data": {"source": "auto", "partition": "dirichlet", "dirichlet": {"alpha": 0.5}},
     "attack": {"name": "label_flip", "malicious_fraction": 0.5, "flips": "6:0"},
     "defense": {"name": "fedavg"},
     "selection": {"schedule": "always", "breakpoint": 2, "alpha": 0.5, "alpha_after": -1},
 }
 
 
-def build(settings, source_of, selections=None, diverged=()):
+def build(settings, source_of, selections=None, diverged=(), accuracy_of=None):
     """A run of experiments with the given settings over rounds 1..4; the source recall of
     experiment e in round r is source_of(e, r); experiments in `diverged` diverge in round 3."""
     entries = [{"axes": dict(s), **s} for s in settings]
@@ -34,7 +34,8 @@ def build(settings, source_of, selections=None, diverged=()):
         for r in range(1, 5):
             recall = [0.9] * 10
             recall[6] = source_of(e, r)
-            row = {"round": r, "experiment": e, "accuracy": 0.8, "recall": recall}
+            accuracy = accuracy_of(e, r) if accuracy_of else 0.8
+            row = {"round": r, "experiment": e, "accuracy": accuracy, "recall": recall}
             row.update(source_recall=recall[6], attack_success_rate=1 - recall[6])
             if e in diverged and r >= 3:
                 row.update(diverged=True, diverged_round=3)
@@ -58,11 +59,13 @@ def lines_of(ax):
 def test_the_title_says_what_ran():
     run, table, by_seed = build(sweep(), lambda e, r: 0.8 - 0.1 * e)
     fig = report.build_figures(run, table, by_seed)["curves"]
-    title = fig.get_suptitle()
-    assert title.startswith("lf_run: ")
+    title = " ".join(fig.get_suptitle().split())  # the title wraps
+    assert "lf_run" not in title  # what ran, not the folder it ran in
+    assert title.startswith("Test accuracy and source-class recall over rounds")
     for words in ("fashion_mnist (synthetic data)", "label_flip", "Shirt→T-shirt/top"):
         assert words in title
-    assert "defense fedavg" in title and "2 seeds" in title
+    assert "dirichlet partition (alpha 0.5)" in title and "50 clients (5 a round)" in title
+    assert "defense fedavg" in title and "4 rounds" in title and "2 seeds" in title
 
 
 def test_a_swept_alpha_is_in_the_legend_not_the_title():
@@ -73,7 +76,7 @@ def test_a_swept_alpha_is_in_the_legend_not_the_title():
     run, table, by_seed = build(settings, lambda e, r: 0.6 - 0.4 * e)
     fig = report.build_figures(run, table, by_seed)["recall_over_rounds"]
     title = " ".join(fig.get_suptitle().split())  # the title wraps
-    assert "schedule availability" in title and "alpha" not in title
+    assert "schedule availability" in title and "alpha 0.4" not in title
     labels = [h.get_label() for h in fig.legends[0].legend_handles]
     assert "alpha 0" in labels and "alpha 0.4" in labels
 
@@ -92,7 +95,7 @@ def test_figures_are_written_as_png_at_150_dpi_and_pdf_with_their_title_and_no_d
     assert figures.save(fig, "curves", writer) == ["curves.png", "curves.pdf"]
     png = Image.open(io.BytesIO(writer.files["curves.png"]))
     assert png.info["dpi"] == pytest.approx((150, 150), abs=0.05)
-    assert png.text["Title"].startswith("lf_run: ") and "synthetic data" in png.text["Title"]
+    assert png.text["Title"].startswith("Test accuracy") and "synthetic data" in png.text["Title"]
     assert writer.files["curves.pdf"].startswith(b"%PDF")
     first = dict(writer.files)
     figures.save(figures.curves_figure(run, table, by_seed), "curves", writer)
@@ -188,7 +191,7 @@ def test_matrix_of_attacks_and_defenses_says_which_cell_diverged():
     texts = [t.get_text() for t in accuracy.texts]
     assert texts.count("diverged") == 1 and texts.count("0.80") == 5
     assert [t.get_text() for t in accuracy.get_yticklabels()] == ["none", "label_flip", "sign_flip"]
-    assert fig.get_suptitle().startswith("lf_run: attacks x defenses")
+    assert fig.get_suptitle().startswith("Attacks x defenses")
     image = accuracy.images[0].get_array()
     assert np.ma.is_masked(image[2, 1]) and image[0, 0] == pytest.approx(0.8)
 
@@ -202,10 +205,12 @@ def test_a_matrix_of_many_defenses_stacks_its_panels():
     ]
     run, table, by_seed = build(settings, lambda e, r: 0.5)
     fig = report.build_figures(run, table, by_seed)["matrix"]
-    accuracy, success = (ax for ax in fig.axes if ax.images and ax.get_yticklabels())
-    assert accuracy.get_position().y0 > success.get_position().y1  # one above the other
-    width, height = fig.get_size_inches()
-    assert width < 12 and [t.get_text() for t in success.get_xticklabels()] == list(names)
+    panels = [ax for ax in fig.axes if ax.images]
+    accuracy, success = panels[:2]
+    assert panels[2].get_position().y1 < accuracy.get_position().y0  # two panels a row
+    width, _ = fig.get_size_inches()
+    assert width * figures.DPI <= 2000
+    assert [t.get_text() for t in success.get_xticklabels()] == list(names)
 
 
 def test_an_untargeted_attack_is_shown_by_its_accuracy():
@@ -214,3 +219,96 @@ def test_an_untargeted_attack_is_shown_by_its_accuracy():
     built = report.build_figures(run, table, by_seed)
     assert [ax.get_ylabel() for ax in built["curves"].axes] == ["test accuracy"]
     assert [ax.get_ylabel() for ax in built["source_recall_vs_fraction"].axes] == ["test accuracy"]
+
+
+def matrix_settings(defenses=("fedavg", "median"), seeds=(0, 1)):
+    return [
+        {"attack": a, "defense": d, "seed": s, "flips": "6:0" if a == "label_flip" else ""}
+        | {"malicious_fraction": 0.0 if a == "none" else 0.5}
+        for a in ("none", "label_flip", "sign_flip")
+        for d in defenses
+        for s in seeds
+    ]
+
+
+def test_matrix_heatmaps_one_panel_per_measure_on_scales_fit_to_their_data():
+    run, table, by_seed = build(
+        matrix_settings(), lambda e, r: 0.9 - 0.05 * e, accuracy_of=lambda e, r: 0.8 + 0.01 * e
+    )
+    fig = report.build_figures(run, table, by_seed)["matrix"]
+    panels = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_title() for ax in panels] == [
+        "test accuracy",
+        "attack success rate (flips, backdoors)",
+        "success rate − clean twin (paired by seed)",
+        "accuracy − clean twin (paired by seed)",
+    ]
+    low, high = panels[0].images[0].get_clim()
+    assert 0.75 < low <= 0.8 and 0.91 <= high < 0.95  # accuracies 0.80 to 0.91, not 0 to 1
+    for ax in panels[2:]:  # differences: a diverging scale centred on no difference
+        low, high = ax.images[0].get_clim()
+        assert low == -high and ax.images[0].get_cmap().name in ("RdBu", "RdBu_r")
+    assert fig.get_figwidth() * figures.DPI <= 2000
+
+
+def test_curves_put_each_attack_beside_the_clean_twin_of_its_own_defense():
+    run, table, by_seed = build(matrix_settings(), lambda e, r: 0.9 - 0.05 * e)
+    fig = figures.curves_figure(run, table, by_seed)
+    exps = run.experiments
+    clean = {
+        d: np.mean(
+            [
+                0.9 - 0.05 * e
+                for e, x in enumerate(exps)
+                if (x["attack"], x["defense"]) == ("none", d)
+            ]
+        )
+        for d in ("fedavg", "median")
+    }
+    rows = np.asarray(fig.axes).reshape(2, 2)
+    for (accuracy, recall), defense in zip(rows, ("fedavg", "median")):
+        assert accuracy.get_title(loc="left") == f"defense {defense}"
+        dashed = [line for line in lines_of(recall) if line.get_linestyle() == "--"]
+        assert len(dashed) == 1  # its own defense's clean run, not every clean run
+        assert dashed[0].get_ydata().tolist() == pytest.approx([clean[defense]] * 4)
+
+
+def test_every_legend_line_looks_different():
+    pairs = [f"{s}:{t}" for s in range(4) for t in range(4) if s != t][:12]
+    settings = [{"malicious_fraction": 0.5, "seed": 0, "flips": p} for p in pairs]
+    run, table, by_seed = build(settings, lambda e, r: 0.1 * (e % 10))
+    fig = figures.curves_figure(run, table, by_seed)
+    handles = [h for h in fig.legends[0].legend_handles if h.get_linestyle() != "None"]
+    styles = {(str(h.get_color()), str(h.get_linestyle())) for h in handles}
+    assert len(handles) == 12 and len(styles) == 12
+
+
+def test_one_seed_is_not_called_a_mean():
+    run, table, by_seed = build(sweep(fractions=(0.5,), seeds=(0,)), lambda e, r: 0.5)
+    fig = figures.curves_figure(run, table, by_seed)
+    labels = [h.get_label() for h in fig.legends[0].legend_handles]
+    assert "1 seed" in labels and not any("mean" in label for label in labels)
+    run, table, by_seed = build(sweep(fractions=(0.5,)), lambda e, r: 0.5)
+    texts = figures.curves_figure(run, table, by_seed).legends[0].texts
+    assert "mean over 2 seeds" in [t.get_text() for t in texts]
+
+
+def test_an_untargeted_attack_gets_no_success_panel():
+    settings = [{"attack": "none", "malicious_fraction": 0.0, "seed": 0, "flips": ""}]
+    settings += [
+        {
+            "attack": a,
+            "malicious_fraction": f,
+            "seed": 0,
+            "flips": "6:0" if a == "label_flip" else "",
+        }
+        for a in ("label_flip", "sign_flip")
+        for f in (0.2, 0.5)
+    ]
+    run, table, by_seed = build(settings, lambda e, r: 0.5)
+    fig = figures.curves_figure(run, table, by_seed)
+    rows = np.asarray(fig.axes).reshape(2, 2)
+    titles = [ax.get_title(loc="left") for ax in rows[:, 0]]
+    assert titles[0].startswith("label_flip") and titles[1].startswith("sign_flip")
+    assert lines_of(rows[0, 1]) and not lines_of(rows[1, 1])
+    assert "no success measure" in rows[1, 1].texts[0].get_text()

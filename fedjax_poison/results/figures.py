@@ -83,13 +83,34 @@ def group_label(row: dict, keys, names) -> str:
     )
 
 
+def partition_words(config: dict) -> str:
+    """'IID partition', 'dirichlet partition (alpha 0.5)': how the clients' data was split
+    ('' where the config does not say)."""
+    data = config.get("data", {})
+    name = data.get("partition")
+    if not name:
+        return ""
+    if name == "iid":
+        return "IID partition"
+    block = data.get(name) or {}
+    values = ", ".join(f"{k} {v}" for k, v in block.items()) if isinstance(block, dict) else ""
+    return f"{name} partition" + (f" ({values})" if values else "")
+
+
+def seeds_words(n: int) -> str:
+    """'mean over 3 seeds', or '1 seed' (no mean to speak of)."""
+    return f"mean over {n} seeds" if n > 1 else "1 seed"
+
+
 def title(run: tables.Run, rows, what: str) -> str:
-    """'<run>: <what>' over '<dataset> (synthetic data), <settings all rows share>, <n> seeds'.
+    """'<what>' over '<dataset> (synthetic data), <partition>, <clients>, <settings all rows
+    share>, <rounds>, <n> seeds': what ran, never the folder it ran in.
 
     A shared setting is said where it changes the (first attacked) experiments and is not
     its axis's quiet value (schedule 'always')."""
-    names = tables.class_names(run.config.get("dataset", ""))
-    dataset = run.config.get("dataset", "?")
+    c = run.config
+    names = tables.class_names(c.get("dataset", ""))
+    dataset = c.get("dataset", "?")
     if run.data_source == "synthetic":
         dataset += " (synthetic data)"
     attacked = [r for r in rows if not tables.is_clean(r)] or rows  # clean ones say so
@@ -103,10 +124,18 @@ def title(run: tables.Run, rows, what: str) -> str:
         and sweeps.applies(k, recorded)
         and tables.format_setting(k, first[k]) != sweeps.AXES[k].quiet
     ]
-    parts = [dataset, *(setting_label(k, first[k], names) for k in shown)]
+    clients = ""
+    if c.get("num_clients"):
+        clients = f"{c['num_clients']} clients ({c.get('clients_per_round', '?')} a round)"
+    parts = [dataset, partition_words(c), clients]
+    parts += [setting_label(k, first[k], names) for k in shown]
+    done = max((r["round"] for rs in run.rows for r in rs), default=0)
+    parts.append(f"{c.get('num_rounds') or done} rounds")
     seeds = max(r["seeds"] for r in rows)
     parts.append(f"{seeds} seed{'s' if seeds > 1 else ''}")
-    return "\n".join([f"{run.name}: {what}", *textwrap.wrap(", ".join(parts), 110)])
+    return "\n".join(
+        [what[0].upper() + what[1:], *textwrap.wrap(", ".join(p for p in parts if p), 110)]
+    )
 
 
 def used(table, row) -> list[int]:
@@ -132,14 +161,14 @@ def group_curve(run, table, row, metric, pairs=()) -> stats.Curve:
     return stats.mean_curve(series)
 
 
-def draw_curve(ax, curve: stats.Curve, style: dict):
+def draw_curve(ax, curve: stats.Curve, style: dict, band: bool = True):
     """The mean line (a dot for one evaluation) and its CI band where there is one."""
     ok = np.isfinite(curve.mean)
     if not ok.any():
         return
     x, y, ci = curve.rounds[ok], curve.mean[ok], curve.ci95[ok]
     (line,) = ax.plot(x, y, marker="o" if len(x) == 1 else None, **style)
-    band = np.isfinite(ci)
+    band = np.isfinite(ci) & band
     if band.any():
         color = line.get_color()
         ax.fill_between(x[band], (y - ci)[band], (y + ci)[band], color=color, alpha=0.15, lw=0)
@@ -161,19 +190,30 @@ def format_axes(ax, metric: str, rounds: bool = True) -> None:
         ax.set_xlabel("round")
 
 
+LINESTYLES = ["-", (0, (5, 1.5)), (0, (1, 1.2)), (0, (6, 1.5, 1, 1.5))]
+
+
+def line_style(i: int) -> dict:
+    """The i-th line's style: 9 colours, then the same colours in other line styles, so
+    that no two lines of a legend look alike."""
+    return {"color": COLORS[i % len(COLORS)], "linestyle": LINESTYLES[i // len(COLORS) % 4]}
+
+
 def hue_colors(rows, hue) -> dict:
-    """A colour per value of the hue setting (sequential for numbers); clean rows grey."""
+    """A style per value of the hue setting (a sequential colour for numbers)."""
     values = list(dict.fromkeys(str(r[hue]) for r in rows if not tables.is_clean(r))) if hue else []
     numeric = hue is not None and sweeps.AXES[hue].ordered
     cmap = plt.get_cmap("viridis")
-    at = lambda i: cmap(0.1 + 0.75 * i / max(len(values) - 1, 1)) if numeric else COLORS[i % 9]
-    return {v: at(i) for i, v in enumerate(values)}
+    at = lambda i: (
+        {"color": cmap(0.1 + 0.75 * i / max(len(values) - 1, 1))} if numeric else line_style(i)
+    )
+    return {v: at(i) for i, v in enumerate(values)} or {"": line_style(0)}
 
 
 def style_of(row, hue, colors) -> dict:
-    return (
-        dict(CLEAN) if tables.is_clean(row) else {"color": colors.get(str(row[hue]) if hue else "")}
-    )
+    if tables.is_clean(row):
+        return dict(CLEAN)
+    return dict(colors.get(str(row[hue]) if hue else "", {"color": COLORS[0]}))
 
 
 def panel_metrics(rows) -> list[str]:
@@ -244,7 +284,7 @@ def hue_handles(rows, hue, colors, names) -> list:
     for r in rows:
         key = (str(r[hue]) if hue else "", tables.is_clean(r))
         if key not in handles:
-            label = setting_label(hue, r[hue], names) if hue else "mean over the seeds"
+            label = setting_label(hue, r[hue], names) if hue else seeds_words(r["seeds"])
             label += " (no attack)" if tables.is_clean(r) and "no attack" not in label else ""
             handles[key] = Line2D([], [], label=label, **style_of(r, hue, colors))
     keys = tables.varying(rows, tables.group_keys())
@@ -253,33 +293,64 @@ def hue_handles(rows, hue, colors, names) -> list:
     return list(handles.values()) + [Line2D([], [], ls="none", label=t) for t in left_out]
 
 
+def twin_group(run: tables.Run, rows, row) -> dict | None:
+    """The group that holds the clean twins of an attacked group's experiments (None
+    without one)."""
+    twins = {run.experiments[e].get("clean_twin") for e in row["experiments"]} - {None}
+    return next((r for r in rows if twins and twins <= set(r["experiments"])), None)
+
+
+def measured(metric: str, members) -> bool:
+    """Whether a panel of `metric` means something for these attacked groups: source
+    recall where one flips, the attack success rate where one is targeted."""
+    if metric == "source_recall":
+        return any(r["flips"] for r in members)
+    if metric == "attack_success_rate":
+        return any(r["measure"] in ("flip", "backdoor") for r in members)
+    return True
+
+
 def curves_figure(run: tables.Run, table, rows):
-    """Accuracy and the attack's measure over rounds: colour by the first swept setting of
-    hue_order, a row of panels per value of the others."""
+    """Accuracy and the attack's measure over rounds: each attacked group (colour by the
+    first swept setting of hue_order) beside its own clean twin (dashed), a row of panels
+    per value of the other settings; untargeted attacks get no success panel."""
     names = tables.class_names(run.config.get("dataset", ""))
-    metrics, keys = panel_metrics(rows), tables.varying(rows, tables.group_keys())
+    attacked = [r for r in rows if not tables.is_clean(r)]
+    lines = attacked or rows  # a run without attack: its clean groups are the lines
+    metrics = panel_metrics(rows)
+    keys = tables.varying(lines, tables.group_keys()) or tables.varying(rows, tables.group_keys())
     hue = next((k for k in hue_order() if k in keys), None)
-    facet_keys = split_keys(rows, keys, hue)
+    facet_keys = split_keys(lines, keys, hue)
     facet = lambda r: tuple(str(r[k]) for k in facet_keys)
-    attacked = [r for r in rows if not tables.is_clean(r)] or rows
-    facets = list(dict.fromkeys(facet(r) for r in attacked))
+    facets = list(dict.fromkeys(facet(r) for r in lines))
     fig, axes = plt.subplots(
         len(facets), len(metrics), squeeze=False, sharex=True, layout="constrained",
         figsize=(1.5 + 3.6 * len(metrics), 1.8 + 2.4 * len(facets)),
     )  # fmt: skip
-    colors = hue_colors(rows, hue)
+    colors, matched = hue_colors(rows, hue), False
     for i, values in enumerate(facets):
-        members = [r for r in rows if facet(r) == values]  # and clean runs of no facet:
-        members += [r for r in rows if tables.is_clean(r) and facet(r) not in facets]
-        pairs = next((tables.parse_flips(r["flips"]) for r in members if r["flips"]), [])
+        members = [r for r in lines if facet(r) == values]
+        twins = {}  # clean twins by their first experiment: grey and dashed, or dashed in
+        for row in members:  # their attacked group's colour where several twins share a panel
+            twin = twin_group(run, rows, row) if attacked else None
+            if twin is not None:
+                style = {**style_of(row, hue, colors), "linestyle": "--", "alpha": 0.8}
+                twins.setdefault(twin["experiments"][0], [twin, style, row, 0])[3] += 1
+        for entry in twins.values():
+            if len(twins) == 1 or entry[3] > 1:
+                entry[1] = dict(CLEAN)
+            matched = matched or entry[1] != CLEAN
         for ax, metric in zip(axes[i], metrics):
-            drawn = []
+            if not measured(metric, members):
+                ax.text(0.5, 0.5, "untargeted attack:\nno success measure", ha="center",
+                        va="center", transform=ax.transAxes, color="0.4")  # fmt: skip
+                format_axes(ax, metric)
+                continue
+            for twin, style, row, _ in twins.values():
+                pairs = tables.parse_flips(row["flips"])
+                draw_curve(ax, group_curve(run, table, twin, metric, pairs), style, band=False)
             for row in members:
-                twin_pairs = pairs if tables.is_clean(row) else ()  # a clean run: a baseline
-                curve = group_curve(run, table, row, metric, twin_pairs)
-                if not any(same_curve(curve, c) for c in drawn):
-                    drawn.append(curve)
-                    draw_curve(ax, curve, style_of(row, hue, colors))
+                draw_curve(ax, group_curve(run, table, row, metric), style_of(row, hue, colors))
             format_axes(ax, metric)
         if facet_keys:
             label = ", ".join(setting_label(k, members[0][k], names) for k in facet_keys)
@@ -287,8 +358,12 @@ def curves_figure(run: tables.Run, table, rows):
     marks = selection_rounds(run, table, rows)
     if marks:
         mark_selections(axes.flat, marks)
-    legend(fig, hue_handles(rows, hue, colors, names) + extra_handles(rows, marks))
-    fig.suptitle(title(run, rows, " and ".join(LABELS[m] for m in metrics) + " over rounds"))
+    handles = hue_handles(rows, hue, colors, names)
+    if matched:
+        note = "dashed, in a line's colour: its clean twin (no attack, all else the same)"
+        handles.append(Line2D([], [], color="0.3", linestyle="--", label=note))
+    legend(fig, handles + extra_handles(rows, marks))
+    suptitle(fig, title(run, rows, " and ".join(LABELS[m] for m in metrics) + " over rounds"))
     return fig
 
 
@@ -345,7 +420,7 @@ def fraction_figure(run: tables.Run, table, rows):
                              layout="constrained")  # fmt: skip
     handles = []
     for i, (first, points) in enumerate(fraction_lines(run, rows)):
-        style = dict(CLEAN) if tables.is_clean(first) else {"color": COLORS[i % 9]}
+        style = dict(CLEAN) if tables.is_clean(first) else line_style(i)
         pairs = flips_of(run, first)
         for ax, metric in zip(axes[0], metrics):
             spreads = [stable_spread(run, table, exps, metric, pairs) for _, exps in points]
@@ -354,14 +429,14 @@ def fraction_figure(run: tables.Run, table, rows):
             ax.errorbar(x, [s.mean for s in spreads], yerr=yerr, marker="o", capsize=3, **style)
             ax.set_xlabel("malicious fraction of the clients")
             format_axes(ax, metric, rounds=False)
-        label = group_label(first, keys, names) or "mean over the seeds"
+        label = group_label(first, keys, names) or seeds_words(first["seeds"])
         handles.append(Line2D([], [], marker="o", label=label, **style))
     note = "error bars: 95% CI of the mean over seeds"
     handles += [Line2D([], [], ls="none", label=note)] if any(r["seeds"] > 1 for r in rows) else []
     legend(fig, handles)
     last = "the last evaluation" if run.window == 1 else f"the last {run.window} evaluations"
     what = f"stable measures (mean of {last}) vs malicious fraction"
-    fig.suptitle(title(run, rows, what))
+    suptitle(fig, title(run, rows, what))
     return fig
 
 
@@ -410,7 +485,7 @@ def rounds_figure(run: tables.Run, table, rows):
     fig, ax = plt.subplots(figsize=(9, 4.6), layout="constrained")
     entries = []
     for i, row in enumerate(rows):
-        style = dict(CLEAN) if tables.is_clean(row) else {"color": COLORS[i % 9]}
+        style = dict(CLEAN) if tables.is_clean(row) else line_style(i)
         curves = {metric: group_curve(run, table, row, metric)}
         entries.append((row, style, curves))
     handles = draw_lines([ax], [metric], merged_lines(entries, keys, names))
@@ -422,8 +497,19 @@ def rounds_figure(run: tables.Run, table, rows):
         top = ax.secondary_xaxis("top")
         top.set_xticks(breakpoints, [f"breakpoint (round {b})" for b in breakpoints])
     legend(fig, handles + extra_handles(rows), ncol=2)
-    fig.suptitle(title(run, rows, f"{LABELS[metric]} over rounds"))
+    suptitle(fig, title(run, rows, f"{LABELS[metric]} over rounds"))
     return fig
+
+
+def suptitle(fig, text: str) -> None:
+    """The figure's title, each line wrapped to the figure's width."""
+    width = max(40, int(fig.get_figwidth() * 11))  # characters of the title's font
+    lines = [
+        w
+        for line in text.split("\n")
+        for w in textwrap.wrap(line, width, break_on_hyphens=False) or [""]
+    ]
+    fig.suptitle("\n".join(lines))
 
 
 def save(fig, name: str, writer) -> list[str]:

@@ -5,7 +5,7 @@ import textwrap
 
 import numpy as np
 
-from fedjax_poison.results import tables
+from fedjax_poison.results import stats, tables
 from fedjax_poison.results.figures import (
     CLEAN,
     COLORS,
@@ -17,33 +17,70 @@ from fedjax_poison.results.figures import (
     merged_lines,
     panel_metrics,
     plt,
+    seeds_words,
     setting_label,
     split_keys,
+    suptitle,
     title,
 )
 
-SUCCESS = {"flip": "attack_success_rate", "backdoor": "attack_success_rate"}
-SUCCESS["untargeted"] = "accuracy_drop"
+PANELS = {  # measure -> (panel title, diverging colour map or None)
+    "accuracy": ("test accuracy", None),
+    "attack_success_rate": ("attack success rate (flips, backdoors)", None),
+    "attack_success_rate_vs_clean": ("success rate − clean twin (paired by seed)", "RdBu_r"),
+    "accuracy_vs_clean": ("accuracy − clean twin (paired by seed)", "RdBu"),
+}
+MAX_WIDTH = 13.3  # inches: 2,000 px at 150 dpi
 
 
-def heatmap(ax, cells: dict, attacks, defenses, success: bool) -> None:
-    """Stable accuracy (or each attack's success) per attack x defense, mean ± CI95."""
+def shown(metric: str, row: dict) -> bool:
+    """Whether a group has a cell in a panel: success only for targeted attacks,
+    differences only for attacked groups."""
+    if metric.startswith("attack_success_rate"):
+        return row["measure"] in ("flip", "backdoor")
+    return metric == "accuracy" or not tables.is_clean(row)
+
+
+def color_scale(values: np.ndarray, diverging: str | None):
+    """(vmin, vmax, cmap): fit to the finite values; a diverging map centred on 0."""
+    finite = values[np.isfinite(values)]
+    if diverging:
+        limit = max(float(np.abs(finite).max()) if finite.size else 0.0, 0.01)
+        return -limit, limit, diverging
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    pad = max(0.01, 0.05 * (high - low))
+    return low - pad, high + pad, "viridis"
+
+
+def heatmap(ax, cells: dict, attacks, defenses, metric: str) -> None:
+    """One measure per attack x defense, mean ± CI95; differences marked 'n.s.' where
+    their interval holds 0."""
     values = np.full((len(attacks), len(defenses)), np.nan)
+    texts = np.full(values.shape, "–", dtype=object)
     for i, a in enumerate(attacks):
         for j, d in enumerate(defenses):
             r = cells.get((a, d))
-            metric = (SUCCESS.get(r["measure"]) if success else "accuracy") if r else None
-            text = "–"
-            if r and r["diverged"] == r["seeds"]:
+            if not r or not shown(metric, r):
+                continue
+            if r["diverged"] == r["seeds"]:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, color="0.75"))
-                text = "diverged"
-            elif metric and math.isfinite(r[f"{metric}_mean"]):
+                texts[i, j] = "diverged"
+            elif math.isfinite(r[f"{metric}_mean"]):
                 values[i, j], ci = r[f"{metric}_mean"], r[f"{metric}_ci95"]
-                text = f"{values[i, j]:.2f}" + (f"\n±{ci:.2f}" if math.isfinite(ci) else "")
-                text += f"\n({r['diverged']} diverged)" if r["diverged"] else ""
-            dark = math.isfinite(values[i, j]) and values[i, j] < 0.6
-            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="w" if dark else "k")
-    image = ax.imshow(np.ma.masked_invalid(values), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+                texts[i, j] = (
+                    f"{values[i, j]:+.2f}" if "vs_clean" in metric else f"{values[i, j]:.2f}"
+                )
+                texts[i, j] += f"\n±{ci:.2f}" if math.isfinite(ci) else ""
+                if "vs_clean" in metric and stats.distinguishable(values[i, j], ci) is False:
+                    texts[i, j] += " n.s."
+                texts[i, j] += f"\n({r['diverged']} diverged)" if r["diverged"] else ""
+    vmin, vmax, cmap = color_scale(values, PANELS[metric][1])
+    image = ax.imshow(np.ma.masked_invalid(values), vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
+    for (i, j), text in np.ndenumerate(texts):
+        v = values[i, j]
+        rgb = image.cmap(image.norm(v))[:3] if math.isfinite(v) else (1, 1, 1)
+        dark = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 0.5
+        ax.text(j, i, text, ha="center", va="center", fontsize=7, color="w" if dark else "k")
     ax.grid(False)
     ax.set_xticks(range(len(defenses)), defenses, rotation=30, ha="right")
     ax.set_yticks(range(len(attacks)), attacks)
@@ -51,8 +88,10 @@ def heatmap(ax, cells: dict, attacks, defenses, success: bool) -> None:
 
 
 def matrix_figure(run: tables.Run, table, rows):
-    """Attacks x defenses heatmaps; a row of them per value of the other swept settings
-    that vary within an attack (flips that come with the attack do not split it)."""
+    """Attacks x defenses heatmaps, one panel per measure (accuracy, success, and each
+    against the clean twin), two panels a row; a set of panels per value of the other
+    swept settings that vary within an attack (flips that come with the attack do not
+    split it)."""
     names = tables.class_names(run.config.get("dataset", ""))
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
@@ -60,23 +99,31 @@ def matrix_figure(run: tables.Run, table, rows):
     other = [k for k in other if k != "defense"]
     combo = lambda r: tuple(str(r[k]) for k in other)
     combos = list(dict.fromkeys(combo(r) for r in rows))
-    # Side by side while the grid is narrow; with many defenses the two panels stack.
-    wide = len(defenses) > 6
-    panel = ((1.0 if wide else 2.4) * len(defenses), 0.8 + 0.5 * len(attacks))  # inches
-    grid = (2 * len(combos), 1) if wide else (len(combos), 2)
-    size = (3 + panel[0] * grid[1], 1.4 + panel[1] * grid[0])
-    fig, axes = plt.subplots(*grid, squeeze=False, layout="constrained", figsize=size)
-    axes = axes.reshape(len(combos), 2)  # [combo, (accuracy, success)]
+    metrics = [
+        m for m in PANELS if any(shown(m, r) and math.isfinite(r[f"{m}_mean"]) for r in rows)
+    ] or ["accuracy"]
+    ncols = min(2, len(metrics))
+    per_combo = -(-len(metrics) // ncols)
+    panel = (1.8 + min(1.0, 4.5 / len(defenses)) * len(defenses), 0.9 + 0.45 * len(attacks))
+    size = (min(MAX_WIDTH, ncols * panel[0]), 1.0 + panel[1] * per_combo * len(combos))
+    fig, axes = plt.subplots(
+        per_combo * len(combos), ncols, squeeze=False, layout="constrained", figsize=size
+    )
     for i, values in enumerate(combos):
         cells = {(r["attack"], r["defense"]): r for r in rows if combo(r) == values}
-        for ax, success in zip(axes[i], (False, True)):
-            heatmap(ax, cells, attacks, defenses, success)
         settings = ", ".join(setting_label(k, v, names) for k, v in zip(other, values))
-        axes[i, 0].set_title(f"{settings + ': ' if settings else ''}stable test accuracy")
-        axes[i, 1].set_title("each attack's success:\nASR (flips, backdoors) or accuracy drop")
+        mine = axes[i * per_combo : (i + 1) * per_combo].flat
+        for n, ax in enumerate(mine):
+            if n >= len(metrics):
+                ax.set_visible(False)
+                continue
+            heatmap(ax, cells, attacks, defenses, metrics[n])
+            ax.set_title(f"{settings + ': ' if settings else ''}{PANELS[metrics[n]][0]}")
     seeds = max(r["seeds"] for r in rows)
-    what = "attacks x defenses" + (", mean ± 95% CI over seeds" if seeds > 1 else "")
-    fig.suptitle(title(run, rows, what))
+    what = "attacks x defenses, stable measures"
+    what += f", {seeds_words(seeds)} ± 95% CI" if seeds > 1 else ""
+    what += "; n.s.: not distinguishable from no attack (its 95% CI holds 0)"
+    suptitle(fig, title(run, rows, what))
     return fig
 
 

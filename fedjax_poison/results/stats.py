@@ -107,7 +107,7 @@ def distinguishable(mean: float, ci95: float) -> bool | None:
     leaves 0 out); None where there is no interval (one seed) or no value."""
     if not (math.isfinite(mean) and math.isfinite(ci95)):
         return None
-    return abs(mean) > ci95
+    return bool(abs(mean) > ci95)
 
 
 def spread(values: Sequence[float]) -> Spread:
