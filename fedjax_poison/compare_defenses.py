@@ -11,12 +11,16 @@ Without --attacks, the config's `attack.name` is the one attack row (the old one
 comparison). Writes into workdir:
 
     matrix.csv   one row per attack x defense: accuracy and the attack's success, mean and
-                 std over seeds (n - 1), n, diverged and degenerate counts, source recall,
-                 detection precision/recall where the rule flags clients, notes
+                 std over seeds (n - 1), n, diverged and degenerate counts, source recall;
+                 the attack's measure beside its clean twin's (`effect_*`: this, clean, the
+                 difference paired by seed, its 95% CI and n, and `effect` in words);
+                 `attackers_per_round` and `rounds_with_attacker`; detection
+                 precision/recall where the rule flags clients; notes
     matrix.md    tables to paste: rows = attacks, columns = defenses, cells
-                 "accuracy / success"; the accuracy drop against 'none' of the same defense;
-                 detection by the rules that flag clients
-    matrix.png   heatmaps of the accuracy and of each attack's success, mean ± CI95 (also .pdf)
+                 "accuracy / success"; each attack against its clean twin, saying where the
+                 difference is not distinguishable from no attack; how many attackers a
+                 round held; detection by the rules that flag clients
+    matrix.png   heatmaps, one per measure (also .pdf; see results/matrix_figures.py)
 
 Every number is a stable measure of the run's tables (the mean of an experiment's last W
 evaluations, `eval_window`), as in results.md; `DIR/run` holds the run's own tables and
@@ -197,9 +201,11 @@ def window_text(c) -> str:
 
 def title(c) -> str:
     seeds = ", ".join(str(s) for s in c.sweep.seed)
+    partition = tables.partition_words(c.to_dict())
     return (
         f"{data.SPECS[c.dataset].name}: {c.attack.malicious_fraction:.0%} malicious, "
-        f"{c.num_clients} clients, {c.clients_per_round} per round, {c.num_rounds} rounds, "
+        + (f"{partition}, " if partition else "")
+        + f"{c.num_clients} clients, {c.clients_per_round} per round, {c.num_rounds} rounds, "
         f"seeds {seeds}"
     )
 

@@ -1,10 +1,11 @@
 """Rebuilds the tables and figures of runs from their workdirs alone, and several runs side
 by side:
 
-    python -m fedjax_poison.report WORKDIR [WORKDIR ...] [--out=DIR] [--window=W]
+    python -m fedjax_poison.report WORKDIR [WORKDIR ...] [--out=DIR] [--window=W] [--latex]
 
 writes into each workdir (the run's own files) or into --out; see results/report.py for
-what is read and written.
+what is read and written. --latex adds results.tex (results/latex.py): booktabs tables of
+the same numbers, mean ± CI95, for a paper.
 """
 
 import argparse
@@ -62,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out", help="write here instead of into each workdir, with several: side by side too"
     )
     parser.add_argument("--window", type=int, help="W: evaluations a stable measure averages")
+    parser.add_argument(
+        "--latex", action="store_true", help="also results.tex: booktabs tables, mean ± CI95"
+    )
     args = parser.parse_args(argv)
     try:
         if args.window is not None and args.window < 1:
@@ -72,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dest = args.out or path
             dest = os.path.join(dest, run.name) if args.out and len(runs) > 1 else dest
             with open_writer(path, dest) as writer:
-                print(f"{dest}: {', '.join(write_run(run, writer))}")
+                print(f"{dest}: {', '.join(write_run(run, writer, args.latex))}")
         if len(runs) > 1 and args.out:
             print(f"{args.out}: {', '.join(write_combined(runs, FolderWriter(args.out)))}")
         elif len(runs) > 1:

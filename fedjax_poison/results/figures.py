@@ -1,19 +1,22 @@
-"""A run's figures, each as PNG (150 dpi) and PDF, titled with the run and what ran.
+"""A run's figures, each as PNG (150 dpi) and PDF, titled with what ran: the dataset,
+partition, clients, the settings every line shares, rounds and seeds (never a folder).
 
-    curves                     accuracy and the attack's measure over rounds; one line per
-                               setting (colour) and panel rows for the other swept settings;
-                               a run of one attack marks the rounds a malicious client trained
+    curves                     accuracy and the attack's measure over rounds: one line per
+                               attacked setting (colour) beside its own clean twin (dashed),
+                               panel rows for the other swept settings; an untargeted
+                               attack gets no success panel; a run of one attack marks the
+                               rounds a malicious client trained
     source_recall_vs_fraction  stable measures vs the malicious fraction (when it varies)
     recall_over_rounds         source recall over rounds (when schedule, alpha or breakpoint
                                varies), breakpoints labelled above the axes
-    matrix                     attacks x defenses: stable accuracy and each attack's success
+    matrix                     attacks x defenses (matrix_figures): a heatmap per measure
 
 Settings are named as their sweep axis says (config/sweeps.AXES); the title gives those
-every line shares, the legend and panel titles the others. Seeds are one line, their mean,
-with a band (or error bars) for the 95% confidence interval of the mean (Student t) where
-two seeds or more ran. Runs without attack are grey and dashed; identical curves are drawn
-once. Diverged experiments are left out, and legends say how many. Legends sit outside the
-axes.
+every line shares, the legend and panel titles the others. Seeds are one line, their mean
+("mean over n seeds" from two on), with a band (or error bars) for the 95% confidence
+interval of the mean (Student t). Clean runs are dashed; identical curves are drawn once;
+no two lines of a legend share both colour and line style. Diverged experiments are left
+out, and legends say how many. Legends sit outside the axes.
 """
 
 import io
@@ -83,20 +86,6 @@ def group_label(row: dict, keys, names) -> str:
     )
 
 
-def partition_words(config: dict) -> str:
-    """'IID partition', 'dirichlet partition (alpha 0.5)': how the clients' data was split
-    ('' where the config does not say)."""
-    data = config.get("data", {})
-    name = data.get("partition")
-    if not name:
-        return ""
-    if name == "iid":
-        return "IID partition"
-    block = data.get(name) or {}
-    values = ", ".join(f"{k} {v}" for k, v in block.items()) if isinstance(block, dict) else ""
-    return f"{name} partition" + (f" ({values})" if values else "")
-
-
 def seeds_words(n: int) -> str:
     """'mean over 3 seeds', or '1 seed' (no mean to speak of)."""
     return f"mean over {n} seeds" if n > 1 else "1 seed"
@@ -127,7 +116,7 @@ def title(run: tables.Run, rows, what: str) -> str:
     clients = ""
     if c.get("num_clients"):
         clients = f"{c['num_clients']} clients ({c.get('clients_per_round', '?')} a round)"
-    parts = [dataset, partition_words(c), clients]
+    parts = [dataset, tables.partition_words(c), clients]
     parts += [setting_label(k, first[k], names) for k in shown]
     done = max((r["round"] for rs in run.rows for r in rs), default=0)
     parts.append(f"{c.get('num_rounds') or done} rounds")

@@ -26,6 +26,7 @@ from fedjax_poison import errors  # noqa: E402
 from fedjax_poison import files as files_lib  # noqa: E402
 from fedjax_poison.config import sweeps  # noqa: E402
 from fedjax_poison.results import figures, matrix_figures, stats, tables  # noqa: E402
+from fedjax_poison.results import latex as latex_lib  # noqa: E402
 
 
 class ReportError(errors.UserError):
@@ -207,11 +208,15 @@ class FolderWriter:
         self.write_text(name, json.dumps(files_lib.clean(obj), indent=2) + "\n")
 
 
-def write_run(run: tables.Run, writer) -> list[str]:
-    """The tables and figures of a run through `writer`; the names written."""
+def write_run(run: tables.Run, writer, latex: bool = False) -> list[str]:
+    """The tables and figures of a run through `writer` (and results.tex with `latex`);
+    the names written."""
     table = tables.experiment_table(run)
     by_seed = tables.by_seed_table(table)
     files = tables.write_tables(run, writer, table, by_seed)
+    if latex:
+        writer.write_text("results.tex", latex_lib.format_latex(run, by_seed))
+        files.append("results.tex")
     return files + write_figures(run, table, by_seed, writer)
 
 

@@ -1,11 +1,17 @@
 """A run's tables: one row per experiment, statistics across seeds, and results.md.
 
     results.csv          one row per experiment: its settings, the stable measures (means
-                         over the last W evaluations, see stats), then `<metric>_final`
+                         over the last W evaluations, see stats), then `<metric>_final`,
+                         the clean twin's value on the same rounds `<metric>_clean`, the
+                         difference `<metric>_vs_clean`, and from records/ how many
+                         attackers a round selected (`attackers_per_round`,
+                         `rounds_with_attacker`)
     results_by_seed.csv  experiments equal in all but the seed, grouped: `<metric>_mean`,
                          `_std` (n - 1), `_n`, `_ci95` (Student t), and the paired difference
                          to the clean twin (same seed) `<metric>_vs_clean_mean/_ci95/_n`
-    results.md           the same to read: mean ± CI95 with n, under a header saying what ran
+                         and `_effect`: whether its 95% interval leaves 0 out, in words
+    results.md           the same to read: mean ± CI95 with n, under a header saying what
+                         ran; each attacked group beside its clean twin
 
 The settings are the sweep axes (config/sweeps.AXES), in the order of their `column`:
 experiments that differ in any of them are apart in every table; groups pool over the
@@ -74,6 +80,20 @@ def settings() -> tuple[str, ...]:
 def group_keys() -> tuple[str, ...]:
     """The settings that keep groups apart: all but those groups pool over (the seed)."""
     return tuple(k for k in settings() if not sweeps.AXES[k].pooled)
+
+
+def partition_words(config: dict) -> str:
+    """'IID partition', 'dirichlet partition (alpha 0.5)': how the clients' data was split
+    ('' where the config does not say)."""
+    data = config.get("data", {})
+    name = data.get("partition")
+    if not name:
+        return ""
+    if name == "iid":
+        return "IID partition"
+    block = data.get(name) or {}
+    values = ", ".join(f"{k} {v}" for k, v in block.items()) if isinstance(block, dict) else ""
+    return f"{name} partition" + (f" ({values})" if values else "")
 
 
 def class_names(dataset: str) -> tuple[str, ...]:
