@@ -19,12 +19,14 @@ STABLE = ("accuracy", "source_recall", "attack_success_rate")
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
-    """label_flip and sign_flip (+ 'none') x fedavg x seeds 0, 1; 12 rounds evaluated every
-    round and the default window: the evaluations of the last 10% (rounds 11, 12)."""
+    """label_flip, sign_flip and backdoor (+ 'none') x fedavg x seeds 0, 1; 12 rounds
+    evaluated every round and the default window: the evaluations of the last 10% (rounds
+    11, 12)."""
     workdir = tmp_path_factory.mktemp("measures")
     c = tiny_config(num_rounds=12, eval_every=1)
     c.attack.malicious_fraction = 0.25
-    compare_defenses.compare(c, str(workdir), ["label_flip", "sign_flip"], ["fedavg"], [0, 1])
+    attacks = ["label_flip", "sign_flip", "backdoor"]
+    compare_defenses.compare(c, str(workdir), attacks, ["fedavg"], [0, 1])
     return workdir
 
 
@@ -111,6 +113,16 @@ def test_each_attack_stands_beside_its_clean_twin(matrix):
         text = f"{np.mean(attacked):.3f} vs {np.mean(clean):.3f} clean: {np.mean(diffs):+.3f}"
         assert text in md and f"{text} ± {ci:.3f}, {cell['effect']}" in md
     assert cells["none"]["effect"] == ""
+    # a backdoor's baseline: the clean twin's triggered images predicted as its target
+    mine = [x for x in exps if x["attack"] == "backdoor"]
+    target = mine[0]["backdoor_target"]
+    rate = lambda e: np.mean([r["triggered_to"][target] for r in rows if r["experiment"] == e][-2:])
+    clean = [rate(x["clean_twin"]) for x in mine]
+    attacked = [last[x["experiment"]]["attack_success_rate_window"] for x in mine]
+    assert cells["backdoor"]["effect_measure"] == "attack_success_rate"
+    assert close(number(cells["backdoor"]["effect_clean"]), float(np.mean(clean)))
+    diff = float(np.mean(np.subtract(attacked, clean)))
+    assert close(number(cells["backdoor"]["effect_diff_mean"]), diff)
 
 
 def test_each_cell_says_how_many_attackers_a_round_held(matrix):

@@ -17,7 +17,7 @@ from fedjax_poison.results import stats
 from fedjax_poison.round import metrics
 
 MEASURES = ("accuracy", "recall", "precision", "source_recall", "target_precision")
-MEASURES += ("attack_success_rate", "loss")
+MEASURES += ("attack_success_rate", "loss", "triggered_to")
 STABLE = ("accuracy", "source_recall", "attack_success_rate")
 
 
@@ -25,10 +25,15 @@ def experiment_row(
     exp_index: int, exp, attack, confusion: np.ndarray, round_done: int, flips=None
 ) -> dict:
     """The measures of one evaluation: confusion [V, C, C] (V = 2 with the triggered test set);
-    source recall and attack success rate on `flips` (default: the experiment's own)."""
+    source recall and attack success rate on `flips` (default: the experiment's own). With a
+    triggered test set, `triggered_to` [C]: the backdoor success rate each class would have
+    as the target (a clean twin's baseline for a backdoor)."""
     row = {"round": round_done, "experiment": exp_index}
     row.update({k: list(v) if isinstance(v, tuple) else v for k, v in exp.axes.items()})
     row.update(metrics.summarize(confusion[0], exp.flips if flips is None else flips))
+    if len(confusion) > 1:  # the triggered test set: every target's rate, for clean twins
+        row["triggered_to"] = [metrics.backdoor_success(confusion[1], t) for t in
+                               range(confusion.shape[-1])]  # fmt: skip
     if attack.measure == "backdoor":
         row["attack_success_rate"] = metrics.backdoor_success(confusion[1], attack.target)
     return row
@@ -63,7 +68,8 @@ def blank_diverged(row: dict, diverged_round: int) -> dict:
     """The row of an experiment that went non-finite: its measures null, the round named."""
     if diverged_round:
         for key in MEASURES:
-            row[key] = None
+            if key in row or key != "triggered_to":  # triggered_to only with a trigger
+                row[key] = None
         row["diverged_round"] = diverged_round
     row["diverged"] = bool(diverged_round)
     return row

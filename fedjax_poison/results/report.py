@@ -87,6 +87,7 @@ def normalize(entry: dict, config: dict, rows: Sequence[dict]) -> dict:
     exp["measure"] = entry.get("measure") or guess_measure(exp)
     if "clean_twin" in entry:
         exp["clean_twin"] = entry["clean_twin"]
+    exp["backdoor_target"] = int(entry.get("backdoor_target", -1))
     return exp
 
 

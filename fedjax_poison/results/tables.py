@@ -195,8 +195,9 @@ def experiment_row(run: Run, e: int) -> dict:
             entry[f"{m}_clean"] = stats.window_reference(mine[m], ref, run.window)
         entry["accuracy_vs_clean"] = -entry["accuracy_drop"]
         entry["source_recall_vs_clean"] = -entry["source_recall_loss"]
-        if same_success_measure(run, e, twin, pairs):
-            ref = series(twin_rows, "attack_success_rate", pairs)
+        backdoor = backdoor_baseline(run, e, twin)
+        if backdoor or same_success_measure(run, e, twin, pairs):
+            ref = backdoor or series(twin_rows, "attack_success_rate", pairs)
             gap = stats.window_gap(mine["attack_success_rate"], ref, run.window)
             entry["attack_success_rate_vs_clean"] = -gap
             entry["attack_success_rate_clean"] = stats.window_reference(
@@ -212,13 +213,24 @@ def experiment_row(run: Run, e: int) -> dict:
 
 
 def same_success_measure(run: Run, e: int, twin: int, pairs) -> bool:
-    """Whether the twin's attack_success_rate measures what e's does: a backdoor's on the
-    same triggered test set with the same target, a flip's on the same pairs."""
-    mine, theirs = run.experiments[e], run.experiments[twin]
-    if mine["measure"] == "backdoor":
-        target = mine.get("backdoor_target", -1)
-        return target >= 0 and theirs.get("baseline_target", -1) == target
+    """Whether the twin's attack_success_rate measures what e's flips do (the same pairs);
+    a backdoor's baseline is backdoor_baseline."""
+    if run.experiments[e]["measure"] == "backdoor":
+        return False  # see backdoor_baseline
     return bool(pairs) and measured_pairs(run, twin) == pairs
+
+
+def backdoor_baseline(run: Run, e: int, twin: int) -> dict[int, float]:
+    """{round: the clean twin's rate of triggered images predicted as e's backdoor target}
+    ({} where the rows do not hold it)."""
+    target = run.experiments[e].get("backdoor_target", -1)
+    if run.experiments[e]["measure"] != "backdoor" or target < 0:
+        return {}
+    rows = run.rows[twin]
+    if not rows or any("triggered_to" not in r for r in rows):
+        return {}
+    rates = {r["round"]: r["triggered_to"] for r in rows}
+    return {k: math.nan if v is None else stats.as_float(v[target]) for k, v in rates.items()}
 
 
 def attacker_counts(counts: dict | None) -> dict:
