@@ -8,12 +8,12 @@ import numpy as np
 from fedjax_poison.results import stats, tables
 from fedjax_poison.results.figures import (
     CLEAN,
-    COLORS,
     draw_lines,
     extra_handles,
     format_axes,
     group_curve,
     legend,
+    line_style,
     merged_lines,
     panel_metrics,
     plt,
@@ -140,11 +140,11 @@ def overlay_figure(runs, tables_, rows_of):
     )
     keys = ["run", *tables.varying(every, tables.group_keys())]
     entries, dashes = [], iter(["--", ":", "-.", (0, (5, 1, 1, 1))] * 100)
-    colors = iter(COLORS * 100)
+    styles = (line_style(i) for i in range(10**6))  # no two attacked lines alike
     for run, table, rows in zip(runs, tables_, rows_of):
         for row in rows:
             clean = tables.is_clean(row)
-            style = {**CLEAN, "linestyle": next(dashes)} if clean else {"color": next(colors)}
+            style = {**CLEAN, "linestyle": next(dashes)} if clean else next(styles)
             curves = {m: group_curve(run, table, row, m) for m in metrics}
             entries.append((row, style, curves))
     names = tables.class_names(runs[0].config.get("dataset", ""))
