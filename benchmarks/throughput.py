@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 
 from fedjax_poison import data, models  # noqa: E402
 from fedjax_poison.config import configuration, plan  # noqa: E402
-from fedjax_poison.round import client, metrics, sharding  # noqa: E402
+from fedjax_poison.round import client, metrics, sharding, simulation  # noqa: E402
 from fedjax_poison.runner import setup  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,8 +218,9 @@ class Loop:
         self.round()  # warm-up, and compiles the average
 
     def _args(self, c, key):
-        x, y, count = self.data.x[c], self.data.y[c], self.data.count[c]
-        return self.params, self.stats, x, y, count, jnp.float32(self.lr), key
+        width = int(self.data.count.max())
+        x, y, count = simulation.client_examples(self.data, jnp.array([c]), width)
+        return self.params, self.stats, x[0], y[0], count[0], jnp.float32(self.lr), key
 
     def round(self) -> float:
         t = time.perf_counter()
@@ -243,9 +244,9 @@ class Centralized:
         k, b = c.clients_per_round, c.batch_size
         settings = client.TrainSettings(k * b, c.local_epochs, c.momentum, c.augment)
         params, stats = models.init_variables(model, jax.random.key(0), spec.image_shape)
-        x = data_on_device.x[:k].reshape(-1, *data_on_device.x.shape[2:])
-        y = data_on_device.y[:k].reshape(-1)
-        count = jnp.int32(int(np.asarray(data_on_device.count[:k]).sum()))
+        total = int(np.asarray(data_on_device.count[:k]).sum())  # the first k clients' examples
+        x, y = data_on_device.x[:total], data_on_device.y[:total]
+        count = jnp.int32(total)
         self.args = (params, stats, x, y, count, jnp.float32(c.lr), jax.random.key(0))
         t = time.perf_counter()
         options = setup.compiler_options()

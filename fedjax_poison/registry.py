@@ -72,8 +72,10 @@ def signature_block(factory: Callable, sizes: Sequence[str], skip: Sequence[str]
         if p.name in skip or p.name in sizes:
             continue
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            raise RegistryError(f"{getattr(factory, '__name__', factory)}: *{p.name} cannot be "
-                                "a config field; name every argument")
+            raise RegistryError(
+                f"{getattr(factory, '__name__', factory)}: *{p.name} cannot be "
+                "a config field; name every argument"
+            )
         if p.default is inspect.Parameter.empty:
             raise RegistryError(
                 f"{getattr(factory, '__name__', factory)}: argument {p.name!r} has no default "
@@ -191,5 +193,5 @@ class Registry(Mapping[str, Callable]):
         the member's name."""
         first = message.split(" ", 1)[0]
         if first in self.member(name).block:
-            return f"{self.field_of(name, first)}{message[len(first):]}"
+            return f"{self.field_of(name, first)}{message[len(first) :]}"
         return f"{self.field} {name!r}: {message}"

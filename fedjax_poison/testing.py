@@ -27,8 +27,13 @@ K, D, C, F = 10, 50, 3, 4  # the defense checks' round: clients, parameters, cla
 def registrations_undone():
     """Every registration made inside the block (attacks, defenses, models, datasets,
     partitions) is undone when it ends: tests that register stay independent."""
-    registries = (attacks.ATTACKS, defenses.DEFENSES, defenses.PRE_AGGREGATORS, models.MODELS,
-                  partition.PARTITIONS)
+    registries = (
+        attacks.ATTACKS,
+        defenses.DEFENSES,
+        defenses.PRE_AGGREGATORS,
+        models.MODELS,
+        partition.PARTITIONS,
+    )
     saved = [dict(r._members) for r in registries], dict(data.SPECS)  # noqa: SLF001
     try:
         yield
@@ -177,8 +182,9 @@ def check_defense(name: str, *, order_invariant: bool = True, **fields) -> None:
         moved, perm = pick(verdicts, n + i), perms[i]
         where = f"{name} on {label}, clients permuted"
         scale = max(1.0, float(np.abs(verdict.delta).max(initial=0.0)))
-        np.testing.assert_allclose(moved.delta, verdict.delta, rtol=1e-4, atol=1e-5 * scale,
-                                   err_msg=where)
+        np.testing.assert_allclose(
+            moved.delta, verdict.delta, rtol=1e-4, atol=1e-5 * scale, err_msg=where
+        )
         np.testing.assert_allclose(moved.weights, verdict.weights[perm], atol=1e-6, err_msg=where)
         np.testing.assert_array_equal(moved.flags, verdict.flags[perm], err_msg=where)
 
@@ -231,16 +237,25 @@ def check_attack(name: str, block: dict | None = None, *, num_classes: int = 4) 
     honest = np.flatnonzero(~np.asarray(ctx.poisoned))
     for got, given in zip(out, (x, y, updates)):
         assert got.shape == given.shape and got.dtype == given.dtype, f"{name}: shape or dtype"
-        np.testing.assert_array_equal(np.asarray(got)[honest], np.asarray(given)[honest],
-                                      err_msg=f"{name} changed an honest client's row")
+        np.testing.assert_array_equal(
+            np.asarray(got)[honest],
+            np.asarray(given)[honest],
+            err_msg=f"{name} changed an honest client's row",
+        )
     nobody = ctx._replace(poisoned=jnp.zeros_like(ctx.poisoned))
     for got, given in zip(apply(x, y, count, updates, nobody), (x, y, updates)):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(given),
-                                      err_msg=f"{name} changed a round nobody poisons")
+        np.testing.assert_array_equal(
+            np.asarray(got), np.asarray(given), err_msg=f"{name} changed a round nobody poisons"
+        )
     jitted = jax.jit(apply)(x, y, count, updates, ctx)
     for got, eager in zip(jitted, out):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(eager), rtol=1e-6, atol=1e-6,
-                                   err_msg=f"{name}: jit and eager differ")
+        np.testing.assert_allclose(
+            np.asarray(got),
+            np.asarray(eager),
+            rtol=1e-6,
+            atol=1e-6,
+            err_msg=f"{name}: jit and eager differ",
+        )
 
 
 # --- models ---------------------------------------------------------------------------
@@ -266,7 +281,10 @@ def check_model(name: str, image_shape=(28, 28, 1), num_classes: int = 10, **blo
 
     def loss(params, x):
         out, new = model.apply(
-            {"params": params, "batch_stats": stats}, x, train=True, mask=mask,
+            {"params": params, "batch_stats": stats},
+            x,
+            train=True,
+            mask=mask,
             mutable=["batch_stats"],
         )
         per = -jnp.take_along_axis(jax.nn.log_softmax(out), labels[:, None], 1)[:, 0]
@@ -279,8 +297,13 @@ def check_model(name: str, image_shape=(28, 28, 1), num_classes: int = 10, **blo
     (value2, new_stats2), _ = step(params, other)
     np.testing.assert_allclose(value2, value, rtol=1e-5, err_msg=f"{name}: mask ignored")
     for a, b in zip(jax.tree.leaves(new_stats), jax.tree.leaves(new_stats2)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5,
-                                   err_msg=f"{name}: a masked example moved BatchNorm statistics")
+        np.testing.assert_allclose(
+            a,
+            b,
+            rtol=1e-4,
+            atol=1e-5,
+            err_msg=f"{name}: a masked example moved BatchNorm statistics",
+        )
 
 
 # --- datasets and partitions ----------------------------------------------------------

@@ -77,6 +77,8 @@ POSITIVE = (
 )
 NON_NEGATIVE = (
     "checkpoint_every",
+    "local_steps",
+    "clients_at_once",
     "data.partition_seed",
     "attack.start_round",
     "selection.breakpoint",

@@ -6,6 +6,7 @@ import os
 import pickle
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -41,7 +42,8 @@ def test_partition_iid_too_few_batches():
 
 
 def _histograms(labels, indices, count):
-    return np.stack([np.bincount(labels[row[:k]], minlength=10) for row, k in zip(indices, count)])
+    rows = np.split(indices, np.cumsum(count)[:-1])
+    return np.stack([np.bincount(labels[row], minlength=10) for row in rows])
 
 
 def test_partition_dirichlet_counts_and_skew():
@@ -51,10 +53,8 @@ def test_partition_dirichlet_counts_and_skew():
             labels, 20, alpha, np.random.default_rng(1), 10
         )
         assert count.sum() == 6000 and count.min() >= 1 and count.dtype == np.int32
-        assert indices.shape == (20, count.max())
-        real = np.concatenate([row[:k] for row, k in zip(indices, count)])
-        np.testing.assert_array_equal(np.sort(real), np.arange(6000))
-        assert indices.min() >= 0 and indices.max() < 6000  # padding repeats valid indices
+        assert indices.shape == (6000,)  # ragged: each example once, client after client
+        np.testing.assert_array_equal(np.sort(indices), np.arange(6000))
         hist = _histograms(labels, indices, count)
         top = hist.max(1) / count  # share of each client's most common class
         assert np.all(check(top)), (alpha, top)
@@ -64,20 +64,62 @@ def test_partition_dirichlet_no_client_left_empty():
     labels = np.arange(30) % 10
     indices, count = partition.partition_dirichlet(labels, 25, 0.01, np.random.default_rng(0), 10)
     assert count.sum() == 30 and count.min() >= 1
-    real = np.concatenate([row[:k] for row, k in zip(indices, count)])
-    np.testing.assert_array_equal(np.sort(real), np.arange(30))
+    np.testing.assert_array_equal(np.sort(indices), np.arange(30))
 
 
-def test_make_client_data_gathers_and_pads():
+def test_partition_dirichlet_many_small_clients_quickly():
+    # 20,000 clients over 60,000 labels at alpha 0.1: thousands start empty and each takes
+    # one example of the largest client (a heap, not a scan of all clients per empty one).
+    labels = np.arange(60_000) % 10
+    indices, count = partition.partition_dirichlet(
+        labels, 20_000, 0.1, np.random.default_rng(0), 10
+    )
+    assert count.min() >= 1 and count.sum() == 60_000
+    np.testing.assert_array_equal(np.sort(indices), np.arange(60_000))
+
+
+def test_split_accepts_ragged_and_padded_partitions_alike():
+    labels = np.arange(12) % 3
+    padded = lambda *, labels: (np.array([[0, 1, 2], [3, 4, 4]]), np.array([3, 2]))
+    ragged = lambda *, labels: (np.array([0, 1, 2, 3, 4]), np.array([3, 2]))
+    for name, factory in [("test_padded", padded), ("test_ragged", ragged)]:
+        partition.PARTITIONS.register(name, factory, replace=True)
+        indices, count = partition.split(
+            name, {}, labels, num_clients=2, batch_size=1, num_classes=3, rng=None
+        )
+        assert indices.tolist() == [0, 1, 2, 3, 4] and count.tolist() == [3, 2]
+    bad = lambda *, labels: (np.array([0, 1, 2]), np.array([3, 2]))  # 3 entries for 5
+    partition.PARTITIONS.register("test_bad", bad, replace=True)
+    with pytest.raises(data.DataError, match="sum\\(count\\) = 5"):
+        partition.split(
+            "test_bad", {}, labels, num_clients=2, batch_size=1, num_classes=3, rng=None
+        )
+
+
+def test_make_client_data_stores_each_example_once_and_a_range_per_client():
     x = np.arange(6, dtype=np.uint8).reshape(6, 1, 1, 1) + 10  # example i has pixel 10 + i
     y = np.array([0, 1, 2, 3, 4, 5])
-    cd = partition.make_client_data(x, y, np.array([[0, 1, 2], [3, 4, 4]]), np.array([3, 2]))
-    assert cd.x.shape == (2, 3, 1, 1, 1) and cd.x.dtype == np.uint8
-    np.testing.assert_array_equal(cd.x[:, :, 0, 0, 0], [[10, 11, 12], [13, 14, 0]])
-    np.testing.assert_array_equal(cd.y, [[0, 1, 2], [3, 4, 0]])
-    assert cd.y.dtype == np.int32 and cd.count.tolist() == [3, 2]
+    cd = partition.make_client_data(x, y, np.array([0, 1, 2, 3, 4]), np.array([3, 2]))
+    assert cd.x.shape == (5, 1, 1, 1) and cd.x.dtype == np.uint8
+    np.testing.assert_array_equal(cd.x[:, 0, 0, 0], [10, 11, 12, 13, 14])
+    assert cd.y.tolist() == [0, 1, 2, 3, 4] and cd.y.dtype == np.int32
+    assert cd.start.tolist() == [0, 3] and cd.count.tolist() == [3, 2]
+    assert partition.class_counts(cd, 6).tolist() == [[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0]]
     full = partition.make_client_data(x, y, np.array([[5, 0]]))
-    assert full.count.tolist() == [2] and full.y.tolist() == [[5, 0]]
+    assert full.count.tolist() == [2] and full.y.tolist() == [5, 0]
+
+
+def test_round_buffers_hold_each_client_then_zeros():
+    from fedjax_poison.round import simulation
+
+    x = np.arange(6, dtype=np.uint8).reshape(6, 1, 1, 1) + 10
+    cd = partition.make_client_data(x, np.arange(6), np.array([0, 1, 2, 3, 4]), np.array([3, 2]))
+    bx, by, count = simulation.client_examples(
+        simulation.ClientData(*map(jnp.asarray, cd)), jnp.array([1, 0]), 4
+    )
+    np.testing.assert_array_equal(bx[:, :, 0, 0, 0], [[13, 14, 0, 0], [10, 11, 12, 0]])
+    np.testing.assert_array_equal(by, [[3, 4, 0, 0], [0, 1, 2, 0]])
+    assert count.tolist() == [2, 3]
 
 
 # --- normalization -------------------------------------------------------------------

@@ -66,6 +66,13 @@ def paper_config(dataset: str) -> ml_collections.ConfigDict:
     c.clients_per_round = 5
     c.num_rounds = 200
     c.local_epochs = 1
+    # > 0: every selected client trains exactly this many batches of batch_size a round,
+    # passing over its examples as often as needed (cross-device convention); 0: local_epochs.
+    c.local_steps = 0
+    # Clients a device trains at once (0: automatic: on CPU as many as fit the cache, on an
+    # accelerator all the round's). Unequal clients train longest first, so that each group
+    # stops with its own largest client.
+    c.clients_at_once = 0
     for field in ("batch_size", "lr", "momentum", "lr_decay_factor", "lr_decay_every", "augment"):
         c[field] = recipe[field]
     c.min_lr = 1e-10
@@ -292,6 +299,8 @@ def _validate_counts(c) -> None:
         f"must be <= num_clients ({c.num_clients})",
         c.clients_per_round,
     )
+    for field in ("local_steps", "clients_at_once"):
+        check(c[field] >= 0, field, "must be >= 0 (0: see its help)", c[field])
     check(c.lr > 0, "lr", "must be > 0", c.lr)
     check(0 <= c.momentum < 1, "momentum", "must be in [0, 1)", c.momentum)
     check(0 < c.lr_decay_factor <= 1, "lr_decay_factor", "must be in (0, 1]", c.lr_decay_factor)

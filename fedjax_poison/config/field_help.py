@@ -19,6 +19,10 @@ FIELD_HELP = {
     "clients_per_round": "k: clients selected each round",
     "num_rounds": "rounds to run, numbered 1..num_rounds",
     "local_epochs": "epochs of local training over a client's examples each round",
+    "local_steps": "> 0: batches every selected client trains a round, its examples cycled "
+    "(cross-device convention; replaces local_epochs); 0: local_epochs",
+    "clients_at_once": "clients a device trains at once; 0: automatic (CPU: what fits the "
+    "cache; accelerators: the whole round)",
     "batch_size": "local training batch size",
     "lr": "learning rate of local SGD",
     "momentum": "SGD momentum, reset every round",

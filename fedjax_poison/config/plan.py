@@ -42,6 +42,7 @@ class Plan:
     clients_per_round: int
     num_rounds: int
     train: client.TrainSettings
+    clients_at_once: int  # clients a device trains at once; 0: automatic
     lr: LrSchedule
     attack: dict  # the `attack.` block (each attack's parameters)
     defense: dict  # the `defense.` block
@@ -82,7 +83,10 @@ def build(c) -> Plan:
         num_clients=c.num_clients,
         clients_per_round=c.clients_per_round,
         num_rounds=c.num_rounds,
-        train=client.TrainSettings(c.batch_size, c.local_epochs, c.momentum, c.augment),
+        train=client.TrainSettings(
+            c.batch_size, c.local_epochs, c.momentum, c.augment, local_steps=c.local_steps
+        ),
+        clients_at_once=c.clients_at_once,
         lr=LrSchedule(c.lr, c.lr_decay_factor, c.lr_decay_every, c.min_lr, c.lr_per_participation),
         attack=c.attack.to_dict(),
         defense=c.defense.to_dict(),

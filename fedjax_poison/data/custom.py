@@ -37,8 +37,9 @@ def checked_arrays(name: str, arrays: Sequence, num_classes: int | None = None) 
     """The four arrays as uint8 images [M, H, W, C] and int32 labels [M] in [0, C); a
     grayscale [M, H, W] gains its channel. DataError names what is wrong."""
     if len(arrays) != 4:
-        raise DataError(f"dataset {name!r}: need (x_train, y_train, x_test, y_test), got "
-                        f"{len(arrays)} arrays")
+        raise DataError(
+            f"dataset {name!r}: need (x_train, y_train, x_test, y_test), got {len(arrays)} arrays"
+        )
     out = []
     for split, (x, y) in (("train", arrays[:2]), ("test", arrays[2:])):
         x, y = np.asarray(x), np.asarray(y)
@@ -55,8 +56,10 @@ def checked_arrays(name: str, arrays: Sequence, num_classes: int | None = None) 
             )
         out += [x, y.astype(np.int32)]
     if out[0].shape[1:] != out[2].shape[1:]:
-        raise DataError(f"dataset {name!r}: train images {out[0].shape[1:]} and test images "
-                        f"{out[2].shape[1:]} differ in shape")
+        raise DataError(
+            f"dataset {name!r}: train images {out[0].shape[1:]} and test images "
+            f"{out[2].shape[1:]} differ in shape"
+        )
     top = num_classes if num_classes is not None else int(max(out[1].max(), out[3].max())) + 1
     for y in (out[1], out[3]):
         if y.min() < 0 or y.max() >= top:
@@ -105,8 +108,9 @@ def make_spec(
         )
     unknown = sorted(set(recipe or {}) - set(RECIPE_KEYS))
     if unknown:
-        raise RegistryError(f"dataset {name!r}: recipe key {unknown[0]!r} is not one of "
-                            f"{list(RECIPE_KEYS)}")
+        raise RegistryError(
+            f"dataset {name!r}: recipe key {unknown[0]!r} is not one of {list(RECIPE_KEYS)}"
+        )
 
     def read_files(paths, fix):  # no files: the loader is the source
         return checked_arrays(name, load(), num_classes)

@@ -1,13 +1,15 @@
 """The training set split among clients: a registry of partitions (`data.partition`).
 
 Every partition is a factory `(labels [M], *, num_clients, batch_size, num_classes, rng,
-**block) -> (indices [N, n], count [N])`, whose keyword arguments with defaults are its
-block `data.<name>.*` (the registry convention: fedjax_poison/registry.py). Built in: the
-paper's IID deal, Dirichlet label skew, and McMahan et al.'s shards.
-Shapes: [M] dataset size, [N] clients, [n] examples per client (padded by repeating the
-client's own indices past count).
+**block) -> (indices, count [N])`, whose keyword arguments with defaults are its block
+`data.<name>.*` (the registry convention: fedjax_poison/registry.py). `indices` is either
+ragged, [sum(count)] with client i's examples after those of clients < i, or padded,
+[N, n] of which row i's first count[i] are client i's. Built in: the paper's IID deal,
+Dirichlet label skew, and McMahan et al.'s shards.
+Shapes: [M] dataset size, [N] clients, [n] examples of the largest client.
 """
 
+import heapq
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -25,11 +27,12 @@ PARTITIONS = Registry(
 
 
 class ClientData(NamedTuple):
-    """Every client's examples, padded to one length."""
+    """Every client's examples, stored once: client i holds x[start[i] : start[i] + count[i]]."""
 
-    x: np.ndarray  # [N, n, H, W, C] uint8, zero past count
-    y: np.ndarray  # [N, n] int32, 0 past count
-    count: np.ndarray  # [N] int32 real examples of each client
+    x: np.ndarray  # [M, H, W, C] uint8, the clients' examples one after the other
+    y: np.ndarray  # [M] int32
+    start: np.ndarray  # [N] int32
+    count: np.ndarray  # [N] int32
 
 
 def partition_iid(
@@ -62,8 +65,8 @@ def partition_dirichlet(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Non-IID split: each class is divided among clients in Dirichlet(alpha) proportions.
 
-    Returns indices [N, n_max], rows padded by repeating a client's own index, and count [N].
-    Every client gets at least one example. Small alpha: few classes per client.
+    Returns ragged indices [M] (client after client) and count [N]. Every client gets at
+    least one example. Small alpha: few classes per client.
     """
     labels = np.asarray(labels)
     if len(labels) < num_clients:
@@ -81,14 +84,24 @@ def partition_dirichlet(
         for part, chunk in zip(parts, np.split(idx, cuts), strict=True):
             part.append(chunk)
     clients = [np.concatenate(p) for p in parts]
-    for i in range(num_clients):  # a client left empty takes one example of the largest
-        if len(clients[i]) == 0:
-            j = int(np.argmax([len(ci) for ci in clients]))
-            clients[i], clients[j] = clients[j][-1:], clients[j][:-1]
+    _fill_empty(clients)
     clients = [rng.permutation(ci) for ci in clients]
     count = np.array([len(ci) for ci in clients], np.int32)
-    indices = np.stack([np.pad(ci, (0, count.max() - len(ci)), mode="edge") for ci in clients])
-    return indices, count
+    return np.concatenate(clients), count
+
+
+def _fill_empty(clients: list[np.ndarray]) -> None:
+    """Gives each empty client one example of the currently largest client, in place."""
+    empty = [i for i, ci in enumerate(clients) if len(ci) == 0]
+    if not empty:
+        return
+    heap = [(-len(ci), i) for i, ci in enumerate(clients) if len(ci) > 1]
+    heapq.heapify(heap)
+    for i in empty:
+        size, j = heapq.heappop(heap)
+        clients[i], clients[j] = clients[j][-1:], clients[j][:-1]
+        if -size - 1 > 1:
+            heapq.heappush(heap, (size + 1, j))
 
 
 def iid(
@@ -151,34 +164,49 @@ register("shards", shards)
 
 
 def split(name: str, block, labels, **sizes) -> tuple[np.ndarray, np.ndarray]:
-    """(indices [N, n], count [N]) of partition `name`, checked: every client holds at least
-    one example, and every index lies in [0, M)."""
+    """(indices [sum(count)], count [N]) of partition `name`, ragged, checked: every client
+    holds at least one example, and every index lies in [0, M)."""
     indices, count = PARTITIONS.build(name, block, labels=labels, **sizes)
-    indices, count = np.asarray(indices), np.asarray(count, np.int32)
+    indices, count = np.asarray(indices), np.asarray(count)
     n = len(labels)
-    if indices.ndim != 2 or count.shape != (indices.shape[0],):
-        raise DataError(f"partition {name!r} returned indices {indices.shape}, count {count.shape}")
-    if (count < 1).any() or (count > indices.shape[1]).any():
-        raise DataError(f"partition {name!r} left a client with no example (or too many)")
-    if indices.min() < 0 or indices.max() >= n:
+    if count.ndim != 1 or not np.issubdtype(count.dtype, np.integer):
+        raise DataError(f"partition {name!r} returned count of shape {count.shape}, {count.dtype}")
+    if (count < 1).any():
+        raise DataError(f"partition {name!r} left a client with no example")
+    if indices.ndim == 2:
+        if indices.shape[0] != len(count) or (count > indices.shape[1]).any():
+            raise DataError(
+                f"partition {name!r} returned indices {indices.shape} for count {count.shape}"
+            )
+        indices = indices[np.arange(indices.shape[1])[None, :] < count[:, None]]
+    elif indices.ndim != 1 or len(indices) != count.sum():
+        raise DataError(
+            f"partition {name!r} returned indices {indices.shape}: ragged indices hold "
+            f"sum(count) = {count.sum()} entries"
+        )
+    if not np.issubdtype(indices.dtype, np.integer):
+        raise DataError(f"partition {name!r} returned indices of dtype {indices.dtype}")
+    if len(indices) and (indices.min() < 0 or indices.max() >= n):
         raise DataError(f"partition {name!r} returned an index outside [0, {n})")
-    return indices, count
+    return indices, count.astype(np.int32)
 
 
 def make_client_data(
     x: np.ndarray, y: np.ndarray, indices: np.ndarray, count: np.ndarray | None = None
 ) -> ClientData:
-    """Gathers x [M, H, W, C], y [M] by indices [N, n]; count [N] defaults to n each."""
+    """Client data from x [M, H, W, C], y [M] and ragged indices [sum(count)] with count [N]
+    (or indices [N, n] without count: every client holds its row)."""
     indices = np.asarray(indices)
-    num_clients, n = indices.shape
-    count = np.full(num_clients, n, np.int32) if count is None else np.asarray(count, np.int32)
-    real = np.arange(n)[None, :] < count[:, None]  # [N, n]
-    cx = np.where(real[..., None, None, None], x[indices], 0).astype(np.uint8)
-    cy = np.where(real, y[indices], 0).astype(np.int32)
-    return ClientData(cx, cy, count)
+    if count is None:
+        count = np.full(indices.shape[0], indices.shape[1], np.int32)
+        indices = indices.reshape(-1)
+    count = np.asarray(count, np.int32)
+    start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int32)
+    return ClientData(x[indices].astype(np.uint8), y[indices].astype(np.int32), start, count)
 
 
-def class_counts(y: np.ndarray, count: np.ndarray, num_classes: int) -> np.ndarray:
+def class_counts(data: ClientData, num_classes: int) -> np.ndarray:
     """[N, C] int: how many examples of each class every client holds."""
-    real = np.arange(y.shape[1])[None, :] < count[:, None]
-    return np.stack([np.bincount(row[m], minlength=num_classes) for row, m in zip(y, real)])
+    owner = np.repeat(np.arange(len(data.count)), data.count)  # [M]
+    flat = np.bincount(owner * num_classes + data.y, minlength=len(data.count) * num_classes)
+    return flat.reshape(len(data.count), num_classes)

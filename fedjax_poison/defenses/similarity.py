@@ -44,6 +44,15 @@ def foolsgold_weights(history: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.clip(jnp.nan_to_num(logit, nan=0.0, neginf=0.0), 0.0, 1.0), maxcs
 
 
+# FoolsGold's memory beyond which the factory refuses the federation (history + N x N cosines).
+FOOLSGOLD_MAX_BYTES = 4 * 2**30
+
+
+def foolsgold_bytes(num_clients: int, num_classes: int, head_features: int) -> int:
+    """Bytes of FoolsGold's history [N, C*F] and its pairwise cosines [N, N] (float32)."""
+    return 4 * num_clients * (num_classes * head_features + num_clients)
+
+
 def foolsgold(*, num_clients: int, num_classes: int, head_features: int, mode: str) -> Defense:
     """Down-weight clients whose summed updates point the same way (Fung et al., RAID 2020).
 
@@ -59,6 +68,13 @@ def foolsgold(*, num_clients: int, num_classes: int, head_features: int, mode: s
     counts in `degenerate_rounds` (30% label flipping, k=5: every round).
     """
     require_mode(mode)
+    memory = foolsgold_bytes(num_clients, num_classes, head_features)
+    if memory > FOOLSGOLD_MAX_BYTES:
+        raise ValueError(
+            f"FoolsGold keeps every client's output-layer history and compares all pairs: "
+            f"for N={num_clients} clients that is {memory / 2**30:.1f} GiB "
+            f"(at most {FOOLSGOLD_MAX_BYTES / 2**30:.0f} GiB); use fewer clients"
+        )
 
     def init():
         return jnp.zeros((num_clients, num_classes * head_features), jnp.float32)

@@ -1,6 +1,14 @@
-"""Local training of one client: SGD with momentum over its (padded) examples.
+"""Local training of one client: SGD with momentum over its examples.
 
-Written for one client; the round vmaps it over the k selected clients.
+Written for one client; the round vmaps it over the k selected clients. A client's examples
+arrive in a buffer of the round's static width n (the federation's largest client), of which
+the first `count` are real. Local work follows one of two conventions:
+- epochs (local_steps = 0, the paper's): local_epochs passes over the client's own examples,
+  ceil(count / B) steps each, the last batch of an epoch partial;
+- fixed steps (local_steps = S > 0, FedJAX's and most cross-device papers'): exactly S full
+  batches, the client's examples cycled through in a fresh random order each pass.
+With `ragged` set, an epochs client stops after its own steps (a while loop), so that a round
+pays for the examples its clients hold, not for the buffer's width.
 """
 
 import math
@@ -10,6 +18,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedjax_poison import data as data_lib
@@ -23,12 +32,16 @@ class TrainSettings(NamedTuple):
     local_epochs: int
     momentum: float
     augment: bool  # random crop (padding 4) + horizontal flip, per example and step
+    local_steps: int = 0  # > 0: exactly this many full batches per client and round
+    # Epochs over clients of unequal size: each client stops after its own steps. False: every
+    # client runs the steps of the buffer's width (the padded layout; equal clients need no more).
+    ragged: bool = False
 
 
 class ClientResult(NamedTuple):
     params: dict
     batch_stats: dict
-    loss: jax.Array  # [] mean training loss over the client's real examples
+    loss: jax.Array  # [] mean training loss over the examples the client trained on
 
 
 def lr_at(step: jax.Array, lr: float, decay_factor: float, decay_every: int, min_lr: float):
@@ -52,23 +65,70 @@ def augment_batch(key: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.where(flip[:, None, None, None], cropped[:, :, ::-1, :], cropped)
 
 
-def batch_order(key: jax.Array, count: jax.Array, n: int, settings: TrainSettings) -> jax.Array:
-    """Example indices and validity for every step: ([steps, B], [steps, B] bool).
+def steps_of(count, settings: TrainSettings):
+    """Steps a client of `count` examples trains in a round (numpy or jax, elementwise)."""
+    if settings.local_steps:
+        return (count > 0) * settings.local_steps
+    return settings.local_epochs * (-(-count // settings.batch_size))
 
-    Epoch e visits the client's `count` real examples in a fresh random order; the
-    padding positions (index >= count) fill the tail and are masked out of the loss.
-    """
-    steps_per_epoch = -(-n // settings.batch_size)
-    keys = jax.random.split(key, settings.local_epochs)
+
+def max_steps(n: int, settings: TrainSettings) -> int:
+    """Steps of the longest client a buffer of width n can hold: the loop's static bound."""
+    return int(steps_of(n, settings))
+
+
+def epoch_orders(key: jax.Array, count: jax.Array, n: int, epochs: int) -> jax.Array:
+    """[epochs, n] positions: row e lists the client's `count` examples in a fresh random
+    order, then the padding positions (>= count)."""
+    keys = jax.random.split(key, epochs)
     noise = jax.vmap(lambda k: jax.random.uniform(k, (n,)))(keys)  # [E, n]
     noise = jnp.where(jnp.arange(n) < count, noise, 2.0 + jnp.arange(n) / n)
-    order = jnp.argsort(noise, axis=1)  # [E, n]
-    pad = steps_per_epoch * settings.batch_size - n
-    order = jnp.pad(order, ((0, 0), (0, pad)), constant_values=n - 1)
-    position = jnp.arange(steps_per_epoch * settings.batch_size)
-    valid = jnp.broadcast_to(position < count, order.shape)
-    shape = (settings.local_epochs * steps_per_epoch, settings.batch_size)
-    return order.reshape(shape), valid.reshape(shape)
+    return jnp.argsort(noise, axis=1)
+
+
+def stream_order(key: jax.Array, count: jax.Array, n: int, length: int) -> jax.Array:
+    """[length] positions (< count) of the client's examples passed over again and again,
+    each pass in a fresh random order (count >= 1; n >= count the buffer's width)."""
+    width = length + n  # whole passes covering `length` positions: ceil(length / count) * count
+    q = jnp.arange(width)
+    passes = q // jnp.maximum(count, 1)
+    noise = jax.random.uniform(key, (width,))
+    order = jnp.lexsort((noise, passes))  # by pass, then randomly inside a pass
+    return (q % jnp.maximum(count, 1))[order][:length]
+
+
+def batch_at(step, count, n, orders, settings: TrainSettings):
+    """(positions [B], valid [B] bool) of a client's `step`-th batch.
+
+    orders: epoch_orders [E, n] (epochs) or stream_order [S * B] (fixed steps).
+    """
+    b = settings.batch_size
+    if settings.local_steps:
+        positions = jax.lax.dynamic_slice(orders, (step * b,), (b,))
+        return positions, jnp.broadcast_to(count > 0, (b,))
+    per_epoch = jnp.maximum(-(-count // b), 1)
+    slot = (step % per_epoch) * b + jnp.arange(b)
+    valid = (slot < count) & (step < steps_of(count, settings))
+    epoch = jnp.minimum(step // per_epoch, settings.local_epochs - 1)
+    return orders[epoch, jnp.minimum(slot, n - 1)], valid
+
+
+def batch_order(key: jax.Array, count: jax.Array, n: int, settings: TrainSettings):
+    """Every step's (positions [steps, B], valid [steps, B] bool) up to the static bound.
+
+    Epochs: epoch e visits the client's `count` real examples in a fresh random order,
+    partial last batch masked; fixed steps: full batches of the cycled examples.
+    """
+    steps = max_steps(n, settings)
+    orders = _orders(key, count, n, settings)
+    at = lambda s: batch_at(s, count, n, orders, settings)
+    return jax.vmap(at)(jnp.arange(steps))
+
+
+def _orders(key, count, n, settings: TrainSettings):
+    if settings.local_steps:
+        return stream_order(key, count, n, settings.local_steps * settings.batch_size)
+    return epoch_orders(key, count, n, settings.local_epochs)
 
 
 def make_local_train(
@@ -76,9 +136,12 @@ def make_local_train(
     spec: data_lib.DatasetSpec,
     settings: TrainSettings,
     devices_in_use: int = 1,
+    clients_at_once: int = 0,
 ) -> Callable[..., ClientResult]:
     """Returns local_train(params, batch_stats, x [n,H,W,C] u8, y [n], count, lr, key).
 
+    Under vmap, clients train `clients_at_once` at a time, one group after the other (0: on
+    CPU as many as fit the cache, see sharding.cpu_chunk; elsewhere all at once).
     devices_in_use: how many devices of this process run at once (the run's mesh); on CPU
     they share the cores, which sets how many clients a device trains at once.
     """
@@ -99,14 +162,15 @@ def make_local_train(
     def local_train(params, batch_stats, x, y, count, lr, key) -> ClientResult:
         tx = tx_for(lr)
         k_order, k_aug = jax.random.split(key)
-        order, valid = batch_order(k_order, count, x.shape[0], settings)
+        n = x.shape[0]
+        orders = _orders(k_order, count, n, settings)
 
-        def step(carry, inputs):
+        def step(s, carry):
             params, batch_stats, opt_state, loss_sum = carry
-            idx, mask, step_key = inputs
+            idx, mask = batch_at(s, count, n, orders, settings)
             xb = data_lib.normalize(x[idx], spec)  # [B, H, W, C] float32
             if settings.augment:
-                xb = augment_batch(step_key, xb)
+                xb = augment_batch(jax.random.fold_in(k_aug, s), xb)
             fmask = mask.astype(jnp.float32)
             (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
                 params, batch_stats, xb, y[idx], fmask
@@ -115,29 +179,39 @@ def make_local_train(
             # A batch made only of padding must leave the client untouched.
             any_real = mask.any()
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(any_real, a, b), new, old)
-            carry = (
+            return (
                 keep(optax.apply_updates(params, updates), params),
                 keep(new_stats, batch_stats),
                 keep(new_opt, opt_state),
                 loss_sum + loss * fmask.sum(),
             )
-            return carry, None
 
-        step_keys = jax.random.split(k_aug, order.shape[0])
         init = (params, batch_stats, tx.init(params), jnp.zeros((), jnp.float32))
-        (params, batch_stats, _, loss_sum), _ = jax.lax.scan(step, init, (order, valid, step_keys))
-        mean_loss = loss_sum / jnp.maximum(count * settings.local_epochs, 1)
+        own_steps = steps_of(count, settings)
+        bound = (
+            own_steps if settings.ragged and not settings.local_steps else max_steps(n, settings)
+        )
+        params, batch_stats, _, loss_sum = jax.lax.fori_loop(0, bound, step, init)
+        trained = (
+            own_steps * settings.batch_size
+            if settings.local_steps
+            else count * settings.local_epochs
+        )
+        mean_loss = loss_sum / jnp.maximum(trained, 1)
         return ClientResult(params, batch_stats, mean_loss)
 
-    values_per_client = settings.batch_size * math.prod(spec.image_shape)  # a step's input
-    return _vmap_in_chunks(local_train, sharding.cpu_chunk(values_per_client, devices_in_use))
+    if not clients_at_once:
+        values_per_client = settings.batch_size * math.prod(spec.image_shape)  # a step's input
+        on_cpu = jax.default_backend() == "cpu"
+        clients_at_once = sharding.cpu_chunk(values_per_client, devices_in_use) if on_cpu else 0
+    return _vmap_in_chunks(local_train, clients_at_once)
 
 
 def _vmap_in_chunks(fn: Callable, chunk: int) -> Callable:
-    """fn, whose vmap on CPU is a lax.map over chunks of `chunk` vectorized calls.
+    """fn, whose vmap is a lax.map over chunks of `chunk` vectorized calls (0: one vmap).
 
     The same per-element computation as vmap (results agree to float rounding), still one
-    compiled program; on other backends, and for at most `chunk` elements, it is vmap.
+    compiled program; for at most `chunk` elements, it is vmap.
     """
     fn_vmap = jax.custom_batching.custom_vmap(fn)
 
@@ -145,7 +219,7 @@ def _vmap_in_chunks(fn: Callable, chunk: int) -> Callable:
     def rule(axis_size, in_batched, *args):
         flat, tree = jax.tree.flatten(args)
         batched = jax.tree.leaves(in_batched)
-        if jax.default_backend() != "cpu" or chunk >= axis_size:
+        if not chunk or chunk >= axis_size:
             axes = jax.tree.unflatten(tree, [0 if b else None for b in batched])
             out = jax.vmap(fn, in_axes=tuple(axes))(*args)
         else:
@@ -160,3 +234,19 @@ def _vmap_in_chunks(fn: Callable, chunk: int) -> Callable:
         return out, jax.tree.map(lambda _: True, out)
 
     return fn_vmap
+
+
+def round_waste(steps: np.ndarray, clients_at_once: int, bound: int | None = None) -> float:
+    """Steps computed / steps that carry data for one round's clients' `steps` [k].
+
+    The round sorts its clients by steps and trains them `clients_at_once` at a time (0: all
+    at once), each group until its longest client ends; bound: every client runs this many
+    (the padded layout).
+    """
+    steps = np.sort(np.asarray(steps))[::-1]
+    real = max(int(steps.sum()), 1)
+    if bound is not None:
+        return len(steps) * bound / real
+    width = clients_at_once or len(steps)
+    computed = sum(int(steps[i]) * len(steps[i : i + width]) for i in range(0, len(steps), width))
+    return computed / real

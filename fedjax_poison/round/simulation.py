@@ -55,11 +55,24 @@ class Scenario:
 
 
 class ClientData(NamedTuple):
-    """All clients' examples on device: x [N, n, H, W, C] uint8, y [N, n] int32, count [N]."""
+    """Every client's examples on device, stored once: client i holds the `count[i]` examples
+    from `start[i]`. x [M, H, W, C] uint8, y [M] int32, start [N] int32, count [N] int32."""
 
     x: jax.Array
     y: jax.Array
+    start: jax.Array
     count: jax.Array
+
+
+def client_examples(data: ClientData, clients: jax.Array, width: int):
+    """(x [k, width, H, W, C], y [k, width], count [k]) of `clients` [k]: each client's
+    examples, then zeros up to `width` (at least the largest client's count)."""
+    start, count = data.start[clients], data.count[clients]
+    position = jnp.arange(width)[None, :]  # [1, width]
+    index = start[:, None] + jnp.minimum(position, jnp.maximum(count[:, None] - 1, 0))
+    real = position < count[:, None]  # [k, width]
+    x = jnp.where(real[..., None, None, None], data.x[index], 0).astype(data.x.dtype)
+    return x, jnp.where(real, data.y[index], 0), count
 
 
 class RoundRecord(NamedTuple):
@@ -94,6 +107,8 @@ class RoundSettings(NamedTuple):
     lr_per_participation: bool  # the original code's quirk: the schedule counts a client's rounds
     record_features: bool = False  # fill RoundRecord.features
     client_groups: int = 1  # devices of the clients axis; each trains ceil(k / groups) clients
+    max_count: int = 1  # the federation's largest client: the width of a round's buffers
+    sort_by_size: bool = False  # train the round's clients longest first (unequal clients)
 
 
 def init_state(
@@ -148,10 +163,22 @@ def make_round_step(
         pad = lambda a: jnp.concatenate([a, a[: slots - k]]) if slots > k else a
         x, y, lr, keys = (pad(a) for a in (x, y, lr, keys))
         count = jnp.concatenate([count, jnp.zeros(slots - k, count.dtype)])  # [slots]
-        split = lambda a: a.reshape(groups, slots // groups, *a.shape[1:])
+        # Slot j goes to device j mod G: with clients sorted by size, devices share the work.
+        split = lambda a: jnp.swapaxes(a.reshape(slots // groups, groups, *a.shape[1:]), 0, 1)
+        merge = lambda a: jnp.swapaxes(a, 0, 1).reshape(slots, *a.shape[2:])[:k]
         grouped = shard_clients(tuple(split(a) for a in (x, y, count, lr, keys)))
         trained = jax.vmap(train_all, in_axes=in_axes)(params, batch_stats, *grouped)
-        return gather_clients(jax.tree.map(lambda a: a.reshape(slots, *a.shape[2:])[:k], trained))
+        return gather_clients(jax.tree.map(merge, trained))
+
+    def train_round(params, batch_stats, x, y, count, lr, keys) -> client.ClientResult:
+        """train_in_groups, longest clients first when sizes differ (groups of similar
+        clients stop together); results in the round's order."""
+        if not settings.sort_by_size:
+            return train_in_groups(params, batch_stats, x, y, count, lr, keys)
+        order = jnp.argsort(-count, stable=True)  # [k]
+        back = jnp.argsort(order)
+        trained = train_in_groups(params, batch_stats, *(a[order] for a in (x, y, count, lr, keys)))
+        return jax.tree.map(lambda a: a[back], trained)
 
     needs_root = any(d.root_size for d in defense_set)
 
@@ -172,7 +199,7 @@ def make_round_step(
             scenario.alpha,
             k,
         )  # [k]
-        x, y, count = data.x[selected], data.y[selected], data.count[selected]
+        x, y, count = client_examples(data, selected, settings.max_count)  # [k, n, ...]
         malicious = scenario.malicious[selected]
         poisoned = malicious & attacks.poisoning_now(state.round, *scenario.poison_window)
         context = attacks.AttackContext(poisoned, selected, state.round, k_data, scenario.flip)
@@ -186,7 +213,7 @@ def make_round_step(
             step, settings.lr, settings.lr_decay_factor, settings.lr_decay_every, settings.min_lr
         )
         keys = jax.vmap(lambda c: jax.random.fold_in(k_train, c))(selected)
-        trained = train_in_groups(state.params, state.batch_stats, x, y, count, lr, keys)
+        trained = train_round(state.params, state.batch_stats, x, y, count, lr, keys)
 
         flat_global, unravel = ravel_pytree(state.params)
         flat_local = jax.vmap(lambda p: ravel_pytree(p)[0])(trained.params)  # [k, d]
@@ -244,15 +271,8 @@ def make_round_step(
             settings.lr_decay_every,
             settings.min_lr,
         )
-        result = local_train(
-            state.params,
-            state.batch_stats,
-            root_data.x[0],
-            root_data.y[0],
-            root_data.count[0],
-            lr,
-            key,
-        )
+        x, y, count = client_examples(root_data, jnp.zeros(1, jnp.int32), root_data.x.shape[0])
+        result = local_train(state.params, state.batch_stats, x[0], y[0], count[0], lr, key)
         return ravel_pytree(result.params)[0] - ravel_pytree(state.params)[0]
 
     return round_step

@@ -19,7 +19,7 @@ class Programs(NamedTuple):
     """Everything the run loop needs, built once."""
 
     data_source: str  # the source that provided the data: files | tfds | synthetic
-    client_data: simulation.ClientData  # [N, ...] on device
+    client_data: simulation.ClientData  # every client's examples, stored once, on device
     class_counts: np.ndarray  # [N, C] examples of each class per client
     test: tuple  # (x, y, mask) batched, on device
     advance: Any  # jitted advance(states, scenarios, data, test, num_rounds)
@@ -29,7 +29,8 @@ class Programs(NamedTuple):
     attack_of: list  # [E] attacks.Attack of each experiment (measure, backdoor target)
     flags_clients: list  # [E] bool: the experiment's defense flags clients
     feature_dim: int  # inputs of the output layer (F)
-    examples_per_round: int
+    examples_per_round: int  # examples a round trains on, on average over the clients
+    client_sizes: np.ndarray  # [N] examples of each client
 
 
 def compiler_options() -> dict[str, str]:
@@ -44,7 +45,7 @@ def compiler_options() -> dict[str, str]:
 
 
 def split_clients(plan: Plan, dataset: data.Dataset) -> partition.ClientData:
-    """Partitions the training set into the N clients' padded arrays (host numpy)."""
+    """Partitions the training set among the N clients (host numpy, each example once)."""
     d = plan.data
     indices, count = partition.split(
         d.partition,
@@ -59,15 +60,28 @@ def split_clients(plan: Plan, dataset: data.Dataset) -> partition.ClientData:
 
 
 def root_data(plan: Plan, dataset: data.Dataset, size: int) -> simulation.ClientData:
-    """The server's small clean root set of `size` examples (FLTrust), as one client's
-    arrays [1, n, ...]."""
+    """The server's small clean root set of `size` examples (FLTrust), as one client."""
     rng = np.random.default_rng([plan.data.partition_seed, 1])
     idx = rng.choice(len(dataset.y_train), size, replace=False)
     return simulation.ClientData(
-        jnp.asarray(dataset.x_train[idx][None]),
-        jnp.asarray(dataset.y_train[idx][None]),
+        jnp.asarray(dataset.x_train[idx]),
+        jnp.asarray(dataset.y_train[idx]),
+        jnp.zeros(1, jnp.int32),
         jnp.asarray([size], jnp.int32),
     )
+
+
+def train_settings(plan: Plan, sizes: np.ndarray) -> client.TrainSettings:
+    """The plan's local training for clients of these sizes [N]: unequal clients stop after
+    their own steps."""
+    return plan.train._replace(ragged=bool(sizes.min() != sizes.max()))
+
+
+def examples_trained(sizes: np.ndarray, settings: client.TrainSettings) -> np.ndarray:
+    """[N] examples each client trains on in a round it is selected for."""
+    if settings.local_steps:
+        return np.full(len(sizes), settings.local_steps * settings.batch_size)
+    return sizes * settings.local_epochs
 
 
 def _rule_sets(plan: Plan, params, feature_dim: int):
@@ -120,7 +134,11 @@ def build(plan: Plan) -> Programs:
     defense = defenses.select(defense_set, 0)
     trigger = next((a.trigger for a in attack_by_name.values() if a.trigger), None)
     in_use = sharding.local_devices(mesh)
-    local_train = client.make_local_train(model, spec, plan.train, devices_in_use=in_use)
+    sizes = host_clients.count
+    train = train_settings(plan, sizes)
+    local_train = client.make_local_train(
+        model, spec, train, devices_in_use=in_use, clients_at_once=plan.clients_at_once
+    )
     lr = plan.lr
     round_step = simulation.make_round_step(
         local_train,
@@ -135,6 +153,8 @@ def build(plan: Plan) -> Programs:
             lr.per_participation,
             plan.save_features,
             sharding.client_groups(mesh),
+            max_count=int(sizes.max()),
+            sort_by_size=train.ragged,
         ),
         server.head_index(params),
         root_data(plan, dataset, defense.root_size) if defense.root_size else None,
@@ -174,7 +194,7 @@ def build(plan: Plan) -> Programs:
     return Programs(
         data_source=dataset.source,
         client_data=sharding.replicated(mesh, simulation.ClientData(*host_clients)),
-        class_counts=partition.class_counts(host_clients.y, host_clients.count, spec.num_classes),
+        class_counts=partition.class_counts(host_clients, spec.num_classes),
         test=sharding.replicated(mesh, (test.x, test.y, test.mask)),
         advance=advance,
         init_states=jax.jit(jax.vmap(init_one)),
@@ -183,5 +203,6 @@ def build(plan: Plan) -> Programs:
         attack_of=[attack_by_name[e.attack] for e in exps],
         flags_clients=[defense_by_name[e.defense].flags_clients for e in exps],
         feature_dim=feature_dim,
-        examples_per_round=int(np.mean(host_clients.count)) * k * plan.train.local_epochs,
+        examples_per_round=int(np.mean(examples_trained(sizes, train)) * k),
+        client_sizes=sizes,
     )
