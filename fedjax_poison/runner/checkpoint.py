@@ -84,8 +84,8 @@ def start(group: int, states, train_s: float, lines: int, compile_s: float) -> R
 class Checkpoints:
     """The orbax checkpoints of one run, in `directory`.
 
-    `on_write`, if given, is called after each save with the paths (relative to `directory`)
-    of every file and folder the checkpoint wrote: a workdir lists them as the run's.
+    `on_write`, if given, is called with the name of each checkpoint's folder (relative to
+    `directory`) before it is written: a workdir lists it as the run's (Workdir.own).
     """
 
     def __init__(
@@ -93,7 +93,7 @@ class Checkpoints:
         directory: str,
         num_rounds: int,
         keep: int = 2,
-        on_write: Callable[[list[str]], None] | None = None,
+        on_write: Callable[[str], None] | None = None,
     ):
         self.directory = os.path.abspath(directory)
         self.num_rounds = num_rounds
@@ -175,6 +175,8 @@ class Checkpoints:
         arrays["states"] = [np.asarray(x) for x in jax.tree.leaves(sharding.to_host(state.states))]
         meta = {key: getattr(state, key) for key in META}
         step = state.group * self.num_rounds + state.round
+        if self.on_write is not None:
+            self.on_write(str(step))
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -183,18 +185,14 @@ class Checkpoints:
             force=True,
         )
         if sharding.is_primary():  # one process writes; the others read the same folder
-            written = self._write_digests(step)
-            if self.on_write is not None:
-                self.on_write([str(step)] + [f"{step}/{name}" for name in written])
+            self._write_digests(step)
 
-    def _write_digests(self, step: int) -> list[str]:
-        """Writes DIGESTS into the folder of checkpoint `step`; every path now in it."""
+    def _write_digests(self, step: int) -> None:
+        """Writes DIGESTS into the folder of checkpoint `step`: every file in it."""
         folder = os.path.join(self.directory, str(step))
-        written, folders = _walk(folder)
-        digests = {name: _sha256(os.path.join(folder, name)) for name in written}
+        digests = {name: _sha256(os.path.join(folder, name)) for name in _walk(folder)}
         data = json.dumps({"files": digests}, indent=1, sort_keys=True) + "\n"
         files.write_atomic(os.path.join(folder, DIGESTS), data.encode())
-        return folders + written + [DIGESTS]
 
     def _verify(self, step: int) -> str | None:
         """None if every file of checkpoint `step` matches its digest, else what does not."""
@@ -241,16 +239,15 @@ class Checkpoints:
             ) from None
 
 
-def _walk(folder: str) -> tuple[list[str], list[str]]:
-    """(files, folders) under `folder`, relative with '/', DIGESTS left out."""
-    found_files, found_folders = [], []
+def _walk(folder: str) -> list[str]:
+    """Every file under `folder`, relative with '/', DIGESTS left out."""
+    found = []
     for root, dirs, names in os.walk(folder):
         dirs.sort()
         rel = os.path.relpath(root, folder)
         prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
-        found_folders += [prefix + d for d in dirs]
-        found_files += [prefix + n for n in sorted(names) if prefix + n != DIGESTS]
-    return found_files, found_folders
+        found += [prefix + n for n in sorted(names) if prefix + n != DIGESTS]
+    return found
 
 
 def _sha256(path: str) -> str:
