@@ -7,8 +7,10 @@ import os
 
 import pytest
 from test_cli import TINY, launch, one_line_error
+from test_report import write_workdir
 from test_simulation import tiny_config
 
+from fedjax_poison import report
 from fedjax_poison.runner import checkpoint, train
 
 
@@ -75,3 +77,50 @@ def test_damaged_files_a_deleted_shard_is_one_line_and_status_2(tmp_path):
     line = one_line_error(launch(*args))
     assert os.path.relpath(shard, os.path.join(work, "checkpoints")) in line
     assert "is missing" in line
+
+
+def damage_text(name: str, text: str):
+    return lambda path: (path / name).write_text(text)
+
+
+def cut_last_line(path):
+    lines = (path / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (path / "metrics.jsonl").write_text("".join(lines[:-1]) + '{"round": 20, "accuracy": 0.5x\n')
+
+
+def round_abc(path):
+    lines = (path / "metrics.jsonl").read_text().splitlines(keepends=True)
+    lines[0] = json.dumps({**json.loads(lines[0]), "round": "abc"}) + "\n"
+    (path / "metrics.jsonl").write_text("".join(lines))
+
+
+REPORT_DAMAGE = {
+    "metrics_missing": (lambda path: os.remove(path / "metrics.jsonl"), "no metrics.jsonl"),
+    "metrics_last_line": (cut_last_line, "metrics.jsonl line 8 is not JSON"),
+    "metrics_round_abc": (round_abc, "metrics.jsonl line 1: round is 'abc'"),
+    "experiments_not_objects": (damage_text("experiments.json", "[1,2,3]"), "experiments.json"),
+    "config_wrong_types": (
+        damage_text("config.json", '{"num_rounds": "20", "eval_every": 5}'),
+        "config.json num_rounds is '20'",
+    ),
+    "config_a_list": (damage_text("config.json", "[1]"), "config.json holds a JSON list"),
+    "records_empty": (damage_text("records/r00001_e0000.npz", ""), "r00001_e0000.npz is empty"),
+    "records_corrupt": (
+        damage_text("records/r00001_e0000.npz", "PK\x03\x04 cut"),
+        "r00001_e0000.npz cannot be read",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REPORT_DAMAGE))
+def test_damaged_files_report_refuses_and_keeps_the_good_tables(tmp_path, capsys, case):
+    write_workdir(tmp_path)
+    assert report.main([str(tmp_path)]) == 0
+    good = {n: (tmp_path / n).read_bytes() for n in ("results.csv", "results.md")}
+    capsys.readouterr()
+    damage, words = REPORT_DAMAGE[case]
+    damage(tmp_path)
+    assert report.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and words in err, err
+    assert {n: (tmp_path / n).read_bytes() for n in good} == good

@@ -9,9 +9,10 @@ import sys
 
 import numpy as np
 import pytest
+from test_report import write_workdir
 from test_simulation import tiny_config
 
-from fedjax_poison import errors
+from fedjax_poison import errors, report
 from fedjax_poison.runner import train, workdir
 from fedjax_poison.runner.workdir import LOCK, MARKER, Workdir, WorkdirError
 
@@ -456,3 +457,26 @@ def test_workdir_overwrite_of_a_real_run_deletes_its_checkpoints_and_events_only
     assert (tmp_path / "tensorboard" / events[0] / "mine.txt").read_text() == "mine too"
     kept = os.listdir(tmp_path / "tensorboard" / events[0])
     assert len([n for n in kept if n.startswith("events.out")]) == 1  # the new run's alone
+
+
+def test_workdir_report_out_writes_only_into_a_folder_of_its_own(tmp_path, capsys, monkeypatch):
+    write_workdir(tmp_path / "run")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.md").write_text("my notes")
+    assert report.main([str(tmp_path / "run"), f"--out={mine}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "results.md" in err and "nothing was deleted" in err
+    assert os.listdir(mine) == ["results.md"] and (mine / "results.md").read_text() == "my notes"
+    out = tmp_path / "out"
+    for _ in range(2):  # a new folder, then the same folder again: it made it
+        assert report.main([str(tmp_path / "run"), f"--out={out}"]) == 0
+    assert json.loads((out / MARKER).read_text())["paths"]["results.md"] == "file"
+    assert report.main([str(tmp_path / "run"), f"--out={tmp_path / 'run'}"]) == 0  # in place
+    claim(tmp_path / "real").release()
+    write_workdir(tmp_path / "real")
+    assert report.main([str(tmp_path / "run"), f"--out={tmp_path / 'real'}"]) == 2
+    assert "not a report folder" in capsys.readouterr().err
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert report.main(["~/run", "--out=~/home_out"]) == 0
+    assert (tmp_path / "home_out" / "results.md").exists()
