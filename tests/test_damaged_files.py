@@ -124,3 +124,15 @@ def test_damaged_files_report_refuses_and_keeps_the_good_tables(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and words in err, err
     assert {n: (tmp_path / n).read_bytes() for n in good} == good
+
+
+def test_interruption_between_a_checkpoint_and_its_digests_resumes_from_the_one_before(
+    tmp_path, caplog
+):
+    lines = finished_run(tmp_path)
+    os.remove(tmp_path / "checkpoints" / "4" / checkpoint.DIGESTS)  # killed just after orbax
+    with caplog.at_level(logging.WARNING):
+        train.train_and_evaluate(tiny_config(num_rounds=4, checkpoint_every=2), str(tmp_path))
+    (warning,) = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert "stopped as it saved" in warning and "resuming from checkpoint 2" in warning
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines
