@@ -35,6 +35,7 @@ def flip(path: str, count: int = 16) -> None:
         f.write(data)
 
 
+@pytest.mark.slow  # a whole run
 def test_damaged_files_flipped_bytes_resume_from_the_checkpoint_before(tmp_path, caplog):
     lines = finished_run(tmp_path)
     damaged = array_file(tmp_path, 4)
@@ -54,6 +55,7 @@ def test_damaged_files_flipped_bytes_resume_from_the_checkpoint_before(tmp_path,
     assert checkpoint.Checkpoints(str(tmp_path / "checkpoints"), 4).latest()["round"] == 4
 
 
+@pytest.mark.slow  # a whole run
 def test_damaged_files_with_no_intact_checkpoint_left_are_refused_in_one_line(tmp_path):
     finished_run(tmp_path)
     flip(array_file(tmp_path, 4), count=1)
@@ -68,6 +70,7 @@ def test_damaged_files_with_no_intact_checkpoint_left_are_refused_in_one_line(tm
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]  # nothing deleted
 
 
+@pytest.mark.slow  # a whole run
 def test_damaged_files_a_deleted_shard_is_one_line_and_status_2(tmp_path):
     work = str(tmp_path / "run")
     args = [*TINY, "--config.num_rounds=2", "--config.eval_every=2", f"--workdir={work}"]
@@ -126,6 +129,7 @@ def test_damaged_files_report_refuses_and_keeps_the_good_tables(tmp_path, capsys
     assert {n: (tmp_path / n).read_bytes() for n in good} == good
 
 
+@pytest.mark.slow  # a whole run
 def test_interruption_between_a_checkpoint_and_its_digests_resumes_from_the_one_before(
     tmp_path, caplog
 ):

@@ -444,6 +444,7 @@ def test_workdir_a_dangling_symlink_is_named_as_one(tmp_path):
     one_line_error(excinfo, "symbolic link", str(tmp_path / "gone"), "does not exist")
 
 
+@pytest.mark.slow  # a whole run
 def test_workdir_overwrite_of_a_real_run_deletes_its_checkpoints_and_events_only(tmp_path):
     c = tiny_config(num_rounds=2, checkpoint_every=2, tensorboard=True)
     train.train_and_evaluate(c, str(tmp_path))
