@@ -70,6 +70,7 @@ def test_hostile_configs_pca_analysis(tmp_path, rounds, workdir, expected):
     ],
     ids=["seeds_a", "seeds_repeated", "attacks_empty", "attacks_repeated", "defenses_repeated"],
 )
+@pytest.mark.slow  # five launches of the command: a minute on 2 cores
 def test_hostile_configs_compare_defenses(tmp_path, flag, expected):
     workdir = tmp_path / "matrix"
     proc = command("compare_defenses", SMOKE, f"--workdir={workdir}", flag)
