@@ -318,6 +318,36 @@ def compare(config, workdir: str, attack_names, defense_names, seeds) -> list[di
     return table
 
 
+def choose(given: list[str] | None, default: list[str], flag: str) -> list[str]:
+    """The names of --{flag}: `default` when not given; empty or repeated names are refused."""
+    if given is None:
+        return default
+    names = [n.strip() for n in given]
+    if not names or not all(names):
+        raise configuration.ConfigError(
+            f"--{flag}={','.join(given)} names an empty value: give names separated by commas, "
+            f"or leave --{flag} out"
+        )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise configuration.ConfigError(
+            f"--{flag} names {', '.join(repeated)} more than once: name each once"
+        )
+    return names
+
+
+def seed_values(given: list[str] | None, default: int) -> list[int]:
+    """--seeds as whole numbers (default: the config's seed)."""
+    names = choose(given, [str(default)], "seeds")
+    try:
+        return [int(n) for n in names]
+    except ValueError:
+        raise configuration.ConfigError(
+            f"--seeds={','.join(given or [])} holds a value that is not a whole number: "
+            "e.g. --seeds=0,1,2"
+        ) from None
+
+
 def _cli() -> None:
     """Command line (flags are defined only when this module is the program)."""
     config = config_flags.DEFINE_config_file("config", None, "Config file (a get_config).")
@@ -331,15 +361,17 @@ def _cli() -> None:
         del argv
         api.configure_cli_logging()
         c = config.value
-        chosen = attack_names.value or [c.attack.name]
+        path = os.path.expanduser(workdir.value)
         try:
+            chosen = choose(attack_names.value, [c.attack.name], "attacks")
+            columns = choose(names.value, list(defenses.DEFENSES), "defenses")
+            chosen_seeds = seed_values(seeds.value, c.seed)
             sharding.use_cpu_devices(c.mesh.cpu_devices)  # as launch.py: one per core
-            compare(
-                c, workdir.value, chosen, names.value, [int(s) for s in seeds.value or [c.seed]]
-            )
+            compare(c, path, chosen, columns, chosen_seeds)
         except USER_ERRORS as e:
-            sys.exit(f"error: {e}")
-        print(open(os.path.join(workdir.value, "matrix.md")).read())
+            print(f"error: {e}", file=sys.stderr)  # as launch.py: one line, status 2
+            sys.exit(2)
+        print(open(os.path.join(path, "matrix.md")).read())
 
     app.run(main)
 

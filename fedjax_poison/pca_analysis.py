@@ -9,46 +9,80 @@ the rounds of the window (numbered from 1, as everywhere; the paper's code uses 
 vs malicious marked, as in the paper's figure), `pca_verdicts.csv` (one line per client)
 and `pca_analysis.json` (cluster purity, precision and recall of the verdicts per row and
 per client) into the run's workdir, under its lock and in its manifest. The clustering
-and the choice of the malicious cluster are the PCA defense's own.
+and the choice of the malicious cluster are the PCA defense's own. A user's error (no
+features, a window that is not first:last, a folder that is not a run's, a damaged features
+file) ends in one line and exit status 2.
 """
 
 import glob
 import os
+import sys
+import zipfile
 
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from fedjax_poison import errors, files
 from fedjax_poison.defenses import source_pca
 from fedjax_poison.results import figures
 from fedjax_poison.runner.workdir import Workdir
 
 
+class AnalysisError(errors.UserError, ValueError):
+    """The analysis cannot run on what it was given; the message says what to change."""
+
+
+def parse_rounds(text: str) -> tuple[int, int]:
+    """'first:last' (or 'first:', to the end) as two rounds numbered from 1."""
+    first, colon, last = text.partition(":")
+    try:
+        window = int(first), int(last) if last.strip() else 10**9
+    except ValueError:
+        window = None
+    if not colon or window is None or not 1 <= window[0] <= window[1]:
+        raise AnalysisError(
+            f"--rounds={files.show(text)} is not a window first:last of rounds from 1 with "
+            "first <= last, e.g. --rounds=11:200"
+        )
+    return window
+
+
 def load_features(workdir: str, experiment: int = 0) -> dict:
     """Rows of one experiment pooled over rounds and clients: each value [m] or [m, F]."""
-    paths = sorted(glob.glob(os.path.join(workdir, "features", "r*_e*.npz")))
+    folder = os.path.join(workdir, "features")
+    paths = sorted(glob.glob(os.path.join(glob.escape(folder), "r*_e*.npz")))
     if not paths:
-        raise FileNotFoundError(
-            f"no features in {workdir}/features: run with --config.save_features=True"
+        raise AnalysisError(
+            f"no features in {files.show(folder)}: run with --config.save_features=True"
         )
     parts = []
     for path in paths:
-        with np.load(path) as f:
-            hit = np.flatnonzero(f["experiment"] == experiment)
-            if hit.size:
-                g, k = hit[0], f["client"].shape[-1]
-                parts.append(
-                    {
-                        "round": np.repeat(f["round"], k),
-                        "client": f["client"][g].ravel(),
-                        "malicious": f["malicious"][g].ravel(),
-                        "flagged": f["flagged"][g].ravel(),
-                        "sign": f["sign"][g].ravel(),
-                        "features": f["features"][g].reshape(-1, f["features"].shape[-1]),
-                    }
-                )
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                hit = np.flatnonzero(f["experiment"] == experiment)
+                if hit.size:
+                    g, k = hit[0], f["client"].shape[-1]
+                    parts.append(
+                        {
+                            "round": np.repeat(f["round"], k),
+                            "client": f["client"][g].ravel(),
+                            "malicious": f["malicious"][g].ravel(),
+                            "flagged": f["flagged"][g].ravel(),
+                            "sign": f["sign"][g].ravel(),
+                            "features": f["features"][g].reshape(-1, f["features"].shape[-1]),
+                        }
+                    )
+        except (OSError, ValueError, EOFError, KeyError, IndexError, zipfile.BadZipFile) as e:
+            raise AnalysisError(
+                f"{files.show(path)} cannot be read ({type(e).__name__}): the file was "
+                "changed or damaged; restore or delete it"
+            ) from None
     if not parts:
-        raise ValueError(f"experiment {experiment} has no features in {workdir}/features")
+        raise AnalysisError(
+            f"experiment {experiment} has no features in {files.show(folder)}: name another "
+            "--experiment"
+        )
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
@@ -61,7 +95,9 @@ def analyze(rows: dict, first_round: int, last_round: int, iters: int = 20) -> d
     """Clusters the window's rows in 2-D PCA and scores the verdicts against the truth."""
     keep = (rows["round"] >= first_round) & (rows["round"] <= last_round)
     if not keep.any():
-        raise ValueError(f"no rows in rounds {first_round}..{last_round}")
+        raise AnalysisError(
+            f"no features in rounds {first_round} to {last_round}: choose another --rounds"
+        )
     x = jnp.asarray(rows["features"][keep])
     valid = jnp.ones(x.shape[0], bool)
     points, in1, separation = source_pca.cluster_rows(x, valid, iters)
@@ -121,9 +157,15 @@ def plot_scatter(result: dict, title: str):
 def write_analysis(workdir: str, experiment: int, first_round: int, last_round: int) -> dict:
     """Runs the analysis for one experiment of a run and writes its files into the run's
     workdir (rounds first_round..last_round, numbered from 1)."""
-    rows = load_features(workdir, experiment)
-    last_round = min(last_round, int(rows["round"].max()))
-    result = analyze(rows, first_round, last_round)
+    with Workdir.attach(workdir) as wd:  # a folder that is not a run's stops here
+        rows = load_features(workdir, experiment)
+        last_round = min(last_round, int(rows["round"].max()))
+        result = analyze(rows, first_round, last_round)
+        _write(wd, workdir, experiment, first_round, last_round, result)
+    return {k: v for k, v in result.items() if not isinstance(v, np.ndarray)}
+
+
+def _write(wd, workdir: str, experiment: int, first_round: int, last_round: int, result):
     suffix = f"_e{experiment}" if experiment else ""
     lines = ["client,malicious,flagged"] + [
         f"{c},{int(t)},{int(v)}"
@@ -131,13 +173,11 @@ def write_analysis(workdir: str, experiment: int, first_round: int, last_round: 
     ]
     scores = {k: v for k, v in result.items() if not isinstance(v, np.ndarray)}
     title = f"{os.path.basename(os.path.abspath(workdir))}: rounds {first_round}-{last_round}"
-    with Workdir.attach(workdir) as wd:
-        figures.save(
-            plot_scatter(result, f"{title}, {result['rows']} rows"), f"pca_scatter{suffix}", wd
-        )
-        wd.write_text(f"pca_verdicts{suffix}.csv", "\n".join(lines) + "\n")
-        wd.write_json(f"pca_analysis{suffix}.json", scores)
-    return scores
+    figures.save(
+        plot_scatter(result, f"{title}, {result['rows']} rows"), f"pca_scatter{suffix}", wd
+    )
+    wd.write_text(f"pca_verdicts{suffix}.csv", "\n".join(lines) + "\n")
+    wd.write_json(f"pca_analysis{suffix}.json", scores)
 
 
 def _cli() -> None:
@@ -149,8 +189,13 @@ def _cli() -> None:
 
     def main(argv):
         del argv
-        first, _, last = window.value.partition(":")
-        scores = write_analysis(workdir.value, experiment.value, int(first), int(last or 10**9))
+        try:
+            first, last = parse_rounds(window.value)
+            path = os.path.expanduser(workdir.value)
+            scores = write_analysis(path, experiment.value, first, last)
+        except errors.UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
         print(
             " ".join(
                 f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in scores.items()

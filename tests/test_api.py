@@ -4,11 +4,13 @@ and the summary returned, a workdir made when none is given."""
 import logging
 import os
 
+import pytest
 from test_simulation import tiny_config
 
 import fedjax_poison
 
 
+@pytest.mark.slow  # a whole run
 def test_run_returns_history_and_summary_and_logs_progress(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     c = tiny_config(num_rounds=4, **{"attack.malicious_fraction": 0.25})

@@ -96,6 +96,7 @@ def test_the_workdir_is_guarded(tmp_path):
     assert "is a file, not a folder" in message
 
 
+@pytest.mark.slow  # a whole run
 def test_a_damaged_metrics_file_is_refused_and_left_as_it_is(tmp_path):
     flags = [*TINY, "--config.num_rounds=6", "--config.eval_every=2", f"--workdir={tmp_path}"]
     assert launch(*flags).returncode == 0
@@ -145,6 +146,7 @@ def stop_running(signum, *args, then=lambda proc: None):
     return proc.returncode, "".join(lines), rest
 
 
+@pytest.mark.slow  # a whole run
 def test_lock_ctrl_c_and_resume(tmp_path):
     """A second launch on a running workdir is refused; Ctrl-C saves the run and prints the
     command that resumes it; that command finishes it with the rows of a run never stopped."""
@@ -180,6 +182,7 @@ def test_lock_ctrl_c_and_resume(tmp_path):
     assert read(work) == read(tmp_path / "reference")
 
 
+@pytest.mark.slow  # a whole run
 def test_sigterm_saves_like_ctrl_c(tmp_path):
     """A scheduler's preemption (SIGTERM) stops after the evaluation, saves, and says how to
     resume, as Ctrl-C does."""
@@ -196,6 +199,7 @@ def test_sigterm_saves_like_ctrl_c(tmp_path):
         saved.close()
 
 
+@pytest.mark.slow  # a whole run
 def test_without_workdir_the_run_goes_to_runs(tmp_path):
     proc = launch(*TINY, "--config.num_rounds=2", "--config.eval_every=2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from test_simulation import tiny_config
 
 from fedjax_poison import pca_analysis
@@ -15,6 +16,7 @@ def pca_config(**overrides):
     return c
 
 
+@pytest.mark.slow  # a whole run
 def test_verdicts_do_not_see_the_ground_truth(tmp_path):
     # Nobody poisons before round 6, so the updates of rounds 1..5 are the same whoever is
     # called malicious: their flags must be the same too.
@@ -31,6 +33,7 @@ def test_verdicts_do_not_see_the_ground_truth(tmp_path):
     np.testing.assert_array_equal(flagged[0], flagged[1])
 
 
+@pytest.mark.slow  # a whole run
 def test_features_and_offline_analysis(tmp_path):
     c = pca_config(save_features=True, **{"attack.malicious_fraction": 0.5})
     summary = train.train_and_evaluate(c, str(tmp_path))

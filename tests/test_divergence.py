@@ -57,6 +57,7 @@ def test_a_single_run_that_diverges_stops_in_one_line(tmp_path, monkeypatch, cap
     assert not os.listdir(tmp_path / "checkpoints")  # a diverged state is never saved
 
 
+@pytest.mark.slow  # a whole run
 def test_in_a_sweep_only_the_diverged_experiment_is_marked(tmp_path, monkeypatch):
     c = tiny_config(num_rounds=5)  # evaluations after rounds 2, 4 and 5
     c.sweep.seed = (1, 2, 3)

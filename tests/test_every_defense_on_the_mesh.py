@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from fedjax_poison import defenses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,6 +22,7 @@ CHAINS = ("nnm+krum", "bucketing+median", "norm_clipping+bucketing+trimmed_mean"
 RULES = tuple(sorted(defenses.DEFENSES)) + CHAINS
 
 
+@pytest.mark.slow  # a whole run
 def test_every_defense_runs_on_the_default_mesh(tmp_path):
     command = [
         sys.executable,

@@ -39,6 +39,7 @@ def final_row(summary, attack, defense, seed):
     return row
 
 
+@pytest.mark.slow  # the matrix fixture: one sweep, a minute or more
 def test_one_run_with_every_cell_and_the_no_attack_row(matrix):
     workdir, summary, cells = matrix
     assert summary["num_experiments"] == 3 * 2 * 2  # attacks incl. none x defenses x seeds
@@ -64,6 +65,7 @@ def stable(workdir, attack, defense, seed, metric):
     return float(np.mean([r[metric] for r in mine]))
 
 
+@pytest.mark.slow  # the matrix fixture: one sweep, a minute or more
 def test_mean_and_std_over_seeds_by_hand(matrix):
     workdir, summary, cells = matrix
     acc = [stable(workdir, "label_flip", "median", s, "accuracy") for s in (0, 1)]
@@ -82,6 +84,7 @@ def test_mean_and_std_over_seeds_by_hand(matrix):
     assert final != acc  # the cells are not the last evaluation's values
 
 
+@pytest.mark.slow  # the matrix fixture: one sweep, a minute or more
 def test_a_diverged_cell_says_so_without_a_number(matrix):
     workdir, summary, cells = matrix
     assert all(final_row(summary, "gaussian", "fedavg", s)["diverged"] for s in (0, 1))
@@ -93,6 +96,7 @@ def test_a_diverged_cell_says_so_without_a_number(matrix):
     assert cells["label_flip", "fedavg"]["diverged"] == "0"
 
 
+@pytest.mark.slow  # the matrix fixture: one sweep, a minute or more
 def test_a_defense_that_cannot_run_is_a_note(matrix):
     workdir, _, cells = matrix
     note = cells["label_flip", "bulyan"]["note"]

@@ -19,6 +19,7 @@ def test_parameter_counts_match_the_paper(name, shape, expected):
     assert models.count_params(params) == expected
 
 
+@pytest.mark.slow  # compiles a CIFAR-sized model: 10 s or more on 2 cores
 @pytest.mark.parametrize(
     "name,shape", [("fashion_mnist_cnn", (28, 28, 1)), ("cifar10_cnn", (32, 32, 3))]
 )
@@ -48,6 +49,7 @@ def test_head_kernel_has_one_column_per_class():
     assert params[models.HEAD]["kernel"].shape == (128, 100)  # CIFAR-100: 100 classes
 
 
+@pytest.mark.slow  # compiles a CIFAR-sized model: 10 s or more on 2 cores
 def test_original_cifar_softmax_output_is_optional():
     model = build("cifar10_cnn", softmax_output=True)
     params, stats = models.init_variables(model, jax.random.key(0), (32, 32, 3))
@@ -55,6 +57,7 @@ def test_original_cifar_softmax_output_is_optional():
     np.testing.assert_allclose(out.sum(-1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow  # compiles a CIFAR-sized model: 10 s or more on 2 cores
 def test_batch_norm_mask_ignores_padding_examples():
     model = build("fashion_mnist_cnn")
     params, stats = models.init_variables(model, jax.random.key(0), (28, 28, 1))

@@ -7,8 +7,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from fedjax_poison.runner import train
+
+pytestmark = pytest.mark.slow  # two processes joined by jax.distributed: minutes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The run of tiny_config (test_simulation) with 2 seeds, as command-line overrides.

@@ -15,6 +15,8 @@ from fedjax_poison import data, files
 from fedjax_poison.config import configuration
 from fedjax_poison.runner import train
 
+pytestmark = pytest.mark.slow  # the paper's claim on real data: minutes
+
 FILES = data.SPECS["fashion_mnist"].default_dir
 
 

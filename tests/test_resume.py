@@ -20,6 +20,8 @@ from test_simulation import tiny_config
 from fedjax_poison import errors
 from fedjax_poison.runner import checkpoint, train
 
+pytestmark = pytest.mark.slow  # real runs killed and resumed: minutes on 2 cores
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = (
     "compile_s",

@@ -29,6 +29,7 @@ def test_experiment_axis_is_split_over_devices():
 
 
 @pytest.mark.parametrize("experiments, clients, k", [(2, 2, 4), (1, 2, 3)])
+@pytest.mark.slow  # a whole run
 def test_sharded_sweep_equals_one_device(tmp_path, experiments, clients, k):
     # (1, 2, 3): three clients of a round on two devices, as 2 x 2 slots, one of them empty.
     from test_simulation import tiny_config

@@ -45,6 +45,7 @@ def test_fedavg_of_two_toy_clients_by_hand():
     assert skewed["w"].tolist() == [1.5, 3.0]
 
 
+@pytest.mark.slow  # a whole run
 def test_one_compile_per_run_and_no_python_loop_over_clients(tmp_path, monkeypatch):
     traces = {"round": 0, "local_train": 0}
     make_round, make_local = simulation.make_round_step, client.make_local_train
@@ -91,6 +92,7 @@ def test_run_writes_every_output(tmp_path):
     assert json.load(open(tmp_path / "config.json"))["attack"]["malicious_fraction"] == 0.5
 
 
+@pytest.mark.slow  # a whole run
 def test_same_seed_same_metrics(tmp_path):
     c = tiny_config(**{"attack.malicious_fraction": 0.25})
     train.train_and_evaluate(c, str(tmp_path / "a"))
@@ -98,6 +100,7 @@ def test_same_seed_same_metrics(tmp_path):
     assert open(tmp_path / "a/metrics.jsonl").read() == open(tmp_path / "b/metrics.jsonl").read()
 
 
+@pytest.mark.slow  # a whole run
 def test_sweep_equals_each_experiment_alone(tmp_path):
     tiny_config(num_rounds=4)
     sweep = tiny_config(num_rounds=4)
@@ -146,6 +149,7 @@ def test_experiment_groups_pad_the_last_group():
     assert plan.experiment_groups(3, 0) == [[0, 1, 2]]
 
 
+@pytest.mark.slow  # a whole run
 def test_chunked_sweep_matches_the_whole_sweep(tmp_path):
     whole = tiny_config(num_rounds=3)
     whole.sweep.malicious_fraction = (0.0, 0.25, 0.5)
@@ -162,6 +166,7 @@ def test_chunked_sweep_matches_the_whole_sweep(tmp_path):
     assert len(lines) == 3 * 2  # evaluations after rounds 2 and 3, no duplicated padding rows
 
 
+@pytest.mark.slow  # a whole run
 def test_a_clean_twin_is_measured_on_the_pairs_its_attacked_twins_flip(tmp_path):
     """The clean experiment's source recall and attack success rate are its attacked twins'
     reference: read on their flips from its own confusion matrix."""

@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a benchmark run: minutes on 2 cores
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

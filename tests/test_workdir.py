@@ -9,9 +9,11 @@ import sys
 
 import numpy as np
 import pytest
+from test_report import write_workdir
+from test_simulation import tiny_config
 
-from fedjax_poison import errors
-from fedjax_poison.runner import workdir
+from fedjax_poison import errors, report
+from fedjax_poison.runner import train, workdir
 from fedjax_poison.runner.workdir import LOCK, MARKER, Workdir, WorkdirError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +44,10 @@ def write_run(w: Workdir) -> None:
     w.write_json("summary.json", {"final": ROWS, "loss": float("nan")})
     w.write_bytes("features/r00000_e0000.npz", b"features")
     w.write_bytes("plots/accuracy.png", b"png")
-    with open(os.path.join(w.folder("checkpoints"), "ocdbt.process_0"), "wb") as f:
+    folder = w.folder("checkpoints")
+    w.own("checkpoints/4")  # as Checkpoints.save lists a step's folder before orbax writes it
+    os.makedirs(os.path.join(folder, "4"))
+    with open(os.path.join(w.folder("checkpoints"), "4", "ocdbt.process_0"), "wb") as f:
         f.write(b"orbax")
 
 
@@ -60,7 +65,8 @@ def test_fresh_workdir_is_created_and_marked(tmp_path):
     marker = json.loads((tmp_path / "runs" / "a" / MARKER).read_text())
     assert marker["tool"] == "fedjax_poison" and marker["config"] == CONFIG
     assert marker["paths"]["features"] == "folder"
-    assert marker["paths"]["checkpoints"] == "owned"
+    assert marker["paths"]["checkpoints"] == "handed"
+    assert marker["paths"]["checkpoints/4"] == "owned"
     assert marker["paths"]["metrics.jsonl"] == "file"
 
 
@@ -370,3 +376,108 @@ def test_a_damaged_line_is_named_and_the_file_left_as_it_is(tmp_path, damage, li
                 read()
             one_line_error(excinfo, "metrics.jsonl", f"line {line} ")
             assert (tmp_path / "metrics.jsonl").read_bytes() == data
+
+
+def test_workdir_overwrite_keeps_a_users_files_in_the_runs_writer_folders(tmp_path):
+    with claim(tmp_path) as w:
+        write_run(w)
+        events = os.path.join(w.folder("tensorboard"), "e0000_fedavg")
+        os.makedirs(events)
+        with open(os.path.join(events, "events.out.tfevents.1.host"), "wb") as f:
+            f.write(b"events")
+        w.own("tensorboard/e0000_fedavg/events.out.tfevents.1.host", workdir.FILE)
+    (tmp_path / "checkpoints" / "notes.txt").write_text("mine")
+    (tmp_path / "tensorboard" / "e0000_fedavg" / "mine.txt").write_text("mine too")
+    with claim(tmp_path, {**CONFIG, "lr": 0.1}, overwrite=True) as w:
+        assert not w.resumed
+        w.folder("checkpoints")  # the next run uses the folder that stayed
+    assert tree(tmp_path) == {
+        "checkpoints/notes.txt": b"mine",
+        "tensorboard/e0000_fedavg/mine.txt": b"mine too",
+        MARKER: (tmp_path / MARKER).read_bytes(),
+    }
+
+
+def test_workdir_own_forgets_what_its_writer_deleted(tmp_path):
+    with claim(tmp_path) as w:
+        w.folder("checkpoints")
+        for step in (2, 4, 6):
+            w.own(f"checkpoints/{step}")
+            os.makedirs(tmp_path / "checkpoints" / str(step))
+            if step == 4:  # orbax keeps the last two
+                os.rmdir(tmp_path / "checkpoints" / "2")
+        with pytest.raises(ValueError, match="not inside a folder"):
+            w.own("metrics.jsonl")
+    paths = json.loads((tmp_path / MARKER).read_text())["paths"]
+    assert paths == {"checkpoints": "handed", "checkpoints/4": "owned", "checkpoints/6": "owned"}
+
+
+def test_workdir_holding_only_a_users_lock_file_is_foreign(tmp_path):
+    (tmp_path / LOCK).write_text("my lock, not a run's")
+    with pytest.raises(WorkdirError) as excinfo:
+        claim(tmp_path)
+    one_line_error(excinfo, LOCK, "nothing was deleted")
+    assert os.listdir(tmp_path) == [LOCK]
+    assert (tmp_path / LOCK).read_text() == "my lock, not a run's"
+
+
+def test_workdir_left_with_only_the_tools_lock_is_claimed(tmp_path):
+    with claim(tmp_path / "run"):
+        pass
+    os.remove(tmp_path / "run" / MARKER)  # a run stopped between its lock and its marker
+    with claim(tmp_path / "run") as w:
+        assert not w.resumed
+
+
+def test_workdir_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with claim("~/runs/a") as w:
+        assert w.path == str(tmp_path / "runs" / "a")
+    assert not (tmp_path / "~").exists()
+
+
+def test_workdir_a_dangling_symlink_is_named_as_one(tmp_path):
+    os.symlink(tmp_path / "gone", tmp_path / "run")
+    with pytest.raises(WorkdirError) as excinfo:
+        claim(tmp_path / "run")
+    one_line_error(excinfo, "symbolic link", str(tmp_path / "gone"), "does not exist")
+
+
+@pytest.mark.slow  # a whole run
+def test_workdir_overwrite_of_a_real_run_deletes_its_checkpoints_and_events_only(tmp_path):
+    c = tiny_config(num_rounds=2, checkpoint_every=2, tensorboard=True)
+    train.train_and_evaluate(c, str(tmp_path))
+    events = [d for d in os.listdir(tmp_path / "tensorboard")]
+    (tmp_path / "checkpoints" / "notes.txt").write_text("mine")
+    (tmp_path / "tensorboard" / events[0] / "mine.txt").write_text("mine too")
+    c.lr, c.overwrite = c.lr / 2, True
+    train.train_and_evaluate(c, str(tmp_path))
+    assert (tmp_path / "checkpoints" / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "notes.txt"]
+    assert (tmp_path / "tensorboard" / events[0] / "mine.txt").read_text() == "mine too"
+    kept = os.listdir(tmp_path / "tensorboard" / events[0])
+    assert len([n for n in kept if n.startswith("events.out")]) == 1  # the new run's alone
+
+
+def test_workdir_report_out_writes_only_into_a_folder_of_its_own(tmp_path, capsys, monkeypatch):
+    write_workdir(tmp_path / "run")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.md").write_text("my notes")
+    assert report.main([str(tmp_path / "run"), f"--out={mine}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "results.md" in err and "nothing was deleted" in err
+    assert os.listdir(mine) == ["results.md"] and (mine / "results.md").read_text() == "my notes"
+    out = tmp_path / "out"
+    for _ in range(2):  # a new folder, then the same folder again: it made it
+        assert report.main([str(tmp_path / "run"), f"--out={out}"]) == 0
+    assert json.loads((out / MARKER).read_text())["paths"]["results.md"] == "file"
+    assert report.main([str(tmp_path / "run"), f"--out={tmp_path / 'run'}"]) == 0  # in place
+    claim(tmp_path / "real").release()
+    write_workdir(tmp_path / "real")
+    assert report.main([str(tmp_path / "run"), f"--out={tmp_path / 'real'}"]) == 2
+    assert "not a report folder" in capsys.readouterr().err
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert report.main(["~/run", "--out=~/home_out"]) == 0
+    assert (tmp_path / "home_out" / "results.md").exists()

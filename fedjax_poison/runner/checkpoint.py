@@ -8,21 +8,34 @@ from it as if the run had never stopped.
 Orbax writes a checkpoint into a temporary folder and renames it once complete, so a kill
 in mid-write leaves the previous one intact; the last two are kept. A step counts rounds
 over the whole sweep (group * num_rounds + round), so steps grow from group to group.
+
+Each checkpoint folder also holds DIGESTS, the sha256 of every file in it, written once the
+checkpoint is complete. A resume checks them before reading anything: a checkpoint with a
+changed, missing or unlisted-as-written file is damaged, and the run goes on from the newest
+intact one before it (the damaged ones are deleted, with one warning line each), or is
+refused in one line when none is left. A flipped byte in an array file would otherwise
+resume with wrong parameters and no error.
 """
 
+import hashlib
+import json
 import logging as std_logging
 import os
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fedjax_poison import files
 from fedjax_poison.errors import UserError
 from fedjax_poison.round import sharding
 
 FOLDER = "checkpoints"  # in the workdir
 META = ("group", "round", "lines", "train_s", "compile_s")
+DIGESTS = "sha256.json"  # in each checkpoint's folder: {"files": {relative path: sha256}}
+log = std_logging.getLogger(__name__)
 
 
 def _quiet_orbax(record: std_logging.LogRecord) -> bool:
@@ -69,11 +82,22 @@ def start(group: int, states, train_s: float, lines: int, compile_s: float) -> R
 
 
 class Checkpoints:
-    """The orbax checkpoints of one run, in `directory`."""
+    """The orbax checkpoints of one run, in `directory`.
 
-    def __init__(self, directory: str, num_rounds: int, keep: int = 2):
+    `on_write`, if given, is called with the name of each checkpoint's folder (relative to
+    `directory`) before it is written: a workdir lists it as the run's (Workdir.own).
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        num_rounds: int,
+        keep: int = 2,
+        on_write: Callable[[str], None] | None = None,
+    ):
         self.directory = os.path.abspath(directory)
         self.num_rounds = num_rounds
+        self.on_write = on_write
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=False,  # the next chunk donates the state's buffers
@@ -85,10 +109,35 @@ class Checkpoints:
         )
 
     def latest(self) -> dict | None:
-        """Where the last complete checkpoint stands (META: group, round, ...), or None."""
-        step = self.manager.latest_step()
-        if step is None:
-            return None
+        """Where the last intact checkpoint stands (META: group, round, ...), or None.
+
+        Newer checkpoints whose files do not match their digests are deleted, each with a
+        warning naming the file; CheckpointError when no intact one is left.
+        """
+        damaged = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            problem = self._verify(step)
+            if problem is None:
+                meta = self._meta(step)
+                for bad, why in damaged:
+                    log.warning(
+                        "checkpoint %d in %s is damaged (%s): resuming from checkpoint %d, "
+                        "and checkpoint %d is deleted",
+                        bad, self.directory, why, step, bad,
+                    )  # fmt: skip
+                    self.manager.delete(bad)
+                return meta
+            damaged.append((step, problem))
+        if damaged:
+            step, problem = damaged[0]
+            raise CheckpointError(
+                f"checkpoint {step} in {self.directory} is damaged ({problem}) and no intact "
+                "checkpoint is left to resume from: use --config.overwrite=True to start "
+                "again, or another --workdir"
+            )
+        return None
+
+    def _meta(self, step: int) -> dict:
         meta = self._restore(step, meta=ocp.args.JsonRestore())["meta"]
         if not isinstance(meta, dict) or set(meta) != set(META):
             raise CheckpointError(
@@ -125,13 +174,56 @@ class Checkpoints:
         arrays = dict(state.arrays)
         arrays["states"] = [np.asarray(x) for x in jax.tree.leaves(sharding.to_host(state.states))]
         meta = {key: getattr(state, key) for key in META}
+        step = state.group * self.num_rounds + state.round
+        if self.on_write is not None:
+            self.on_write(str(step))
         self.manager.save(
-            state.group * self.num_rounds + state.round,
+            step,
             args=ocp.args.Composite(
                 arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)
             ),
             force=True,
         )
+        if sharding.is_primary():  # one process writes; the others read the same folder
+            self._write_digests(step)
+
+    def _write_digests(self, step: int) -> None:
+        """Writes DIGESTS into the folder of checkpoint `step`: every file in it."""
+        folder = os.path.join(self.directory, str(step))
+        digests = {name: _sha256(os.path.join(folder, name)) for name in _walk(folder)}
+        data = json.dumps({"files": digests}, indent=1, sort_keys=True) + "\n"
+        files.write_atomic(os.path.join(folder, DIGESTS), data.encode())
+
+    def _verify(self, step: int) -> str | None:
+        """None if every file of checkpoint `step` matches its digest, else what does not."""
+        folder = os.path.join(self.directory, str(step))
+        path = os.path.join(folder, DIGESTS)
+        try:
+            with open(path, "rb") as f:
+                listed = json.loads(f.read().decode("utf-8"))["files"]
+            listed = {str(name): str(value) for name, value in listed.items()}
+        except FileNotFoundError:
+            return (
+                f"{DIGESTS} is missing: the run was stopped as it saved, or an older "
+                "version wrote it"
+            )
+        except OSError as e:
+            raise files.error(path, e, "read") from None
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            return f"{DIGESTS} is not a list of digests"
+        for name, want in sorted(listed.items()):
+            inside = os.path.normpath(name)
+            if os.path.isabs(inside) or inside.split(os.sep)[0] in ("..", ""):
+                return f"{DIGESTS} names {files.short(name)}, outside the checkpoint"
+            try:
+                got = _sha256(os.path.join(folder, inside))
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return f"{step}/{files.show(name)} is missing"
+            except OSError as e:
+                raise files.error(os.path.join(folder, inside), e, "read") from None
+            if got != want:
+                return f"{step}/{files.show(name)} changed since it was written (sha256)"
+        return None
 
     def close(self) -> None:
         self.manager.close()
@@ -145,3 +237,22 @@ class Checkpoints:
                 f"{str(e).splitlines()[0] if str(e) else ''}): delete it to resume from the "
                 "one before"
             ) from None
+
+
+def _walk(folder: str) -> list[str]:
+    """Every file under `folder`, relative with '/', DIGESTS left out."""
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        rel = os.path.relpath(root, folder)
+        prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+        found += [prefix + n for n in sorted(names) if prefix + n != DIGESTS]
+    return found
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -64,7 +64,11 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
         sharding.barrier("claim_workdir")
         programs = setup.build(plan)
         writer = RunWriter(wd, plan, programs)
-        checkpoints = checkpoint.Checkpoints(wd.folder(checkpoint.FOLDER), plan.num_rounds)
+        checkpoints = checkpoint.Checkpoints(
+            wd.folder(checkpoint.FOLDER),
+            plan.num_rounds,
+            on_write=lambda step: wd.own(f"{checkpoint.FOLDER}/{step}"),
+        )
         try:
             saved = checkpoints.latest()
             writer.start(saved)

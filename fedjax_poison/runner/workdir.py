@@ -6,13 +6,18 @@ the run began, its config, and every relative path the run wrote:
     "file"    written through the workdir; clear() deletes it
     "folder"  made to hold written files (features/, plots/); clear() deletes it only when
               nothing is left in it, so a file the user put there stays
-    "owned"   handed whole to another writer by folder() (orbax's checkpoints/); clear()
-              deletes it with everything in it, since the run cannot list what that writer put
+    "handed"  made by folder() for another writer (orbax's checkpoints/, tensorboard/), which
+              lists what it writes there with own(); clear() deletes it, like a folder, only
+              when nothing is left in it
+    "owned"   listed by own(): a folder wholly that writer's (one checkpoint); clear() deletes
+              it with everything in it
 
-A path enters the manifest before it is written, so a kill never leaves a file the run wrote
-unlisted. A folder that holds anything and no marker is never the run's: it is refused, and
-nothing in it is deleted. LOCK holds an flock while a run uses the workdir; the kernel drops
-it when that process ends, however it ends, so a lock never outlives its run.
+A path enters the manifest before it is written (or, for a writer that names its files
+itself, right after), so clear() deletes exactly what the run wrote: a file the user put in
+the workdir or in any of its folders stays. A folder that holds anything and no marker (a
+lone LOCK file of someone else included) is never the run's: it is refused, and nothing in
+it is deleted. LOCK holds an flock while a run uses the workdir; the kernel drops it when
+that process ends, however it ends, so a lock never outlives its run.
 """
 
 import contextlib
@@ -37,7 +42,8 @@ MARKER = "fedjax_poison_run.json"
 LOCK = ".lock"
 # Fields that may change between the launches of one run: they do not change its results.
 RESUMABLE_FIELDS = ("overwrite", "checkpoint_every")
-FILE, FOLDER, OWNED = "file", "folder", "owned"
+FILE, FOLDER, HANDED, OWNED = "file", "folder", "handed", "owned"
+KINDS = (FILE, FOLDER, HANDED, OWNED)
 _held: set = set()  # (device, inode) of the lock files this process holds
 
 
@@ -137,31 +143,68 @@ class Workdir:
             return
         self._check_open(self.path)
         by_depth = sorted(self._paths.items(), key=lambda item: -item[0].count("/"))
-        for kinds in ((OWNED,), (FILE,), (FOLDER,)):
+        for kinds in ((OWNED,), (FILE,), (FOLDER, HANDED)):
             for name, kind in by_depth:
                 if kind in kinds:
                     _delete(self.path, name, kind)
-        self._paths = {}
+        # A folder that still holds a user's file stays the run's: the next run may use it.
+        self._paths = {n: k for n, k in self._paths.items() if os.path.lexists(self.join(n))}
         self._save_marker()
 
     def folder(self, name: str) -> str:
-        """The path of sub-folder `name`, made and handed whole to another writer (see OWNED)."""
+        """The path of sub-folder `name`, made for another writer (see HANDED and own())."""
         path = self.join(name)
         if not self.primary or self._inside_owned(self._check_open(name)):
             return path
-        if self._paths.get(name) != OWNED:
+        if self._paths.get(name) not in (HANDED, OWNED):  # OWNED: an older version's
             if os.path.lexists(path):
                 raise WorkdirError(
                     f"{files.show(path)} exists but was not made by this run: move it out of the "
                     "workdir, or use another --workdir"
                 )
             self._make_parents(name)
-            self._record(name, OWNED)
+            self._record(name, HANDED)
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as e:
             raise files.error(path, e, "create") from None
         return path
+
+    def own(self, name: str, kind: str = OWNED) -> None:
+        """Lists `name`, inside a folder() and written by its writer, as the run's.
+
+        kind OWNED: a folder wholly the writer's (clear() deletes it with its content); FILE:
+        one file. The folders between are listed as folders; entries of that folder() whose
+        files are gone (a writer deleted them) leave the manifest.
+        """
+        self._check_open(self.join(name))
+        if kind not in (FILE, OWNED):
+            raise ValueError(f"own() lists a file or an owned folder, not a {kind}")
+        parts = name.split("/")
+        handed = next(
+            (i for i in range(1, len(parts)) if self._paths.get("/".join(parts[:i])) == HANDED),
+            None,
+        )
+        if handed is None:
+            raise ValueError(f"{name} is not inside a folder() of this run")
+        if not self.primary or self._inside_owned(name) or self._paths.get(name) == kind:
+            return
+        top = "/".join(parts[:handed]) + "/"
+        added = {"/".join(parts[:i]): FOLDER for i in range(handed + 1, len(parts))}
+        added = {n: k for n, k in added.items() if n not in self._paths}
+        added[name] = kind
+        before = dict(self._paths)
+        self._paths = {
+            n: k
+            for n, k in self._paths.items()
+            if not n.startswith(top) or os.path.lexists(os.path.join(self.path, n))
+        }
+        self._paths.update(added)
+        try:
+            self._save_marker()
+        except WorkdirError:
+            self._paths = before
+            raise
 
     def join(self, name: str) -> str:
         """The absolute path of `name` (relative, inside the workdir)."""
@@ -291,7 +334,13 @@ def _check_path(path) -> str:
         raise WorkdirError(
             f"--workdir {files.show(text)} holds a NUL character: name another folder"
         )
-    path = os.path.abspath(text)
+    path = os.path.abspath(os.path.expanduser(text))
+    if os.path.islink(path) and not os.path.exists(path):
+        raise WorkdirError(
+            f"--workdir {files.show(path)} is a symbolic link to "
+            f"{files.show(os.readlink(path))}, which does not exist: make that folder, or "
+            "name another --workdir"
+        )
     if os.path.lexists(path) and not os.path.isdir(path):
         raise WorkdirError(f"--workdir {files.show(path)} is a file, not a folder: name a folder")
     return path
@@ -300,11 +349,13 @@ def _check_path(path) -> str:
 def _refuse_foreign(path: str) -> None:
     """Raises unless `path` is missing, empty, or holds the marker."""
     try:
-        names = sorted(set(os.listdir(path)) - {LOCK})
+        names = sorted(os.listdir(path))
     except FileNotFoundError:
         return
     except OSError as e:
         raise files.error(path, e, "list") from None
+    if LOCK in names and _lock_record(os.path.join(path, LOCK)) is not None:
+        names.remove(LOCK)  # a lock of this tool, left by a run stopped before its marker
     if names and MARKER not in names:
         more = f" and {len(names) - 1} more" if len(names) > 1 else ""
         raise WorkdirError(
@@ -334,7 +385,8 @@ def _take_lock(path: str):
         ) from None
     _held.add(key)
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "since": now, "argv": sys.argv}
+    info = {"tool": TOOL, "pid": os.getpid(), "host": socket.gethostname(), "since": now}
+    info["argv"] = sys.argv
     with contextlib.suppress(OSError):  # the lock holds without its note
         lock.truncate(0)
         lock.write(json.dumps(info) + "\n")
@@ -342,13 +394,25 @@ def _take_lock(path: str):
     return lock
 
 
-def _holder(lock_path: str) -> str:
+def _lock_record(lock_path: str) -> dict | None:
+    """The note in a lock file of this tool, or None (missing, empty, or not this tool's)."""
     try:
-        with open(lock_path, encoding="utf-8", errors="replace") as f:
-            info = json.load(f)
+        with open(lock_path, "rb") as f:
+            info = json.loads(f.read(1 << 16).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    keys = ("pid", "host", "since", "argv")
+    if not (isinstance(info, dict) and all(k in info for k in keys)):
+        return None
+    return info if info.get("tool", TOOL) == TOOL else None
+
+
+def _holder(lock_path: str) -> str:
+    info = _lock_record(lock_path)
+    try:
         argv = files.show(" ".join(map(str, info["argv"])))
         return f"pid {info['pid']} on {info['host']} since {info['since']} ({argv[:200]})"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return "another process"
 
 
@@ -380,7 +444,7 @@ def _read_marker(path: str) -> dict | None:
         isinstance(paths, dict)
         and isinstance(marker.get("config"), dict)
         and (marker.get("tool"), marker.get("format")) == (TOOL, FORMAT)
-        and all(_valid_name(n) and k in (FILE, FOLDER, OWNED) for n, k in paths.items())
+        and all(_valid_name(n) and k in KINDS for n, k in paths.items())
     ):
         raise WorkdirError(
             f"{files.show(marker_path)} is damaged or of another version of {TOOL}: nothing was "
@@ -428,7 +492,7 @@ def _delete(root: str, name: str, kind: str) -> None:
     if os.path.commonpath([os.path.realpath(os.path.dirname(path)), inside]) != inside:
         return  # a folder on the way was made a link out of the workdir
     try:
-        if kind == FOLDER:
+        if kind in (FOLDER, HANDED):
             os.rmdir(path)
         elif kind == OWNED and os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)

@@ -17,6 +17,7 @@ import importlib.metadata
 import io
 import logging
 import math
+import os
 import platform
 import zipfile
 
@@ -201,7 +202,12 @@ class RunWriter:
         folder = self.workdir.folder("tensorboard")
         label = experiments_lib.label(self.plan.experiments[e]).replace(" ", "_")
         # purge_step drops events a resumed run computes again.
-        return SummaryWriter(f"{folder}/e{e:04d}_{label}"[:240], purge_step=first_round)
+        path = f"{folder}/e{e:04d}_{label}"[:240]
+        tb = SummaryWriter(path, purge_step=first_round)
+        for name in os.listdir(path):  # its event file, listed as the run's
+            if name.startswith("events.out.tfevents."):
+                self.workdir.own(os.path.relpath(os.path.join(path, name), self.workdir.path))
+        return tb
 
     def close(self) -> None:
         for tb in self._tensorboard.values():
