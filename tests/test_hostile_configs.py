@@ -76,3 +76,44 @@ def test_hostile_configs_compare_defenses(tmp_path, flag, expected):
     proc = command("compare_defenses", SMOKE, f"--workdir={workdir}", flag)
     assert expected in one_line(proc)
     assert not workdir.exists()
+
+
+# --- configs that cannot act as named: refused in one line before anything is loaded ---
+
+
+def _launch(*overrides: str):
+    return subprocess.run(
+        [sys.executable, "launch.py", SMOKE, *overrides],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ("--config.defense.name=pca", "--config.defense.pca.start_round=50"),
+            "defense.pca.start_round must be <= num_rounds",
+        ),
+        (
+            ("--config.defense.name=nnm+pca", "--config.defense.pca.start_round=7"),
+            "the rule would never act",
+        ),
+        (
+            ("--config.attack.malicious_fraction=0.99",),
+            "makes all 10 malicious",
+        ),
+        (
+            ("--config.sweep.malicious_fraction=(0.3,0.97)",),
+            "makes all of them malicious",
+        ),
+    ],
+)
+def test_hostile_configs_that_cannot_act_as_named_are_refused(tmp_path, overrides, message):
+    proc = _launch(f"--workdir={tmp_path / 'run'}", *overrides)
+    assert message in one_line(proc)
+    assert not (tmp_path / "run").exists()

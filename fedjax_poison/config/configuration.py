@@ -351,6 +351,14 @@ def _validate_attack(c, num_classes: int) -> None:
         f"{c.num_clients}) = 0): use 0, or at least {1 / c.num_clients:.3g}",
         fraction,
     )
+    check(
+        fraction == 1 or attackers < c.num_clients,
+        "attack.malicious_fraction",
+        f"of {c.num_clients} clients makes all {c.num_clients} malicious (round({fraction} x "
+        f"{c.num_clients}) = {attackers}), not the share it says: use 1.0, or at most "
+        f"{(c.num_clients - 1) / c.num_clients:.3g}",
+        fraction,
+    )
     validate_flips(a.flips, num_classes, "attack.flips")
     validate_attack_name(c, a.name)
     check(

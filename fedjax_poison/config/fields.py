@@ -90,3 +90,12 @@ def validate_defense_name(c, name, field: str, num_classes: int) -> None:
         raise ConfigError(
             message if field == "defense.name" else f"{field} {name!r}: {message}"
         ) from None
+    for part in name.split("+"):  # a rule whose window starts after the last round never acts
+        start = c.defense[part].get("start_round") if part in c.defense else None
+        check(
+            start is None or start <= c.num_rounds,
+            f"defense.{part}.start_round",
+            f"must be <= num_rounds ({c.num_rounds}): the rule would never act, and the run "
+            f"would be FedAvg called {part}",
+            start,
+        )

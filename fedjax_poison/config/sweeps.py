@@ -83,6 +83,13 @@ def _check_fraction(value, c) -> None:
         f"values must give at least one of {c.num_clients} clients (0 for none)",
         value,
     )
+    check(
+        value == 1 or round(value * c.num_clients) < c.num_clients,
+        "sweep.malicious_fraction",
+        f"values below 1 must leave an honest client: {value} of {c.num_clients} clients "
+        f"makes all of them malicious",
+        value,
+    )
 
 
 def _check_seed(value, c) -> None:
