@@ -481,3 +481,21 @@ def test_workdir_report_out_writes_only_into_a_folder_of_its_own(tmp_path, capsy
     monkeypatch.setenv("HOME", str(tmp_path))
     assert report.main(["~/run", "--out=~/home_out"]) == 0
     assert (tmp_path / "home_out" / "results.md").exists()
+
+
+def _missing_data_config(tmp_path):
+    from fedjax_poison.config import configuration
+
+    c = configuration.smoke(configuration.paper_config("cifar10"))
+    c.data.source, c.data.dir = "files", str(tmp_path / "no_data_here")
+    return c
+
+
+def test_workdir_of_a_run_refused_for_missing_data_is_left_behind_by_nobody(tmp_path):
+    with pytest.raises(errors.UserError):
+        train.train_and_evaluate(_missing_data_config(tmp_path), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # no marker, lock or folder left
+    (tmp_path / "mine").mkdir()  # a folder the user made stays, empty as it was
+    with pytest.raises(errors.UserError):
+        train.train_and_evaluate(_missing_data_config(tmp_path), str(tmp_path / "mine"))
+    assert (tmp_path / "mine").is_dir() and not os.listdir(tmp_path / "mine")

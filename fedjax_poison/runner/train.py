@@ -62,7 +62,11 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
     primary = sharding.is_primary()
     with Workdir.claim(workdir, plan.config, overwrite=plan.overwrite, primary=primary) as wd:
         sharding.barrier("claim_workdir")
-        programs = setup.build(plan)
+        try:
+            programs = setup.build(plan)
+        except UserError:  # refused before anything was written: leave no folder behind
+            wd.discard()
+            raise
         writer = RunWriter(wd, plan, programs)
         checkpoints = checkpoint.Checkpoints(
             wd.folder(checkpoint.FOLDER),

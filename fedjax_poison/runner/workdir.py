@@ -61,6 +61,7 @@ class Workdir:
         self._lock = lock  # the open LOCK file, or None
         self._header = {k: v for k, v in header.items() if k != "paths"}
         self._paths = dict(header.get("paths", {}))
+        self.created = False  # this claim made the folder
 
     @classmethod
     def claim(
@@ -81,13 +82,16 @@ class Workdir:
         if not primary:
             return cls(path, None, {}, resumed=False, primary=False)
         _refuse_foreign(path)  # before the lock file: a stranger's folder gets nothing new
+        created = not os.path.lexists(path)
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as e:
             raise files.error(path, e, "create") from None
         lock = _take_lock(path)
         try:
-            return cls._open(path, lock, json.loads(dumps(config)), overwrite, resumable_fields)
+            claimed = cls._open(path, lock, json.loads(dumps(config)), overwrite, resumable_fields)
+            claimed.created = created
+            return claimed
         except BaseException:
             _release(lock)
             raise
@@ -268,6 +272,23 @@ class Workdir:
         if self._lock is not None:
             _release(self._lock)
             self._lock = None
+
+    def discard(self) -> bool:
+        """Removes a run's folder that holds nothing but this claim's own marker and lock
+        (a run refused before it wrote anything, e.g. for missing data), and releases it.
+        The folder itself goes only if this claim made it. True when nothing of the claim
+        is left; anything else in the folder keeps it as it is."""
+        if not (self.primary and self._lock is not None and not self.resumed):
+            return False
+        if sorted(os.listdir(self.path)) != sorted([MARKER, LOCK]) or self._paths:
+            return False
+        os.remove(os.path.join(self.path, MARKER))
+        os.remove(os.path.join(self.path, LOCK))
+        self.release()
+        if self.created:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.path)
+        return True
 
     def __enter__(self) -> "Workdir":
         return self
