@@ -6,7 +6,7 @@ import pytest
 from fedjax_poison import attacks, data, defenses, models, testing
 from fedjax_poison.data import partition
 
-CHAINS = ["nnm+krum", "bucketing+median", "norm_clipping+trimmed_mean"]
+CHAINS = ["nnm+krum", "bucketing+median", "norm_clipping+trimmed_mean", "arc+median"]
 
 
 @pytest.mark.parametrize("name", sorted(attacks.ATTACKS) + ["backdoor+scale"])
