@@ -11,8 +11,8 @@ clients:
   over the valid clients;
 - flags and scores: a client is flagged when a row it owns is flagged, and takes the
   largest score of its rows. A pre-aggregator whose rows stand for clients (`norm_clipping`,
-  `nnm`: row i is client i's) keeps ownership as it is; `bucketing` gives every client of a
-  bucket the bucket's row;
+  `nnm`, `arc`: row i is client i's) keeps ownership as it is; `bucketing` gives every
+  client of a bucket the bucket's row;
 - mode 'detect' with a flagging rule: the aggregate is plain FedAvg of the valid clients.
 """
 
