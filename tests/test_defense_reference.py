@@ -11,7 +11,7 @@ import itertools
 import jax
 import numpy as np
 import pytest
-from test_defenses import D, K, random_rows, random_view, run
+from test_defenses import C, D, F, K, random_rows, random_view, run
 
 from fedjax_poison.defenses import backdoor, flame
 
@@ -373,3 +373,83 @@ def test_subset_rules_flag_the_rows_left_out():
         verdict, _ = run(name, [random_view(0, rows)])[0]
         np.testing.assert_array_equal(verdict.flags, np.arange(K) == 6, err_msg=name)
         np.testing.assert_allclose(verdict.delta, np.delete(rows, 6, 0).mean(0), rtol=2e-4)
+
+
+def dbscan_majority(x, min_samples=3):
+    """FLPoison's simple clustering: scikit-learn's DBSCAN with eps the median over rows of
+    the distance to their (min_samples - 1)-th nearest other row (the rule's default), the
+    largest cluster kept (ties: all kept)."""
+    from sklearn.cluster import DBSCAN
+
+    dist = np.sqrt(sq_dist(x))
+    eps = np.median(np.sort(dist, axis=1)[:, min_samples - 1])  # column 0: the row itself
+    labels = DBSCAN(eps=eps, min_samples=min_samples).fit(x).labels_
+    sizes = np.bincount(labels[labels >= 0])
+    return np.isin(labels, np.flatnonzero(sizes == sizes.max()))
+
+
+def clustered_rounds():
+    """Random rounds, and rounds of 6 rows close together and 4 spread out."""
+    views, valid_rows = rounds()
+    rng = np.random.default_rng(31)
+    for seed in (32, 33):
+        rows = rng.normal(size=(K, D))
+        rows[:6] = rng.normal(size=D) + 0.2 * rng.normal(size=(6, D))
+        views.append(random_view(seed, rows))
+        valid_rows.append(rows)
+    return views, valid_rows
+
+
+def test_simple_clustering_matches_dbscan():
+    views, valid_rows = clustered_rounds()
+    for (verdict, _), view, x in zip(run("simple_clustering", views), views, valid_rows):
+        kept = dbscan_majority(x)
+        np.testing.assert_array_equal(verdict.flags[np.asarray(view.valid)], ~kept)
+        np.testing.assert_allclose(verdict.delta, x[kept].mean(0), rtol=2e-4, atol=2e-5)
+    verdict, _ = run("simple_clustering", views[-1:])[0]
+    np.testing.assert_array_equal(verdict.flags, np.arange(K) >= 6)
+
+
+def auror_kept(heads, threshold, iters):
+    """Shen et al.'s Auror on the output-layer rows [n, p]: the features whose best 1-D
+    2-means split (tried at every cut of the sorted values) has centres >= threshold apart,
+    then 2-means on them from the farthest pair; the larger cluster (both on a tie)."""
+    n = len(heads)
+    indicative = []
+    for column in heads.T:
+        v = np.sort(column)
+        cuts = [
+            (
+                ((v[:i] - v[:i].mean()) ** 2).sum() + ((v[i:] - v[i:].mean()) ** 2).sum(),
+                abs(v[i:].mean() - v[:i].mean()),
+            )
+            for i in range(1, n)
+        ]
+        indicative.append(min(cuts)[1] >= threshold)
+    points = heads[:, np.array(indicative)]
+    if points.shape[1] == 0:
+        return np.ones(n, bool)
+    i, j = np.unravel_index(np.argmax(sq_dist(points)), (n, n))
+    in1 = two_means(points, points[[i, j]].copy(), iters)
+    return in1 if in1.sum() > n / 2 else ~in1 if in1.sum() < n / 2 else np.ones(n, bool)
+
+
+def test_auror_matches_shen_et_al():
+    views, valid_rows = clustered_rounds()
+    views = [v._replace(round=np.int32(0)) for v in views]  # a round that finds features
+    for (verdict, _), view, x in zip(run("auror", views), views, valid_rows):
+        valid = np.asarray(view.valid)
+        heads = np.asarray(view.head_rows, np.float64)[valid].reshape(valid.sum(), -1)
+        kept = auror_kept(heads, 0.002, 20)
+        np.testing.assert_array_equal(verdict.flags[valid], ~kept)
+        np.testing.assert_allclose(verdict.delta, x[kept].mean(0), rtol=2e-4, atol=2e-5)
+
+
+def test_auror_keeps_its_features_after_the_finding_rounds():
+    """After `find_rounds`, the indicative features are the memory's, not the round's."""
+    views, _ = clustered_rounds()
+    late = [v._replace(round=np.int32(10)) for v in views]  # 0-based: the 11th round
+    nothing = np.zeros(C * F, bool)
+    for verdict, memory in run("auror", late, nothing):
+        np.testing.assert_array_equal(memory, nothing)
+        np.testing.assert_array_equal(verdict.flags, np.zeros(K, bool))  # all kept

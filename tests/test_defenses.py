@@ -35,9 +35,10 @@ CHAINS = [
 RULES = NAMES + CHAINS
 BATCH = 16  # views per compiled call: one shape, one compile
 FLAGGING = {"pca", "multi_krum", "bulyan", "foolsgold", "fltrust", "lfighter"}
-FLAGGING |= {"flame", "dnc", "signguard", "mda", "smea", "monna"}
+FLAGGING |= {"flame", "dnc", "signguard", "mda", "smea", "monna", "simple_clustering", "auror"}
 PCA_VALID = "pca honours valid in source_pca.py"
 SMALL = {"pca": {"window": 2}}  # settings that keep a rule's program small
+SMALL["auror"] = {"find_rounds": 1000}  # the views' round 20 still finds features
 # Tests compile many small programs and run each a few times: skip LLVM's optimizations.
 QUICK = {"xla_backend_optimization_level": 0}
 
@@ -199,13 +200,31 @@ def test_a_rule_alone_treats_non_finite_rows_as_invalid(name):
         close(got.weights, want.weights)
 
 
-@pytest.mark.parametrize("name", ["pca", "foolsgold", "centered_clipping"])
+@pytest.mark.parametrize("name", ["pca", "foolsgold", "centered_clipping", "auror"])
 def test_memory_carries_through_scan(name):
     defense = program(name)[0]
     views = jax.tree.map(lambda *xs: jnp.stack(xs), *[random_view(s) for s in range(3)])
     scan = lambda m, vs: jax.lax.scan(lambda m, v: defense.apply(v, m)[::-1], m, vs)
     memory, verdicts = compiled(scan, defense.init(), views)(defense.init(), views)
     assert verdicts.delta.shape == (3, D) and shapes(memory) == shapes(defense.init())
+
+
+def test_auror_resumes_from_its_memory_byte_identically():
+    """Auror's features found in rounds 0-1 are all its state: four rounds in one go equal
+    two, the memory through host numpy (as a checkpoint holds it), then two more."""
+    defense = build("auror", find_rounds=2)
+    views = [random_view(s)._replace(round=jnp.int32(s)) for s in range(4)]
+    views = jax.tree.map(lambda *xs: jnp.stack(xs), *views)
+    scan = jax.jit(lambda m, vs: jax.lax.scan(lambda m, v: defense.apply(v, m)[::-1], m, vs))
+    half = lambda i: jax.tree.map(lambda a: a[i : i + 2], views)
+    memory, whole = scan(defense.init(), views)
+    saved, first = scan(defense.init(), half(0))
+    restored = jax.tree.map(lambda a: jnp.asarray(np.array(a)), saved)
+    resumed, second = scan(restored, half(2))
+    assert np.asarray(saved).any()  # features were found
+    np.testing.assert_array_equal(np.asarray(resumed), np.asarray(memory))
+    joined = jax.tree.map(lambda a, b: np.concatenate([a, b]), first, second)
+    jax.tree.map(np.testing.assert_array_equal, joined, jax.device_get(whole))
 
 
 # Settings under which a rule must give the plain mean on random updates.
@@ -536,6 +555,10 @@ def test_validate_names_the_field(overrides, k, message):
         ("monna", {"root_size": 0, "mode": "filter"}, "root_size"),
         ("weak_dp", {"noise_std": -0.1}, "noise_std"),
         ("robust_lr", {"clients_per_round": 5, "threshold": 6}, "threshold"),
+        ("simple_clustering", {"clients_per_round": 5, "min_samples": 0, "mode": "filter"},
+         "min_samples"),
+        ("auror", {"clients_per_round": 5, "num_classes": 3, "head_features": 2,
+                   "mode": "filter", "find_rounds": 0}, "find_rounds"),
     ],
 )
 def test_factories_check_their_own_arguments(factory, kwargs, message):

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from fedjax_poison.defenses.backdoor import robust_lr, weak_dp
 from fedjax_poison.defenses.base import Defense
 from fedjax_poison.defenses.centered import meamed, monna
+from fedjax_poison.defenses.clustering import auror, simple_clustering
 from fedjax_poison.defenses.covariance import caf
 from fedjax_poison.defenses.dnc import dnc
 from fedjax_poison.defenses.flame import flame
@@ -89,6 +90,8 @@ register("caf", caf)
 register("smea", smea)
 register("weak_dp", weak_dp)
 register("robust_lr", robust_lr)
+register("simple_clustering", simple_clustering)
+register("auror", auror)
 register("norm_clipping", clipping, pre_aggregator=True)
 register("bucketing", bucketing, pre_aggregator=True)
 register("nnm", nnm, pre_aggregator=True)
