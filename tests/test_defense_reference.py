@@ -450,6 +450,6 @@ def test_auror_keeps_its_features_after_the_finding_rounds():
     views, _ = clustered_rounds()
     late = [v._replace(round=np.int32(10)) for v in views]  # 0-based: the 11th round
     nothing = np.zeros(C * F, bool)
-    for verdict, memory in run("auror", late, nothing):
+    for verdict, memory in run("auror", late, nothing, find_rounds=10):
         np.testing.assert_array_equal(memory, nothing)
         np.testing.assert_array_equal(verdict.flags, np.zeros(K, bool))  # all kept
