@@ -259,7 +259,7 @@ REFERENCES = {
     "smea": lambda x: best_subset_mean(x, F_BYZ, top_eigenvalue),
     "caf": lambda x: caf(x, F_BYZ),
     "meamed": lambda x: meamed(x, F_BYZ),
-    "robust_lr": lambda x: robust_lr(x, 4),
+    "robust_lr": lambda x: robust_lr(x, np.ceil(0.4 * len(x))),  # the default theta 0
     "arc+fedavg": lambda x: arc(x, F_BYZ).mean(0),
     "arc+median": lambda x: np.median(arc(x, F_BYZ), axis=0),
     "norm_clipping+trimmed_mean": lambda x: REFERENCES["trimmed_mean"](
@@ -453,3 +453,10 @@ def test_auror_keeps_its_features_after_the_finding_rounds():
     for verdict, memory in run("auror", late, nothing, find_rounds=10):
         np.testing.assert_array_equal(memory, nothing)
         np.testing.assert_array_equal(verdict.flags, np.zeros(K, bool))  # all kept
+
+
+def test_robust_lr_with_the_papers_count():
+    """theta = 4 as in the paper's 10-agent runs: the same formula with a fixed count."""
+    views, valid_rows = rounds()
+    for (verdict, _), x in zip(run("robust_lr", views, threshold=4), valid_rows):
+        np.testing.assert_allclose(verdict.delta, robust_lr(x, 4), rtol=2e-4, atol=2e-5)

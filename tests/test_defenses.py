@@ -555,6 +555,7 @@ def test_validate_names_the_field(overrides, k, message):
         ("monna", {"root_size": 0, "mode": "filter"}, "root_size"),
         ("weak_dp", {"noise_std": -0.1}, "noise_std"),
         ("robust_lr", {"clients_per_round": 5, "threshold": 6}, "threshold"),
+        ("robust_lr", {"clients_per_round": 5, "threshold": -1}, "threshold"),
         ("simple_clustering", {"clients_per_round": 5, "min_samples": 0, "mode": "filter"},
          "min_samples"),
         ("auror", {"clients_per_round": 5, "num_classes": 3, "head_features": 2,
