@@ -3,9 +3,9 @@ eigenvalue SMEA ranks subsets by (subsets.py).
 
 The covariance of k rows in d dimensions has rank below k: its nonzero eigenvalues are
 those of a [k, k] Gram matrix, so every eigenvalue here is exact (`eigh` of a k x k
-matrix), not a power iteration from a random start as in ByzFL, and costs O(k^2 d) once.
-Rows are centred and scaled by a power of two before their squares are taken: covariance
-does not move under translation, and the squares of rows of 1e18 stay finite.
+matrix), not a power iteration from a random start as in ByzFL, and a Gram matrix costs
+O(k^2 d). Rows are centred and scaled by a power of two before their squares are taken:
+covariance does not move under translation, and the squares of rows of 1e18 stay finite.
 """
 
 from __future__ import annotations
