@@ -118,3 +118,21 @@ def test_adaptive_flip_leaves_updates_when_nothing_is_flipped():
     updates = jax.random.normal(jax.random.key(0), (3, 10))
     ctx = round_inputs()[4]._replace(flip=jnp.arange(4, dtype=jnp.int32))
     np.testing.assert_array_equal(make("adaptive_flip").poison_updates(updates, ctx), updates)
+
+
+def test_blended_backdoor_blends_the_key_into_exactly_the_share():
+    """Chen et al.: x' = (1 - alpha) x + alpha k on round(share * count) examples of each
+    poisoning client, labelled the target; the test trigger is the same blend."""
+    x, y, count, _, ctx = round_inputs(poisoned=(True, False, True))
+    attack = make("blended", **{"blended.target": 1, "blended.alpha": 0.2})
+    new_x, new_y = attack.poison_data(x, y, count, ctx)
+    key = np.random.default_rng(0).integers(0, 256, (8, 8, 1)).astype(np.float64)
+    want = np.clip(np.round(0.8 * np.asarray(x, np.float64) + 0.2 * key), 0, 255)
+    changed = (np.asarray(new_y) != np.asarray(y)) | (np.asarray(new_x) != np.asarray(x)).any(
+        (2, 3, 4)
+    )
+    blended_rows = (np.asarray(new_x) == want).all((2, 3, 4)) & changed
+    assert blended_rows.sum(1).tolist() == [3, 0, 2]  # round(0.5 * [6, 4, 5])
+    assert (np.asarray(new_y)[blended_rows] == 1).all()
+    np.testing.assert_array_equal(np.asarray(new_x)[~blended_rows], np.asarray(x)[~blended_rows])
+    np.testing.assert_array_equal(np.asarray(attack.trigger(x[0, 0])), want[0, 0])

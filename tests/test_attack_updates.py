@@ -159,3 +159,110 @@ def test_colluding_attacks_match_their_references(seed, knowledge):
         for row in np.flatnonzero(poisoned):
             np.testing.assert_allclose(sent[row], -want, rtol=1e-4, atol=2e-4, err_msg=case)
         np.testing.assert_array_equal(sent[~poisoned], updates[~poisoned].astype(np.float32))
+
+
+# ---- Fang et al. (USENIX Security 2020) and Mimic (Karimireddy et al., ICLR 2022) ----
+
+
+def ref_krum_scores(x, f):
+    d2 = ((x[:, None] - x[None]) ** 2).sum(-1)
+    n = len(x)
+    return np.array([np.sort(np.delete(d2[i], i))[: max(n - f - 2, 1)].sum() for i in range(n)])
+
+
+def ref_fang_krum(updates, known, c, halvings=20):
+    """Fang et al.'s full/partial-knowledge attack on Krum, in updates (w_Re = w_global):
+    lambda_0 from the paper's bound, halved until Krum with f = c picks -lambda s among the
+    known updates and c copies of it."""
+    x = updates[known]
+    n, d = x.shape
+    s = np.sign(x.mean(0))
+    dist = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    near = min(np.sort(np.delete(dist[i], i))[: n - 2].sum() for i in range(n))
+    first = near / (n - c - 1) if n - c - 1 > 0 and n > 2 else 0.0
+    lam = (first + np.linalg.norm(x, axis=1).max()) / np.sqrt(d)
+    for _ in range(halvings + 1):
+        rows = np.concatenate([x, np.tile(-lam * s, (c, 1))])
+        scores = ref_krum_scores(rows, c)
+        if scores[n:].min() <= scores[:n].min():
+            return -lam * s
+        lam /= 2
+    return -2 * lam * s
+
+
+def random_round(seed, k=10, d=40, attackers=3):
+    rng = np.random.default_rng(seed)
+    poisoned = np.zeros(k, bool)
+    poisoned[rng.choice(k, attackers, replace=False)] = True
+    updates = rng.normal(0.1, 1.0, (k, d)) * rng.uniform(0.5, 2.0, d)
+    return poisoned, updates
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("knowledge", ["honest", "own"])
+def test_fang_krum_matches_fang_et_al(seed, knowledge):
+    poisoned, updates = random_round(seed)
+    known = ~poisoned if knowledge == "honest" else poisoned
+    want = ref_fang_krum(updates, known, int(poisoned.sum()))
+    sent = send(
+        "fang_krum",
+        poisoned,
+        jnp.asarray(updates, jnp.float32),
+        **{"fang_krum.knowledge": knowledge},
+    )
+    for row in np.flatnonzero(poisoned):
+        np.testing.assert_allclose(sent[row], want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(sent[~poisoned], updates[~poisoned].astype(np.float32))
+
+
+def test_fang_krum_is_what_krum_picks():
+    """With full knowledge the crafted update is the one Krum (f = the attackers) picks."""
+    from fedjax_poison.testing import build_defense, make_view
+
+    poisoned, updates = random_round(5)
+    sent = send("fang_krum", poisoned, jnp.asarray(updates, jnp.float32))
+    krum = build_defense("krum", d=40, num_byzantine=int(poisoned.sum()))
+    verdict, _ = krum.apply(make_view(sent), krum.init())
+    assert np.asarray(verdict.weights)[poisoned].sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("knowledge", ["honest", "own"])
+def test_fang_trim_draws_in_the_papers_ranges(knowledge):
+    """Per coordinate, beyond the known maximum where the known mean is negative (up to
+    b = 2 times it), below the minimum elsewhere; 'own': mu +- [3, 4] sigma."""
+    poisoned, updates = random_round(7, d=2000)
+    known = ~poisoned if knowledge == "honest" else poisoned
+    x = updates[known]
+    sent = send(
+        "fang_trim",
+        poisoned,
+        jnp.asarray(updates, jnp.float32),
+        **{"fang_trim.knowledge": knowledge},
+    ).astype(np.float64)
+    up = x.mean(0) < 0
+    top, low = x.max(0), x.min(0)
+    if knowledge == "honest":
+        lo = np.where(up, top, np.where(low > 0, low / 2, 2 * low))
+        hi = np.where(up, np.where(top > 0, 2 * top, top / 2), low)
+    else:
+        mu, sigma = x.mean(0), x.std(0, ddof=1)
+        lo = np.where(up, mu + 3 * sigma, mu - 4 * sigma)
+        hi = np.where(up, mu + 4 * sigma, mu - 3 * sigma)
+    crafted = sent[poisoned]
+    assert (crafted >= lo - 1e-4).all() and (crafted <= hi + 1e-4).all()
+    u = (crafted - lo) / (hi - lo)
+    assert abs(u.mean() - 0.5) < 0.02  # uniform within the range
+    assert not np.allclose(crafted[0], crafted[1])  # each client its own draw
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mimic_copies_the_honest_client_along_the_top_direction(seed):
+    poisoned, updates = random_round(seed)
+    honest = updates[~poisoned]
+    z = honest - honest.mean(0)
+    v = np.linalg.svd(z, full_matrices=False)[2][0]  # top principal direction
+    chosen = honest[np.argmax(np.abs(z @ v))]
+    sent = send("mimic", poisoned, jnp.asarray(updates, jnp.float32))
+    for row in np.flatnonzero(poisoned):
+        np.testing.assert_array_equal(sent[row], chosen.astype(np.float32))
+    np.testing.assert_array_equal(sent[~poisoned], honest.astype(np.float32))

@@ -154,6 +154,11 @@ def test_every_factor_argument_is_a_config_field_or_a_size():
         ("attack.label_flip.mapping", "pair", "attack.label_flip.mapping must be one of"),
         ("attack.label_flip.target", 10, "attack.label_flip.target must be in [0, 10)"),
         ("attack.adaptive_flip.row_blend", 2.0, "attack.adaptive_flip.row_blend must be"),
+        ("attack.fang_krum.halvings", -1, "attack.fang_krum.halvings must be an integer"),
+        ("attack.fang_krum.knowledge", "all", "attack.fang_krum.knowledge must be one of"),
+        ("attack.fang_trim.b", 1.0, "attack.fang_trim.b must be a finite number > 1"),
+        ("attack.blended.alpha", 0.0, "attack.blended.alpha must be in (0, 1]"),
+        ("attack.blended.target", 10, "attack.blended.target must be in [0, 10)"),
     ],
 )
 def test_bad_values_stop_with_one_line_naming_the_field(field, value, words):
@@ -210,3 +215,10 @@ def test_poisoning_window():
     rounds = jnp.arange(12)
     on = attacks.poisoning_now(rounds, jnp.int32(2), jnp.int32(10), jnp.int32(3))
     assert np.flatnonzero(np.asarray(on)).tolist() == [2, 5, 8]
+
+
+@pytest.mark.parametrize("name", ["backdoor+backdoor", "blended+backdoor", "blended+blended"])
+def test_a_chain_holds_at_most_one_backdoor(name):
+    """A run measures one trigger: two backdoors in a chain stop in one line."""
+    with pytest.raises(attacks.AttackConfigError, match="at most one backdoor"):
+        attacks.split_name(name)

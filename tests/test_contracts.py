@@ -6,7 +6,7 @@ import pytest
 from fedjax_poison import attacks, data, defenses, models, testing
 from fedjax_poison.data import partition
 
-CHAINS = ["nnm+krum", "bucketing+median", "norm_clipping+trimmed_mean"]
+CHAINS = ["nnm+krum", "bucketing+median", "norm_clipping+trimmed_mean", "arc+median"]
 
 
 @pytest.mark.parametrize("name", sorted(attacks.ATTACKS) + ["backdoor+scale"])
@@ -16,7 +16,8 @@ def test_every_attack_keeps_the_attack_contract(name):
 
 @pytest.mark.parametrize("name", sorted(defenses.DEFENSES) + CHAINS)
 def test_every_defense_keeps_the_defense_contract(name):
-    testing.check_defense(name, **({"window": 2} if name == "pca" else {}))
+    fields = {"pca": {"window": 2}, "auror": {"find_rounds": 1000}}  # auror: finds at round 20
+    testing.check_defense(name, **fields.get(name, {}))
 
 
 # The largest models compile for 10 s or more on 2 cores: the full suite checks them.

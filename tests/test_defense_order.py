@@ -32,7 +32,10 @@ def test_identical_rows_share_krums_pick_equally(d):
         np.testing.assert_allclose(verdict.weights, np.full(K11, 1 / K11), rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["krum", "multi_krum", "bulyan", "nnm+multi_krum"])
+CHOOSERS = ["krum", "multi_krum", "bulyan", "nnm+multi_krum", "mda", "smea", "monna", "caf"]
+
+
+@pytest.mark.parametrize("name", CHOOSERS + ["arc+multi_krum"])
 def test_permuting_the_clients_permutes_the_verdict(name):
     defense, apply = jitted(name)
     for rows in range(2):  # rows 0: NNM's mixed rows tie, and a float projection split them
@@ -52,6 +55,7 @@ RULES = sorted(defenses.DEFENSES) + [
     "bucketing+median",
     "norm_clipping+trimmed_mean",
     "norm_clipping+bucketing+median",
+    "arc+median",
 ]
 
 

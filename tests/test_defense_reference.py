@@ -6,12 +6,14 @@ the conventions each rule's docstring states (Krum's n - f - 2 neighbours, trimm
 Bulyan's beta = theta - 2f, RFA's smoothing).
 """
 
+import itertools
+
 import jax
 import numpy as np
 import pytest
-from test_defenses import D, K, random_rows, random_view, run
+from test_defenses import C, D, F, K, random_rows, random_view, run
 
-from fedjax_poison.defenses import flame
+from fedjax_poison.defenses import backdoor, flame
 
 SEEDS = (11, 12, 13)
 F_BYZ = 1  # num_byzantine of the default config
@@ -180,6 +182,65 @@ def nnm(x, f):
     return np.stack([x[np.argsort(d2[i])[: len(x) - f]].mean(0) for i in range(len(x))])
 
 
+def best_subset_mean(x, f, criterion):
+    """The mean of the n - f rows whose criterion (of the subset's rows) is the smallest.
+    Several subsets often tie (the rules' docstrings: MDA's diameter is one pair's
+    distance, which many subsets share); they share the choice: the mean of their means."""
+    subsets = [list(s) for s in itertools.combinations(range(len(x)), len(x) - f)]
+    values = np.array([criterion(x[s]) for s in subsets])
+    tied = [s for s, v in zip(subsets, values) if v <= values.min() * (1 + 1e-9)]
+    return np.mean([x[s].mean(0) for s in tied], axis=0)
+
+
+def diameter(x):
+    """El Mhamdi et al.'s MDA: the largest distance between two of the rows."""
+    return np.sqrt(sq_dist(x).max())
+
+
+def top_eigenvalue(x):
+    """SMEA (Allouah et al. 2023): the largest eigenvalue of the rows' empirical covariance."""
+    centred = x - x.mean(0)
+    return np.linalg.eigvalsh(centred.T @ centred / len(x))[-1]
+
+
+def caf(x, f):
+    """Allouah, Guerraoui and Stephan's filter, with the exact top eigenpair of the d x d
+    weighted covariance, tau's maximum over the rows still weighted, and the first
+    iterate always counted (the rule's documented conventions)."""
+    n = len(x)
+    c, best, best_mu = np.ones(n), np.inf, None
+    while True:
+        mu = c @ x / c.sum()
+        z = x - mu
+        values, vectors = np.linalg.eigh((c[:, None] * z).T @ z / c.sum())
+        if values[-1] < best:
+            best, best_mu = values[-1], mu
+        tau = np.where(c > 0, (z @ vectors[:, -1]) ** 2, 0)
+        c = c * (1 - tau / tau.max())
+        if c.sum() <= n - 2 * f:
+            return best_mu
+
+
+def meamed(x, f):
+    """Xie et al.: per coordinate, the mean of the n - f values closest to the median."""
+    closest = np.argsort(np.abs(x - np.median(x, axis=0)), axis=0)[: len(x) - f]
+    return np.take_along_axis(x, closest, axis=0).mean(0)
+
+
+def robust_lr(x, threshold):
+    """Ozdayi et al.: the server's rate per coordinate is +1 where |sum of signs| >= theta,
+    else -1, times the mean update."""
+    return np.where(np.abs(np.sign(x).sum(0)) >= threshold, 1, -1) * x.mean(0)
+
+
+def arc(x, f):
+    """Allouah et al. 2024: the floor(2 f / n (n - f)) largest rows clipped to the norm of
+    the largest one left."""
+    n, norms = len(x), np.linalg.norm(x, axis=1)
+    clipped = int(np.floor(2 * f / n * (n - f)))
+    return clip_to(x, np.sort(norms)[n - clipped - 1])
+
+
 REFERENCES = {
     "fedavg": lambda x: x.mean(0),
     "median": lambda x: np.median(x, axis=0),
@@ -194,6 +255,13 @@ REFERENCES = {
     ),
     "dnc": lambda x: x[dnc(x, F_BYZ, 1.0)].mean(0),
     "nnm+krum": lambda x: nnm(x, F_BYZ)[np.argmin(krum_scores(nnm(x, F_BYZ), F_BYZ))],
+    "mda": lambda x: best_subset_mean(x, F_BYZ, diameter),
+    "smea": lambda x: best_subset_mean(x, F_BYZ, top_eigenvalue),
+    "caf": lambda x: caf(x, F_BYZ),
+    "meamed": lambda x: meamed(x, F_BYZ),
+    "robust_lr": lambda x: robust_lr(x, np.ceil(0.4 * len(x))),  # the default theta 0
+    "arc+fedavg": lambda x: arc(x, F_BYZ).mean(0),
+    "arc+median": lambda x: np.median(arc(x, F_BYZ), axis=0),
     "norm_clipping+trimmed_mean": lambda x: REFERENCES["trimmed_mean"](
         clip_to(x, np.median(np.linalg.norm(x, axis=1)))
     ),
@@ -273,3 +341,122 @@ def test_flame_clustering_matches_hdbscan_where_rounds_split():
     verdict, _ = run("flame", [random_view(0, x)])[0]
     np.testing.assert_array_equal(verdict.flags, ~hdbscan_majority(x))
     np.testing.assert_array_equal(verdict.flags, [False] * 6 + [True] * 4)
+
+
+def test_monna_matches_farhadkhani_et_al():
+    """The mean of the n - f rows nearest the trusted vector (here the server's root update)."""
+    views, valid_rows = rounds()
+    for (verdict, _), view, x in zip(run("monna", views), views, valid_rows):
+        root = np.asarray(view.root_update, np.float64)
+        nearest = np.argsort(np.linalg.norm(x - root, axis=1))[: len(x) - F_BYZ]
+        np.testing.assert_allclose(verdict.delta, x[nearest].mean(0), rtol=2e-4, atol=2e-5)
+        flagged = np.ones(len(x), bool)
+        flagged[nearest] = False
+        np.testing.assert_array_equal(verdict.flags[np.asarray(view.valid)], flagged)
+
+
+def test_weak_dp_matches_sun_et_al():
+    """Clip to the median norm, average, add N(0, sigma^2) per coordinate."""
+    views, valid_rows = rounds()
+    for (verdict, _), view, x in zip(run("weak_dp", views), views, valid_rows):
+        key = jax.random.fold_in(jax.random.key(backdoor.NOISE_STREAM), view.round)
+        noise = 0.025 * np.asarray(jax.random.normal(key, (D,)), np.float64)
+        want = clip_to(x, np.median(np.linalg.norm(x, axis=1))).mean(0) + noise
+        np.testing.assert_allclose(verdict.delta, want, rtol=2e-4, atol=2e-5)
+
+
+def test_subset_rules_flag_the_rows_left_out():
+    """MDA and SMEA drop the row far from the others, whichever position it holds."""
+    rows = random_rows(21)
+    rows[6] += 8.0
+    for name in ("mda", "smea"):
+        verdict, _ = run(name, [random_view(0, rows)])[0]
+        np.testing.assert_array_equal(verdict.flags, np.arange(K) == 6, err_msg=name)
+        np.testing.assert_allclose(verdict.delta, np.delete(rows, 6, 0).mean(0), rtol=2e-4)
+
+
+def dbscan_majority(x, min_samples=3):
+    """FLPoison's simple clustering: scikit-learn's DBSCAN with eps the median over rows of
+    the distance to their (min_samples - 1)-th nearest other row (the rule's default), the
+    largest cluster kept (ties: all kept)."""
+    from sklearn.cluster import DBSCAN
+
+    dist = np.sqrt(sq_dist(x))
+    eps = np.median(np.sort(dist, axis=1)[:, min_samples - 1])  # column 0: the row itself
+    labels = DBSCAN(eps=eps, min_samples=min_samples).fit(x).labels_
+    sizes = np.bincount(labels[labels >= 0])
+    return np.isin(labels, np.flatnonzero(sizes == sizes.max()))
+
+
+def clustered_rounds():
+    """Random rounds, and rounds of 6 rows close together and 4 spread out."""
+    views, valid_rows = rounds()
+    rng = np.random.default_rng(31)
+    for seed in (32, 33):
+        rows = rng.normal(size=(K, D))
+        rows[:6] = rng.normal(size=D) + 0.2 * rng.normal(size=(6, D))
+        views.append(random_view(seed, rows))
+        valid_rows.append(rows)
+    return views, valid_rows
+
+
+def test_simple_clustering_matches_dbscan():
+    views, valid_rows = clustered_rounds()
+    for (verdict, _), view, x in zip(run("simple_clustering", views), views, valid_rows):
+        kept = dbscan_majority(x)
+        np.testing.assert_array_equal(verdict.flags[np.asarray(view.valid)], ~kept)
+        np.testing.assert_allclose(verdict.delta, x[kept].mean(0), rtol=2e-4, atol=2e-5)
+    verdict, _ = run("simple_clustering", views[-1:])[0]
+    np.testing.assert_array_equal(verdict.flags, np.arange(K) >= 6)
+
+
+def auror_kept(heads, threshold, iters):
+    """Shen et al.'s Auror on the output-layer rows [n, p]: the features whose best 1-D
+    2-means split (tried at every cut of the sorted values) has centres >= threshold apart,
+    then 2-means on them from the farthest pair; the larger cluster (both on a tie)."""
+    n = len(heads)
+    indicative = []
+    for column in heads.T:
+        v = np.sort(column)
+        cuts = [
+            (
+                ((v[:i] - v[:i].mean()) ** 2).sum() + ((v[i:] - v[i:].mean()) ** 2).sum(),
+                abs(v[i:].mean() - v[:i].mean()),
+            )
+            for i in range(1, n)
+        ]
+        indicative.append(min(cuts)[1] >= threshold)
+    points = heads[:, np.array(indicative)]
+    if points.shape[1] == 0:
+        return np.ones(n, bool)
+    i, j = np.unravel_index(np.argmax(sq_dist(points)), (n, n))
+    in1 = two_means(points, points[[i, j]].copy(), iters)
+    return in1 if in1.sum() > n / 2 else ~in1 if in1.sum() < n / 2 else np.ones(n, bool)
+
+
+def test_auror_matches_shen_et_al():
+    views, valid_rows = clustered_rounds()
+    views = [v._replace(round=np.int32(0)) for v in views]  # a round that finds features
+    for (verdict, _), view, x in zip(run("auror", views), views, valid_rows):
+        valid = np.asarray(view.valid)
+        heads = np.asarray(view.head_rows, np.float64)[valid].reshape(valid.sum(), -1)
+        kept = auror_kept(heads, 0.002, 20)
+        np.testing.assert_array_equal(verdict.flags[valid], ~kept)
+        np.testing.assert_allclose(verdict.delta, x[kept].mean(0), rtol=2e-4, atol=2e-5)
+
+
+def test_auror_keeps_its_features_after_the_finding_rounds():
+    """After `find_rounds`, the indicative features are the memory's, not the round's."""
+    views, _ = clustered_rounds()
+    late = [v._replace(round=np.int32(10)) for v in views]  # 0-based: the 11th round
+    nothing = np.zeros(C * F, bool)
+    for verdict, memory in run("auror", late, nothing, find_rounds=10):
+        np.testing.assert_array_equal(memory, nothing)
+        np.testing.assert_array_equal(verdict.flags, np.zeros(K, bool))  # all kept
+
+
+def test_robust_lr_with_the_papers_count():
+    """theta = 4 as in the paper's 10-agent runs: the same formula with a fixed count."""
+    views, valid_rows = rounds()
+    for (verdict, _), x in zip(run("robust_lr", views, threshold=4), valid_rows):
+        np.testing.assert_allclose(verdict.delta, robust_lr(x, 4), rtol=2e-4, atol=2e-5)

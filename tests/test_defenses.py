@@ -30,13 +30,15 @@ CHAINS = [
     "bucketing+median",
     "norm_clipping+trimmed_mean",
     "norm_clipping+bucketing+median",
+    "arc+median",
 ]
 RULES = NAMES + CHAINS
 BATCH = 16  # views per compiled call: one shape, one compile
 FLAGGING = {"pca", "multi_krum", "bulyan", "foolsgold", "fltrust", "lfighter"}
-FLAGGING |= {"flame", "dnc", "signguard"}
+FLAGGING |= {"flame", "dnc", "signguard", "mda", "smea", "monna", "simple_clustering", "auror"}
 PCA_VALID = "pca honours valid in source_pca.py"
 SMALL = {"pca": {"window": 2}}  # settings that keep a rule's program small
+SMALL["auror"] = {"find_rounds": 1000}  # the views' round 20 still finds features
 # Tests compile many small programs and run each a few times: skip LLVM's optimizations.
 QUICK = {"xla_backend_optimization_level": 0}
 
@@ -125,11 +127,11 @@ def test_contract_on_hostile_rows(name):
         assert results["1e18"][0].weights[4] == 0
     if name in ("krum", "bulyan"):  # both, with f = 1 as configured for multi-krum's m
         assert (results["1e18 pair"][0].weights[[4, 7]] == 0).all()
-    # identical updates: every rule returns that update (flame adds its noise), except
+    # identical updates: every rule returns that update (flame, weak_dp add noise), except
     # FoolsGold, for which identical clients are sybils: it keeps none of them
     delta, row = results["all equal"][0].delta, HOSTILE["all equal"][0]
     row = 0 * row if name == "foolsgold" else row
-    noise = 6 * 0.001 * np.linalg.norm(row) if name == "flame" else 0.0
+    noise = {"flame": 6 * 0.001 * np.linalg.norm(row), "weak_dp": 6 * 0.025}.get(name, 0.0)
     np.testing.assert_allclose(delta, row, rtol=1e-4, atol=1e-5 + noise)
 
 
@@ -198,13 +200,31 @@ def test_a_rule_alone_treats_non_finite_rows_as_invalid(name):
         close(got.weights, want.weights)
 
 
-@pytest.mark.parametrize("name", ["pca", "foolsgold", "centered_clipping"])
+@pytest.mark.parametrize("name", ["pca", "foolsgold", "centered_clipping", "auror"])
 def test_memory_carries_through_scan(name):
     defense = program(name)[0]
     views = jax.tree.map(lambda *xs: jnp.stack(xs), *[random_view(s) for s in range(3)])
     scan = lambda m, vs: jax.lax.scan(lambda m, v: defense.apply(v, m)[::-1], m, vs)
     memory, verdicts = compiled(scan, defense.init(), views)(defense.init(), views)
     assert verdicts.delta.shape == (3, D) and shapes(memory) == shapes(defense.init())
+
+
+def test_auror_resumes_from_its_memory_byte_identically():
+    """Auror's features found in rounds 0-1 are all its state: four rounds in one go equal
+    two, the memory through host numpy (as a checkpoint holds it), then two more."""
+    defense = build("auror", find_rounds=2)
+    views = [random_view(s)._replace(round=jnp.int32(s)) for s in range(4)]
+    views = jax.tree.map(lambda *xs: jnp.stack(xs), *views)
+    scan = jax.jit(lambda m, vs: jax.lax.scan(lambda m, v: defense.apply(v, m)[::-1], m, vs))
+    half = lambda i: jax.tree.map(lambda a: a[i : i + 2], views)
+    memory, whole = scan(defense.init(), views)
+    saved, first = scan(defense.init(), half(0))
+    restored = jax.tree.map(lambda a: jnp.asarray(np.array(a)), saved)
+    resumed, second = scan(restored, half(2))
+    assert np.asarray(saved).any()  # features were found
+    np.testing.assert_array_equal(np.asarray(resumed), np.asarray(memory))
+    joined = jax.tree.map(lambda a, b: np.concatenate([a, b]), first, second)
+    jax.tree.map(np.testing.assert_array_equal, joined, jax.device_get(whole))
 
 
 # Settings under which a rule must give the plain mean on random updates.
@@ -240,8 +260,8 @@ def test_detect_mode_aggregates_with_fedavg(name):
     np.testing.assert_array_equal(verdict.flags, run(name, [view])[0][0].flags)  # as in filter
 
 
-def test_only_fltrust_needs_root_and_which_rules_flag():
-    assert [n for n in NAMES if program(n)[0].root_size] == ["fltrust"]
+def test_only_fltrust_and_monna_need_root_and_which_rules_flag():
+    assert [n for n in NAMES if program(n)[0].root_size] == ["fltrust", "monna"]
     assert {n for n in NAMES if program(n)[0].flags_clients} == FLAGGING
 
 
@@ -527,6 +547,19 @@ def test_validate_names_the_field(overrides, k, message):
          "noise_lambda"),
         ("trimmed_mean", {"clients_per_round": 5, "trim": 1, "trim_ratio": 0.6}, "trim_ratio"),
         ("bulyan", {"clients_per_round": 7, "mode": "quarantine"}, "mode"),
+        ("mda", {"clients_per_round": 4, "num_byzantine": 2, "mode": "filter"}, "num_byzantine"),
+        ("mda", {"clients_per_round": 60, "num_byzantine": 5, "mode": "filter"}, "num_byzantine"),
+        ("smea", {"clients_per_round": 5, "num_byzantine": -1, "mode": "filter"}, "num_byzantine"),
+        ("caf", {"clients_per_round": 2, "num_byzantine": 1}, "num_byzantine"),
+        ("meamed", {"clients_per_round": 3, "num_byzantine": 3}, "num_byzantine"),
+        ("monna", {"root_size": 0, "mode": "filter"}, "root_size"),
+        ("weak_dp", {"noise_std": -0.1}, "noise_std"),
+        ("robust_lr", {"clients_per_round": 5, "threshold": 6}, "threshold"),
+        ("robust_lr", {"clients_per_round": 5, "threshold": -1}, "threshold"),
+        ("simple_clustering", {"clients_per_round": 5, "min_samples": 0, "mode": "filter"},
+         "min_samples"),
+        ("auror", {"clients_per_round": 5, "num_classes": 3, "head_features": 2,
+                   "mode": "filter", "find_rounds": 0}, "find_rounds"),
     ],
 )
 def test_factories_check_their_own_arguments(factory, kwargs, message):

@@ -25,7 +25,7 @@ import ml_collections
 from jax import lax
 
 from fedjax_poison.attacks.adaptive import adaptive_flip
-from fedjax_poison.attacks.backdoor import backdoor
+from fedjax_poison.attacks.backdoor import backdoor, blended
 from fedjax_poison.attacks.base import (
     KNOWLEDGE,
     MEASURES,
@@ -39,6 +39,7 @@ from fedjax_poison.attacks.base import (
     replace_rows,
 )
 from fedjax_poison.attacks.collusion import alie, ipm, min_max, min_sum
+from fedjax_poison.attacks.fang import fang_krum, fang_trim
 from fedjax_poison.attacks.label_flip import (
     Flips,
     flip_table,
@@ -48,6 +49,7 @@ from fedjax_poison.attacks.label_flip import (
     parse_flips,
     poison_labels,
 )
+from fedjax_poison.attacks.mimic import mimic
 from fedjax_poison.attacks.model_poisoning import gaussian, inf, scale, sign_flip
 from fedjax_poison.attacks.threat import draw_malicious, poisoning_now
 from fedjax_poison.registry import Registry, RegistryError
@@ -104,6 +106,10 @@ register("ipm", ipm)
 register("min_max", min_max)
 register("min_sum", min_sum)
 register("inf", inf)
+register("fang_krum", fang_krum)
+register("fang_trim", fang_trim)
+register("mimic", mimic)
+register("blended", blended)
 
 
 def block_defaults(name: str) -> dict:
@@ -141,7 +147,7 @@ def split_name(name: str) -> list[str]:
             )
     if len(parts) > 1 and "none" in parts:
         raise AttackConfigError(f"attack.name {name!r}: 'none' cannot be chained")
-    if sum(ATTACKS[p] is backdoor for p in parts) > 1:
+    if sum(ATTACKS[p] in (backdoor, blended) for p in parts) > 1:
         raise AttackConfigError(f"attack.name {name!r}: at most one backdoor in a chain")
     return parts
 

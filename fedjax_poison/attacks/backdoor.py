@@ -4,6 +4,8 @@ BadNets (Gu et al., 2017) in federated learning (Bagdasaryan et al., AISTATS 202
 malicious client stamps the trigger on a share of its examples and relabels them with
 the target. DBA (Xie et al., ICLR 2020) splits the trigger into `parts` local triggers,
 one per malicious client (client id mod parts); the test images carry the whole trigger.
+The blended backdoor (Chen et al. 2017) blends a whole-image key pattern into the image
+instead of stamping a patch.
 """
 
 import jax
@@ -38,6 +40,17 @@ def split_trigger(mask: np.ndarray, parts: int) -> np.ndarray:
     return pieces
 
 
+def chosen_examples(y, count, ctx, share: float) -> jax.Array:
+    """[k, n] bool: round(share * count) of each poisoning client's real examples, drawn
+    anew each round (padding never)."""
+    k, n = y.shape
+    noise = jax.random.uniform(ctx.key, (k, n))
+    noise = jnp.where(jnp.arange(n)[None, :] < count[:, None], noise, 2.0)  # padding last
+    rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
+    quota = jnp.round(share * count.astype(jnp.float32)).astype(rank.dtype)  # [k]
+    return ctx.poisoned[:, None] & (rank < quota[:, None])
+
+
 def backdoor(
     *,
     image_shape: tuple[int, int, int],
@@ -65,17 +78,54 @@ def backdoor(
     value = jnp.asarray(value)[:, :, None]  # [H, W, 1]
 
     def poison_data(x, y, count, ctx):
-        k, n = y.shape
-        noise = jax.random.uniform(ctx.key, (k, n))
-        noise = jnp.where(jnp.arange(n)[None, :] < count[:, None], noise, 2.0)  # padding last
-        rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
-        quota = jnp.round(share * count.astype(jnp.float32)).astype(rank.dtype)  # [k]
-        hit = ctx.poisoned[:, None] & (rank < quota[:, None])  # [k, n]
+        hit = chosen_examples(y, count, ctx, share)  # [k, n]
         stamp = pieces[ctx.client_ids % parts]  # [k, H, W]
         where = hit[:, :, None, None, None] & stamp[:, None, :, :, None]
         return jnp.where(where, value, x), jnp.where(hit, target, y)
 
     def trigger(x):
         return jnp.where(jnp.asarray(mask)[:, :, None], value, x)
+
+    return Attack(poison_data, clean_updates, "backdoor", trigger, target)
+
+
+def blend(x: jax.Array, pattern: jax.Array, alpha: float) -> jax.Array:
+    """(1 - alpha) x + alpha pattern, rounded back to uint8 (images [..., H, W, C])."""
+    pattern = pattern.reshape((1,) * (x.ndim - pattern.ndim) + pattern.shape)
+    mixed = (1.0 - alpha) * x.astype(jnp.float32) + alpha * pattern.astype(jnp.float32)
+    return jnp.clip(jnp.round(mixed), 0, 255).astype(jnp.uint8)
+
+
+def blended(
+    *,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    target: int = 0,
+    share: float = 0.5,
+    alpha: float = 0.2,
+    pattern_seed: int = 0,
+) -> Attack:
+    """The blended backdoor (Chen et al., "Targeted backdoor attacks on deep learning
+    systems using data poisoning", 2017): on `share` of each poisoning client's examples
+    (exactly round(share * count), drawn anew each round) the image becomes
+    (1 - alpha) x + alpha k, k a key pattern of uniform random pixels [H, W, C] drawn once
+    from `pattern_seed` (the paper's random-noise key; its alpha_train 0.2), labelled
+    `target`. Test images carry the same blend.
+    Knows: its own data, the key pattern and the target."""
+    check(0 <= target < num_classes, "blended.target", f"in [0, {num_classes})", target)
+    check(0 < share <= 1, "blended.share", "in (0, 1]", share)
+    check(0 < alpha <= 1, "blended.alpha", "in (0, 1]", alpha)
+    ok = isinstance(pattern_seed, int) and pattern_seed >= 0
+    check(ok, "blended.pattern_seed", "an integer >= 0", pattern_seed)
+    rng = np.random.default_rng(pattern_seed)
+    pattern = jnp.asarray(rng.integers(0, 256, tuple(image_shape)), jnp.uint8)
+
+    def poison_data(x, y, count, ctx):
+        hit = chosen_examples(y, count, ctx, share)
+        where = hit[:, :, None, None, None]
+        return jnp.where(where, blend(x, pattern, alpha), x), jnp.where(hit, target, y)
+
+    def trigger(x):
+        return blend(x, pattern, alpha)
 
     return Attack(poison_data, clean_updates, "backdoor", trigger, target)

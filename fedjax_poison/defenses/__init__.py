@@ -7,7 +7,7 @@ keyword arguments with defaults are its block `defense.<name>.*`, validated by b
 The round builds a `RoundView` (updates `delta = local - global` [k, d], the output layer's rows,
 client ids, round index, which rows are valid) and adds `verdict.delta` to the global params.
 
-Pre-aggregators (`norm_clipping`, `bucketing`, `nnm`) compose with any rule, optax-chain
+Pre-aggregators (`norm_clipping`, `bucketing`, `nnm`, `arc`) compose with any rule, optax-chain
 style, written with '+' in `defense.name`: 'nnm+krum', 'norm_clipping+bucketing+median'
 (see preaggregate.py). docs/defenses.md tabulates every rule, its paper and conventions.
 
@@ -15,7 +15,8 @@ style, written with '+' in `defense.name`: 'nnm+krum', 'norm_clipping+bucketing+
 the rule's own aggregate (flagged clients dropped); 'block' (pca only) = 'filter', and
 clients flagged `block_after` times are excluded from later rounds. Rules that do not flag
 clients (fedavg, median, trimmed_mean, krum, geometric_median, norm_clipping,
-centered_clipping) always aggregate by their rule, in 'detect' as in 'filter'.
+centered_clipping, caf, meamed, weak_dp, robust_lr) always aggregate by their rule, in
+'detect' as in 'filter'.
 
 Every rule honours `RoundView.valid` (an invalid row changes nothing, not even the rule's
 memory) and returns finite aggregates and scores that are never NaN on finite rows of any

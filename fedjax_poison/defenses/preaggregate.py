@@ -11,8 +11,8 @@ clients:
   over the valid clients;
 - flags and scores: a client is flagged when a row it owns is flagged, and takes the
   largest score of its rows. A pre-aggregator whose rows stand for clients (`norm_clipping`,
-  `nnm`: row i is client i's) keeps ownership as it is; `bucketing` gives every client of a
-  bucket the bucket's row;
+  `nnm`, `arc`: row i is client i's) keeps ownership as it is; `bucketing` gives every
+  client of a bucket the bucket's row;
 - mode 'detect' with a flagging rule: the aggregate is plain FedAvg of the valid clients.
 """
 
@@ -32,7 +32,14 @@ from fedjax_poison.defenses.base import (
     require,
     weighted_mean,
 )
-from fedjax_poison.defenses.numeric import clean, hash32, lowest_shares, scale_of, sq_distances
+from fedjax_poison.defenses.numeric import (
+    clean,
+    hash32,
+    lowest_shares,
+    norms,
+    scale_of,
+    sq_distances,
+)
 from fedjax_poison.defenses.robust import clip_scales
 
 PyTree = Any
@@ -124,6 +131,35 @@ def nnm(*, clients_per_round: int, num_byzantine: int = 1) -> PreAggregator:
         d2 = sq_distances(updates / scale_of(updates, valid))
         share = jax.vmap(lambda row: lowest_shares((row,), valid, near))(d2)  # [k, k]
         mix = jnp.where(valid[:, None], share / jnp.maximum(near, 1), 0.0)
+        return mixed(view, mix, valid, view.client_ids), mix, memory
+
+    return PreAggregator(lambda: (), apply, rows_are_clients=True, rows=clients_per_round)
+
+
+def arc_count(n: jax.Array, num_byzantine: int) -> jax.Array:
+    """ARC's number of rows to clip among n valid rows: floor(2 f / n * (n - f)), within
+    [0, n - 1] (computed in integers: no rounding at the floor)."""
+    clipped = (2 * num_byzantine * (n - num_byzantine)) // jnp.maximum(n, 1)
+    return jnp.clip(clipped, 0, jnp.maximum(n - 1, 0))
+
+
+def arc(*, clients_per_round: int, num_byzantine: int = 1) -> PreAggregator:
+    """Adaptive Robust Clipping (Allouah et al. 2024, "Boosting robustness by clipping
+    gradients in distributed learning"; ByzFL's ARC): the c = floor(2 f / n * (n - f))
+    valid rows of largest norm are scaled to the norm of the
+    largest one left (n the valid rows, f = `num_byzantine`); rows of equal norm at the cut
+    are all at that norm already, so the result does not depend on their order."""
+    require(num_byzantine >= 0, "num_byzantine", ">= 0", num_byzantine)
+    need = f"< k/2: arc clips for f < n/2, k={clients_per_round}"
+    require(2 * num_byzantine < clients_per_round, "num_byzantine", need, num_byzantine)
+
+    def apply(view, memory):
+        valid, updates = clean(view)
+        size = jnp.where(valid, norms(updates), 0.0)
+        descending = -jnp.sort(jnp.where(valid, -size, jnp.inf))
+        bound = descending[arc_count(valid.sum(), num_byzantine)]
+        scale = jnp.where(valid, jnp.minimum(1.0, bound / jnp.maximum(size, 1e-30)), 0.0)
+        mix = jnp.diag(scale)
         return mixed(view, mix, valid, view.client_ids), mix, memory
 
     return PreAggregator(lambda: (), apply, rows_are_clients=True, rows=clients_per_round)

@@ -11,11 +11,15 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 
+from fedjax_poison.defenses.backdoor import robust_lr, weak_dp
 from fedjax_poison.defenses.base import Defense
+from fedjax_poison.defenses.centered import meamed, monna
+from fedjax_poison.defenses.clustering import auror, simple_clustering
+from fedjax_poison.defenses.covariance import caf
 from fedjax_poison.defenses.dnc import dnc
 from fedjax_poison.defenses.flame import flame
 from fedjax_poison.defenses.krum import bulyan, krum, multi_krum
-from fedjax_poison.defenses.preaggregate import PreAggregator, bucketing, clipping, nnm
+from fedjax_poison.defenses.preaggregate import PreAggregator, arc, bucketing, clipping, nnm
 from fedjax_poison.defenses.robust import (
     centered_clipping,
     fedavg,
@@ -27,6 +31,7 @@ from fedjax_poison.defenses.robust import (
 from fedjax_poison.defenses.signguard import signguard
 from fedjax_poison.defenses.similarity import fltrust, foolsgold, lfighter
 from fedjax_poison.defenses.source_pca import pca
+from fedjax_poison.defenses.subsets import mda, smea
 from fedjax_poison.registry import Registry, RegistryError, signature_block
 
 # What the run fills in: clients_per_round is the number of rows the part receives (after
@@ -78,9 +83,19 @@ register("lfighter", lfighter)
 register("flame", flame)
 register("dnc", dnc)
 register("signguard", signguard)
+register("mda", mda)
+register("monna", monna)
+register("meamed", meamed)
+register("caf", caf)
+register("smea", smea)
+register("weak_dp", weak_dp)
+register("robust_lr", robust_lr)
+register("simple_clustering", simple_clustering)
+register("auror", auror)
 register("norm_clipping", clipping, pre_aggregator=True)
 register("bucketing", bucketing, pre_aggregator=True)
 register("nnm", nnm, pre_aggregator=True)
+register("arc", arc, pre_aggregator=True)
 
 
 def blocks() -> dict[str, dict]:
