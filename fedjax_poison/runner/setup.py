@@ -73,8 +73,9 @@ def root_data(plan: Plan, dataset: data.Dataset, size: int) -> simulation.Client
 
 def train_settings(plan: Plan, sizes: np.ndarray) -> client.TrainSettings:
     """The plan's local training for clients of these sizes [N]: unequal clients stop after
-    their own steps."""
-    return plan.train._replace(ragged=bool(sizes.min() != sizes.max()))
+    their own epochs (with local_steps every client trains the same steps)."""
+    unequal = bool(sizes.min() != sizes.max())
+    return plan.train._replace(ragged=unequal and not plan.train.local_steps)
 
 
 def examples_trained(sizes: np.ndarray, settings: client.TrainSettings) -> np.ndarray:
