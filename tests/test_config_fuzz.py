@@ -372,8 +372,11 @@ def schedules_are_checked_against_the_client_pools(n, k_share, fraction, schedul
     k = max(1, round(k_share * n))
     bad = int(round(fraction * n))
     good = n - bad
+    all_of_them = bad == n and fraction < 1  # rounds to every client: not the share named
     if bad == 0:  # no attacker: every schedule runs as 'always' (nobody to schedule)
         feasible = fraction == 0
+    elif all_of_them:
+        feasible = False
     elif schedule in ("early", "late"):
         feasible = good >= k
     elif schedule == "availability":
@@ -390,7 +393,7 @@ def schedules_are_checked_against_the_client_pools(n, k_share, fraction, schedul
     c = build(**changes)
     if feasible:
         assert len(check(c)) == 1
-    elif bad == 0:  # a fraction of the clients that is nobody
+    elif bad == 0 or all_of_them:  # a fraction of the clients that is nobody, or everybody
         assert_refused(c, "attack.malicious_fraction", "sweep.malicious_fraction")
     else:
         assert_refused(c, "selection.schedule", "selection.alpha")
@@ -415,6 +418,8 @@ def valid_configs_pass(
     k = max(1, round(k_share * n))
     if round(fraction * n) == 0 or not flips:  # no attacker, or a flip that flips nothing
         fraction = 0.0
+    if round(fraction * n) == n:  # every client: say so
+        fraction = 1.0
     if defense == "pca":
         k = max(k, 2) if n >= 2 else 1
         defense = defense if k >= 2 else "fedavg"
