@@ -106,9 +106,9 @@ def table_waste(a):
     print(f"ragged groups on this machine: {at_once or 'k'} client(s) at once\n")
     print(
         "| N | alpha | k | n_max / mean | waste padded | waste ragged | ragged, all k at once "
-        "| data padded | data ragged |"
+        "| ragged, k/16 at once | data padded | data ragged |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for n in ints(a.num_clients):
         for alpha in [float(v) for v in a.alphas.split(",")]:
             sizes = sizes_of(n, alpha, a.examples_per_client)

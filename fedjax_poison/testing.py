@@ -328,6 +328,8 @@ def check_partition(name: str, num_clients: int = 20, num_classes: int = 10, **b
     sizes = dict(num_clients=num_clients, batch_size=4, num_classes=num_classes)
     first = partition.split(name, block, labels, rng=np.random.default_rng(1), **sizes)
     again = partition.split(name, block, labels, rng=np.random.default_rng(1), **sizes)
-    assert first[0].shape[0] == num_clients, f"{name}: {first[0].shape[0]} clients"
+    indices, count = first  # ragged: [sum(count)], [N]; split checks sizes and ranges
+    assert count.shape == (num_clients,), f"{name}: {count.shape[0]} clients"
+    assert indices.shape == (count.sum(),), f"{name}: indices {indices.shape}"
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a, b, err_msg=f"{name}: not reproducible from its rng")

@@ -4,8 +4,7 @@ validation. Everything below (setup, the run loop, the writer) takes a `Plan`.""
 import dataclasses
 
 from fedjax_poison import data, models
-from fedjax_poison.config import configuration, experiments
-from fedjax_poison.results import stats
+from fedjax_poison.config import configuration, experiments, window
 from fedjax_poison.round import client
 
 
@@ -110,10 +109,10 @@ def build(c) -> Plan:
 
 
 def eval_window(configured: int, num_rounds: int, eval_every: int) -> int:
-    """Evaluations in the stable measures: results.stats.window_size, the one definition
+    """Evaluations in the stable measures: config.window.window_size, the one definition
     the metrics rows, summary.json and every table share."""
     config = {"eval_window": configured, "num_rounds": num_rounds, "eval_every": eval_every}
-    return stats.window_size(config, [])
+    return window.window_size(config, [])
 
 
 def experiment_groups(

@@ -18,7 +18,12 @@ from typing import NamedTuple
 import numpy as np
 from scipy import stats as scipy_stats
 
-AUTO_SHARE = 0.1  # the default window covers this share of the last rounds
+from fedjax_poison.config.window import (  # noqa: F401  (the one definition, re-exported)
+    AUTO_SHARE,
+    auto_window,
+    evaluation_rounds,
+    window_size,
+)
 
 
 class Spread(NamedTuple):
@@ -37,33 +42,6 @@ class Curve(NamedTuple):
     mean: np.ndarray
     ci95: np.ndarray
     n: np.ndarray
-
-
-def evaluation_rounds(num_rounds: int, eval_every: int) -> list[int]:
-    """The rounds after which a run evaluates: every eval_every-th one, and the last."""
-    rounds = list(range(eval_every, num_rounds + 1, eval_every))
-    return rounds if rounds and rounds[-1] == num_rounds else [*rounds, num_rounds]
-
-
-def auto_window(rounds: Sequence[int], num_rounds: int) -> int:
-    """How many of the evaluation `rounds` fall in the last 10% of num_rounds (at least 1)."""
-    return max(1, sum(1 for r in rounds if 10 * r > 9 * num_rounds))
-
-
-def window_size(config: Mapping, observed: Sequence[int], override: int | None = None) -> int:
-    """W: `override`, else the config's eval_window (> 0), else auto_window.
-
-    The evaluation rounds come from the config's num_rounds and eval_every, or from the
-    `observed` rounds of the metrics when the config lacks them.
-    """
-    if override:
-        return int(override)
-    if int(config.get("eval_window") or 0) > 0:
-        return int(config["eval_window"])
-    num_rounds = config.get("num_rounds") or max(observed, default=1)
-    every = config.get("eval_every")
-    rounds = evaluation_rounds(num_rounds, every) if every else sorted(set(observed))
-    return auto_window(rounds, num_rounds)
 
 
 def detection_ratios(tp: int, fp: int, fn: int) -> tuple[float | None, float | None]:
