@@ -179,8 +179,11 @@ class Workdir:
 
         kind OWNED: a folder wholly the writer's (clear() deletes it with its content); FILE:
         one file. The folders between are listed as folders; entries of that folder() whose
-        files are gone (a writer deleted them) leave the manifest.
+        files are gone (a writer deleted them) leave the manifest. Off the primary process
+        of a multi-host run, nothing is listed (it writes nothing).
         """
+        if not self.primary:
+            return
         self._check_open(self.join(name))
         if kind not in (FILE, OWNED):
             raise ValueError(f"own() lists a file or an owned folder, not a {kind}")
