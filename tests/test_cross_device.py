@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_simulation import tiny_config as simulation_config
 
 from fedjax_poison import data, defenses, models
-from fedjax_poison.config import configuration, plan
+from fedjax_poison.config import plan
 from fedjax_poison.errors import UserError
 from fedjax_poison.round import client
 from fedjax_poison.runner import setup, train
@@ -101,21 +102,18 @@ def test_round_waste_counts_the_steps_of_sorted_groups():
 
 
 def tiny_config(**overrides):
-    c = configuration.smoke(configuration.paper_config("fashion_mnist"))
-    c.data.synthetic_train, c.data.synthetic_test = 600, 100
-    c.num_clients, c.clients_per_round, c.num_rounds, c.eval_every = 20, 6, 2, 2
-    c.eval_batch_size = 100
-    c.model.name = "mlp"
-    c.data.partition = "dirichlet"
-    c.data.dirichlet.alpha = 0.3
-    c.attack.malicious_fraction = 0.2
-    for key, value in overrides.items():
-        target = c
-        *path, last = key.split(".")
-        for p in path:
-            target = target[p]
-        target[last] = value
-    return c
+    """test_simulation's tiny run over 20 Dirichlet(0.3) clients, 6 a round, with the MLP."""
+    settings = {
+        "data.synthetic_train": 600,
+        "num_clients": 20,
+        "clients_per_round": 6,
+        "num_rounds": 2,
+        "model.name": "mlp",
+        "data.partition": "dirichlet",
+        "data.dirichlet.alpha": 0.3,
+        "attack.malicious_fraction": 0.2,
+    }
+    return simulation_config(**{**settings, **overrides})
 
 
 def _two_rounds(config, padded=False, monkeypatch=None):

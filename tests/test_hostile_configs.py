@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from test_cli import REPO, SMOKE, env
+from test_cli import REPO, SMOKE, env, launch
 
 from fedjax_poison.runner.workdir import Workdir
 
@@ -81,17 +81,6 @@ def test_hostile_configs_compare_defenses(tmp_path, flag, expected):
 # --- configs that cannot act as named: refused in one line before anything is loaded ---
 
 
-def _launch(*overrides: str):
-    return subprocess.run(
-        [sys.executable, "launch.py", SMOKE, *overrides],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -114,6 +103,6 @@ def _launch(*overrides: str):
     ],
 )
 def test_hostile_configs_that_cannot_act_as_named_are_refused(tmp_path, overrides, message):
-    proc = _launch(f"--workdir={tmp_path / 'run'}", *overrides)
+    proc = launch(SMOKE, f"--workdir={tmp_path / 'run'}", *overrides)
     assert message in one_line(proc)
     assert not (tmp_path / "run").exists()
