@@ -11,9 +11,10 @@ import itertools
 import jax
 import numpy as np
 import pytest
-from test_defenses import C, D, F, K, random_rows, random_view, run
+from test_defenses import C, D, F, K, build, random_rows, random_view, run
 
-from fedjax_poison.defenses import backdoor, flame
+from fedjax_poison.defenses import backdoor, flame, fldetector
+from fedjax_poison.testing import make_view
 
 SEEDS = (11, 12, 13)
 F_BYZ = 1  # num_byzantine of the default config
@@ -460,3 +461,113 @@ def test_robust_lr_with_the_papers_count():
     views, valid_rows = rounds()
     for (verdict, _), x in zip(run("robust_lr", views, threshold=4), valid_rows):
         np.testing.assert_allclose(verdict.delta, robust_lr(x, 4), rtol=2e-4, atol=2e-5)
+
+
+def kmeans_inertia(values, k):
+    """The optimal k-means inertia of 1-D values, by trying every split of the sorted values
+    into k runs."""
+    v = np.sort(values)
+    best = np.inf
+    for cuts in itertools.combinations(range(1, len(v)), k - 1):
+        parts = np.split(v, cuts)
+        best = min(best, sum(((p - p.mean()) ** 2).sum() for p in parts))
+    return best
+
+
+def gap_count(scores, draws, max_clusters):
+    """Tibshirani et al.'s gap statistic over scores scaled to [0, 1], against the uniform
+    reference `draws` [B, n]: the smallest k with gap(k) >= gap(k+1) - s(k+1)."""
+    n = len(scores)
+    if n < 3 or scores.max() == scores.min():
+        return 1
+    x = (scores - scores.min()) / (scores.max() - scores.min())
+    top = min(max_clusters, n - 1)
+    logs = lambda v, k: np.log(max(kmeans_inertia(v, k), 1e-20))
+    gap, s = [], []
+    for k in range(1, top + 1):
+        fake = np.array([logs(d, k) for d in draws])
+        gap.append(fake.mean() - logs(x, k))
+        s.append(fake.std() * np.sqrt(1 + 1 / len(draws)))
+    return next((k for k in range(1, top) if gap[k - 1] >= gap[k] - s[k]), top)
+
+
+def upper_of_two(scores):
+    """The upper cluster of the optimal 1-D 2-means (every cut of the sorted values)."""
+    v = np.sort(scores)
+    costs = [((v[:i] - v[:i].mean()) ** 2).sum() + ((v[i:] - v[i:].mean()) ** 2).sum()
+             for i in range(1, len(v))]
+    return scores >= v[1 + int(np.argmin(costs))]
+
+
+class FLDetectorReference:
+    """Zhang et al.'s FLDetector on pseudo-gradients g = -head update, in float64: the
+    L-BFGS compact form over the last `window` (s, y) pairs (FLDetector's own formula, with
+    an explicit inverse), each client predicted from its last update and the global head
+    then, its distances normalised by the round's sum and averaged over its last `window`."""
+
+    def __init__(self, window):
+        self.window, self.s, self.y = window, [], []
+        self.last, self.clients, self.distances = None, {}, {}
+
+    def hvp(self, v):
+        s, y = np.array(self.s).T, np.array(self.y).T  # [p, m]
+        sy = s.T @ y
+        lower = np.tril(sy, -1)
+        sigma = self.y[-1] @ self.s[-1] / (self.s[-1] @ self.s[-1])
+        m = np.block([[sigma * s.T @ s, lower], [lower.T, -np.diag(np.diag(sy))]])
+        q = np.concatenate([s.T @ (sigma * v), y.T @ v])
+        return sigma * v - np.concatenate([sigma * s, y], axis=1) @ np.linalg.inv(m) @ q
+
+    def round(self, ids, grads, head, key, samples=20, max_clusters=10):
+        """-> (scores, flags) of the round's clients (ids [n], grads [n, p] float64)."""
+        predicted = [i for i in ids if i in self.clients and self.s]
+        miss = {}
+        for i in predicted:
+            g, h = self.clients[i]
+            miss[i] = np.linalg.norm(g + self.hvp(head - h) - grads[list(ids).index(i)])
+        total = sum(miss.values())
+        for i in predicted:
+            self.distances[i] = (self.distances.get(i, []) + [miss[i] / total])[-self.window :]
+        scores = np.array([np.mean(self.distances[i]) if i in self.distances else 0 for i in ids])
+        scored = np.array([i in self.distances for i in ids])
+        draws = np.asarray(jax.random.uniform(key, (samples, len(ids))), np.float64)
+        flags = np.zeros(len(ids), bool)
+        if gap_count(scores[scored], draws[:, : scored.sum()], max_clusters) >= 2:
+            flags[scored] = upper_of_two(scores[scored])
+        grad = grads[~flags].mean(0)
+        if self.last is not None:
+            self.s = (self.s + [head - self.last[0]])[-self.window :]
+            self.y = (self.y + [grad - self.last[1]])[-self.window :]
+        self.last = (head, grad)
+        for i, g in zip(ids, grads):
+            self.clients[i] = (g, head)
+        return scores, flags
+
+
+def test_fldetector_matches_zhang_et_al():
+    """Ten rounds of 5 of 8 clients on a quadratic (two attackers send scaled, reversed,
+    noisy updates): every round's scores and flags as the float64 transcription's."""
+    num, k, window = 8, 5, 3
+    defense = build("fldetector", k=k, d=C * F, num_clients=num, window=window)
+    apply = jax.jit(defense.apply)
+    rng = np.random.default_rng(0)
+    curvature = rng.uniform(0.5, 2.0, C * F)
+    targets = 0.3 * rng.normal(size=(num, C * F))
+    w, memory, ref = rng.normal(size=C * F), defense.init(), FLDetectorReference(window)
+    flagged = 0
+    for t in range(10):
+        ids = np.sort(rng.permutation(num)[:k])
+        grads = curvature * w - targets[ids] + 0.01 * rng.normal(size=(k, C * F))
+        delta = -0.1 * grads
+        bad = ids < 2
+        delta[bad] = -3 * delta[bad] + 0.3 * rng.normal(size=(bad.sum(), C * F))
+        view = make_view(delta, ids=ids, round_=t, global_head=w.reshape(C, F))
+        verdict, memory = apply(view, memory)
+        key = jax.random.fold_in(jax.random.key(fldetector.REFERENCE_STREAM), t)
+        head = np.asarray(view.global_head, np.float64).reshape(-1)
+        scores, flags = ref.round(ids, -np.asarray(view.updates, np.float64), head, key)
+        np.testing.assert_allclose(verdict.scores, scores, rtol=2e-3, atol=1e-6, err_msg=t)
+        np.testing.assert_array_equal(verdict.flags, flags, err_msg=f"round {t}")
+        flagged += flags.sum()
+        w = w + np.asarray(verdict.delta, np.float64)
+    assert flagged > 0
