@@ -571,3 +571,76 @@ def test_fldetector_matches_zhang_et_al():
         flagged += flags.sum()
         w = w + np.asarray(verdict.delta, np.float64)
     assert flagged > 0
+
+
+def flare_trust(heads, neighbours=0.5, temperature=1.0):
+    """Wang et al.'s FLARE on the output-layer changes [n, C, F] as sets of C vectors: the
+    Gaussian-kernel MMD (width: the median distance between rows of different or the same
+    set, the row itself left out), votes from each client's floor(0.5 n) nearest others,
+    trust = softmax(votes / temperature)."""
+    n, c, f = heads.shape
+    rows = heads.reshape(n * c, f)
+    d2 = sq_dist(rows)
+    h2 = np.median(d2[~np.eye(n * c, dtype=bool)])
+    kernel = np.exp(-d2 / (2 * h2)).reshape(n, c, n, c).mean(axis=(1, 3))
+    mmd = np.diag(kernel)[:, None] + np.diag(kernel)[None, :] - 2 * kernel
+    votes = np.zeros(n)
+    for i in range(n):
+        others = [j for j in np.argsort(mmd[i]) if j != i]
+        votes[others[: int(np.floor(neighbours * n))]] += 1
+    trust = np.exp(votes / temperature)
+    return trust / trust.sum()
+
+
+def test_flare_matches_wang_et_al():
+    views, valid_rows = clustered_rounds()
+    for (verdict, _), view, x in zip(run("flare", views), views, valid_rows):
+        valid = np.asarray(view.valid)
+        trust = flare_trust(np.asarray(view.head_rows, np.float64)[valid])
+        np.testing.assert_allclose(verdict.weights[valid], trust, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(verdict.delta, trust @ x, rtol=2e-4, atol=2e-5)
+
+
+def deepsight_kept(heads, x, tau=1 / 3):
+    """Rieger et al.'s DeepSight without DDifs on the output-layer changes [n, C, F]: NEUPs
+    and threshold exceedings (TE <= median / 2: suspicious), scikit-learn's DBSCAN
+    (min_samples 2, eps the median nearest-neighbour distance; noise rows alone) over the
+    cosine distances and the NEUPs' distances, clusters of both kept when under tau
+    suspicious, clipped to the median norm -> (aggregate, kept)."""
+    from sklearn.cluster import DBSCAN
+
+    n, c, _ = heads.shape
+    energy = np.abs(heads).sum(-1) ** 2
+    neup = energy / energy.sum(1, keepdims=True)
+    te = (neup > max(0.01, 1 / c) * neup.max(1, keepdims=True)).sum(1)
+    suspicious = te <= np.median(te) / 2
+
+    def together(dist):
+        eps = np.median(np.sort(dist, axis=1)[:, 1])
+        labels = DBSCAN(eps=eps, min_samples=2, metric="precomputed").fit(dist).labels_
+        labels = np.where(labels < 0, -1 - np.arange(n), labels)  # noise: alone
+        return labels[:, None] == labels[None, :]
+
+    flat = heads.reshape(n, -1)
+    unit = flat / np.linalg.norm(flat, axis=1, keepdims=True)
+    cosine = np.clip(1 - unit @ unit.T, 0, 2)
+    np.fill_diagonal(cosine, 0)
+    same = together(cosine) & together(np.sqrt(sq_dist(neup)))
+    kept = np.array([suspicious[same[i]].mean() < tau for i in range(n)])
+    med = np.median(np.linalg.norm(x, axis=1))
+    return clip_to(x[kept], med).mean(0), kept
+
+
+def test_deepsight_matches_rieger_et_al():
+    views, valid_rows = clustered_rounds()
+    rng = np.random.default_rng(41)  # a round where 4 clients push one class's row
+    rows = rng.normal(size=(K, D))
+    rows[:4, :F] += 8.0 + 0.1 * rng.normal(size=(4, F))
+    views.append(random_view(41, rows))
+    valid_rows.append(rows)
+    for (verdict, _), view, x in zip(run("deepsight", views), views, valid_rows):
+        valid = np.asarray(view.valid)
+        want, kept = deepsight_kept(np.asarray(view.head_rows, np.float64)[valid], x)
+        np.testing.assert_array_equal(verdict.flags[valid], ~kept)
+        np.testing.assert_allclose(verdict.delta, want, rtol=2e-4, atol=2e-5)
+    np.testing.assert_array_equal(verdict.flags, np.arange(K) < 4)
