@@ -644,3 +644,63 @@ def test_deepsight_matches_rieger_et_al():
         np.testing.assert_array_equal(verdict.flags[valid], ~kept)
         np.testing.assert_allclose(verdict.delta, want, rtol=2e-4, atol=2e-5)
     np.testing.assert_array_equal(verdict.flags, np.arange(K) < 4)
+
+
+def rflbat_kept(x, key, eps1=10.0, eps2=4.0, samples=20, iters=20):
+    """Wang et al.'s RFLBAT with the number of clusters (one or two) by the gap statistic
+    against the rule's uniform draws over the plane's bounding box -> kept [n]."""
+    from sklearn.decomposition import PCA
+
+    n = len(x)
+    pts = PCA(n_components=2, svd_solver="full").fit_transform(x)
+    pts = pts * np.where((pts**3).sum(0) < 0, -1, 1)
+
+    def inliers(keep, factor):
+        total = np.sqrt(sq_dist(pts[keep])).sum(1)
+        out = np.zeros(n, bool)
+        out[np.flatnonzero(keep)[total <= factor * np.median(total)]] = True
+        return out
+
+    def inertias(p):
+        i, j = np.unravel_index(np.argmax(sq_dist(p)), (len(p), len(p)))
+        in1 = two_means(p, p[[i, j]].copy(), iters)
+        within = lambda q: ((q - q.mean(0)) ** 2).sum() if len(q) else 0.0
+        return in1, within(p), within(p[~in1]) + within(p[in1])
+
+    first = inliers(np.ones(n, bool), eps1)
+    in1, w1, w2 = inertias(pts[first])
+    lo, hi = pts[first].min(0), pts[first].max(0)
+    u = np.asarray(jax.random.uniform(key, (samples, n, 2)), np.float64)[:, first]
+    fake = np.log([inertias(lo + (hi - lo) * d)[1:] for d in u])  # [B, 2]
+    gap = fake.mean(0) - np.log([w1, w2])
+    chosen = first.copy()
+    if first.sum() >= 3 and gap[0] < gap[1] - fake[:, 1].std() * np.sqrt(1 + 1 / samples):
+        unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+
+        def agreement(members):
+            idx = np.flatnonzero(first)[members]
+            if len(idx) <= 1:
+                return 1.0
+            return np.median((unit[idx] @ unit[idx].T).mean(1))
+
+        a0, a1 = agreement(~in1), agreement(in1)
+        if a0 != a1:
+            chosen[np.flatnonzero(first)[in1 if a0 < a1 else ~in1]] = False  # keeps the other
+    return inliers(chosen, eps2)
+
+
+def test_rflbat_matches_wang_et_al():
+    from fedjax_poison.defenses import rflbat
+
+    views, valid_rows = clustered_rounds()
+    rng = np.random.default_rng(51)  # 3 clients close together, far from the rest
+    rows = rng.normal(size=(K, D))
+    rows[:3] = 6.0 + 0.1 * rng.normal(size=(3, D))
+    views.append(random_view(51, rows))
+    valid_rows.append(rows)
+    for (verdict, _), view, x in zip(run("rflbat", views), views, valid_rows):
+        key = jax.random.fold_in(jax.random.key(rflbat.REFERENCE_STREAM), view.round)
+        kept = rflbat_kept(x, key)
+        np.testing.assert_array_equal(verdict.flags[np.asarray(view.valid)], ~kept)
+        np.testing.assert_allclose(verdict.delta, x[kept].mean(0), rtol=2e-4, atol=2e-5)
+    assert verdict.flags[:3].all()

@@ -36,7 +36,7 @@ RULES = NAMES + CHAINS
 BATCH = 16  # views per compiled call: one shape, one compile
 FLAGGING = {"pca", "multi_krum", "bulyan", "foolsgold", "fltrust", "lfighter"}
 FLAGGING |= {"flame", "dnc", "signguard", "mda", "smea", "monna", "simple_clustering", "auror"}
-FLAGGING |= {"fldetector", "deepsight"}
+FLAGGING |= {"fldetector", "deepsight", "rflbat"}
 PCA_VALID = "pca honours valid in source_pca.py"
 SMALL = {"pca": {"window": 2}}  # settings that keep a rule's program small
 SMALL["auror"] = {"find_rounds": 1000}  # the views' round 20 still finds features
@@ -629,6 +629,7 @@ def test_validate_names_the_field(overrides, k, message):
         ("flare", {"clients_per_round": 5, "temperature": 0.0}, "temperature"),
         ("flare", {"clients_per_round": 5, "neighbours": 1.0}, "neighbours"),
         ("deepsight", {"clients_per_round": 5, "mode": "filter", "tau": 0.0}, "tau"),
+        ("rflbat", {"clients_per_round": 5, "mode": "filter", "eps1": 0.0}, "eps1"),
     ],
 )
 def test_factories_check_their_own_arguments(factory, kwargs, message):

@@ -23,6 +23,7 @@ from fedjax_poison.defenses.flare import flare
 from fedjax_poison.defenses.fldetector import fldetector
 from fedjax_poison.defenses.krum import bulyan, krum, multi_krum
 from fedjax_poison.defenses.preaggregate import PreAggregator, arc, bucketing, clipping, nnm
+from fedjax_poison.defenses.rflbat import rflbat
 from fedjax_poison.defenses.robust import (
     centered_clipping,
     fedavg,
@@ -98,6 +99,7 @@ register("auror", auror)
 register("fldetector", fldetector, per_client_memory=True)
 register("flare", flare)
 register("deepsight", deepsight)
+register("rflbat", rflbat)
 register("norm_clipping", clipping, pre_aggregator=True)
 register("bucketing", bucketing, pre_aggregator=True)
 register("nnm", nnm, pre_aggregator=True)
