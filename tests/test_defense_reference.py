@@ -11,9 +11,10 @@ import itertools
 import jax
 import numpy as np
 import pytest
-from test_defenses import C, D, F, K, random_rows, random_view, run
+from test_defenses import C, D, F, K, build, random_rows, random_view, run
 
-from fedjax_poison.defenses import backdoor, flame
+from fedjax_poison.defenses import backdoor, flame, fldetector
+from fedjax_poison.testing import make_view
 
 SEEDS = (11, 12, 13)
 F_BYZ = 1  # num_byzantine of the default config
@@ -460,3 +461,246 @@ def test_robust_lr_with_the_papers_count():
     views, valid_rows = rounds()
     for (verdict, _), x in zip(run("robust_lr", views, threshold=4), valid_rows):
         np.testing.assert_allclose(verdict.delta, robust_lr(x, 4), rtol=2e-4, atol=2e-5)
+
+
+def kmeans_inertia(values, k):
+    """The optimal k-means inertia of 1-D values, by trying every split of the sorted values
+    into k runs."""
+    v = np.sort(values)
+    best = np.inf
+    for cuts in itertools.combinations(range(1, len(v)), k - 1):
+        parts = np.split(v, cuts)
+        best = min(best, sum(((p - p.mean()) ** 2).sum() for p in parts))
+    return best
+
+
+def gap_count(scores, draws, max_clusters):
+    """Tibshirani et al.'s gap statistic over scores scaled to [0, 1], against the uniform
+    reference `draws` [B, n]: the smallest k with gap(k) >= gap(k+1) - s(k+1)."""
+    n = len(scores)
+    if n < 3 or scores.max() == scores.min():
+        return 1
+    x = (scores - scores.min()) / (scores.max() - scores.min())
+    top = min(max_clusters, n - 1)
+    logs = lambda v, k: np.log(max(kmeans_inertia(v, k), 1e-20))
+    gap, s = [], []
+    for k in range(1, top + 1):
+        fake = np.array([logs(d, k) for d in draws])
+        gap.append(fake.mean() - logs(x, k))
+        s.append(fake.std() * np.sqrt(1 + 1 / len(draws)))
+    return next((k for k in range(1, top) if gap[k - 1] >= gap[k] - s[k]), top)
+
+
+def upper_of_two(scores):
+    """The upper cluster of the optimal 1-D 2-means (every cut of the sorted values)."""
+    v = np.sort(scores)
+    costs = [((v[:i] - v[:i].mean()) ** 2).sum() + ((v[i:] - v[i:].mean()) ** 2).sum()
+             for i in range(1, len(v))]
+    return scores >= v[1 + int(np.argmin(costs))]
+
+
+class FLDetectorReference:
+    """Zhang et al.'s FLDetector on pseudo-gradients g = -head update, in float64: the
+    L-BFGS compact form over the last `window` (s, y) pairs (FLDetector's own formula, with
+    an explicit inverse), each client predicted from its last update and the global head
+    then, its distances normalised by the round's sum and averaged over its last `window`."""
+
+    def __init__(self, window):
+        self.window, self.s, self.y = window, [], []
+        self.last, self.clients, self.distances = None, {}, {}
+
+    def hvp(self, v):
+        s, y = np.array(self.s).T, np.array(self.y).T  # [p, m]
+        sy = s.T @ y
+        lower = np.tril(sy, -1)
+        sigma = self.y[-1] @ self.s[-1] / (self.s[-1] @ self.s[-1])
+        m = np.block([[sigma * s.T @ s, lower], [lower.T, -np.diag(np.diag(sy))]])
+        q = np.concatenate([s.T @ (sigma * v), y.T @ v])
+        return sigma * v - np.concatenate([sigma * s, y], axis=1) @ np.linalg.inv(m) @ q
+
+    def round(self, ids, grads, head, key, samples=20, max_clusters=10):
+        """-> (scores, flags) of the round's clients (ids [n], grads [n, p] float64)."""
+        predicted = [i for i in ids if i in self.clients and self.s]
+        miss = {}
+        for i in predicted:
+            g, h = self.clients[i]
+            miss[i] = np.linalg.norm(g + self.hvp(head - h) - grads[list(ids).index(i)])
+        total = sum(miss.values())
+        for i in predicted:
+            self.distances[i] = (self.distances.get(i, []) + [miss[i] / total])[-self.window :]
+        scores = np.array([np.mean(self.distances[i]) if i in self.distances else 0 for i in ids])
+        scored = np.array([i in self.distances for i in ids])
+        draws = np.asarray(jax.random.uniform(key, (samples, len(ids))), np.float64)
+        flags = np.zeros(len(ids), bool)
+        if gap_count(scores[scored], draws[:, : scored.sum()], max_clusters) >= 2:
+            flags[scored] = upper_of_two(scores[scored])
+        grad = grads[~flags].mean(0)
+        if self.last is not None:
+            self.s = (self.s + [head - self.last[0]])[-self.window :]
+            self.y = (self.y + [grad - self.last[1]])[-self.window :]
+        self.last = (head, grad)
+        for i, g in zip(ids, grads):
+            self.clients[i] = (g, head)
+        return scores, flags
+
+
+def test_fldetector_matches_zhang_et_al():
+    """Ten rounds of 5 of 8 clients on a quadratic (two attackers send scaled, reversed,
+    noisy updates): every round's scores and flags as the float64 transcription's."""
+    num, k, window = 8, 5, 3
+    defense = build("fldetector", k=k, d=C * F, num_clients=num, window=window)
+    apply = jax.jit(defense.apply)
+    rng = np.random.default_rng(0)
+    curvature = rng.uniform(0.5, 2.0, C * F)
+    targets = 0.3 * rng.normal(size=(num, C * F))
+    w, memory, ref = rng.normal(size=C * F), defense.init(), FLDetectorReference(window)
+    flagged = 0
+    for t in range(10):
+        ids = np.sort(rng.permutation(num)[:k])
+        grads = curvature * w - targets[ids] + 0.01 * rng.normal(size=(k, C * F))
+        delta = -0.1 * grads
+        bad = ids < 2
+        delta[bad] = -3 * delta[bad] + 0.3 * rng.normal(size=(bad.sum(), C * F))
+        view = make_view(delta, ids=ids, round_=t, global_head=w.reshape(C, F))
+        verdict, memory = apply(view, memory)
+        key = jax.random.fold_in(jax.random.key(fldetector.REFERENCE_STREAM), t)
+        head = np.asarray(view.global_head, np.float64).reshape(-1)
+        scores, flags = ref.round(ids, -np.asarray(view.updates, np.float64), head, key)
+        np.testing.assert_allclose(verdict.scores, scores, rtol=2e-3, atol=1e-6, err_msg=t)
+        np.testing.assert_array_equal(verdict.flags, flags, err_msg=f"round {t}")
+        flagged += flags.sum()
+        w = w + np.asarray(verdict.delta, np.float64)
+    assert flagged > 0
+
+
+def flare_trust(heads, neighbours=0.5, temperature=1.0):
+    """Wang et al.'s FLARE on the output-layer changes [n, C, F] as sets of C vectors: the
+    Gaussian-kernel MMD (width: the median distance between rows of different or the same
+    set, the row itself left out), votes from each client's floor(0.5 n) nearest others,
+    trust = softmax(votes / temperature)."""
+    n, c, f = heads.shape
+    rows = heads.reshape(n * c, f)
+    d2 = sq_dist(rows)
+    h2 = np.median(d2[~np.eye(n * c, dtype=bool)])
+    kernel = np.exp(-d2 / (2 * h2)).reshape(n, c, n, c).mean(axis=(1, 3))
+    mmd = np.diag(kernel)[:, None] + np.diag(kernel)[None, :] - 2 * kernel
+    votes = np.zeros(n)
+    for i in range(n):
+        others = [j for j in np.argsort(mmd[i]) if j != i]
+        votes[others[: int(np.floor(neighbours * n))]] += 1
+    trust = np.exp(votes / temperature)
+    return trust / trust.sum()
+
+
+def test_flare_matches_wang_et_al():
+    views, valid_rows = clustered_rounds()
+    for (verdict, _), view, x in zip(run("flare", views), views, valid_rows):
+        valid = np.asarray(view.valid)
+        trust = flare_trust(np.asarray(view.head_rows, np.float64)[valid])
+        np.testing.assert_allclose(verdict.weights[valid], trust, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(verdict.delta, trust @ x, rtol=2e-4, atol=2e-5)
+
+
+def deepsight_kept(heads, x, tau=1 / 3):
+    """Rieger et al.'s DeepSight without DDifs on the output-layer changes [n, C, F]: NEUPs
+    and threshold exceedings (TE <= median / 2: suspicious), scikit-learn's DBSCAN
+    (min_samples 2, eps the median nearest-neighbour distance; noise rows alone) over the
+    cosine distances and the NEUPs' distances, clusters of both kept when under tau
+    suspicious, clipped to the median norm -> (aggregate, kept)."""
+    from sklearn.cluster import DBSCAN
+
+    n, c, _ = heads.shape
+    energy = np.abs(heads).sum(-1) ** 2
+    neup = energy / energy.sum(1, keepdims=True)
+    te = (neup > max(0.01, 1 / c) * neup.max(1, keepdims=True)).sum(1)
+    suspicious = te <= np.median(te) / 2
+
+    def together(dist):
+        eps = np.median(np.sort(dist, axis=1)[:, 1])
+        labels = DBSCAN(eps=eps, min_samples=2, metric="precomputed").fit(dist).labels_
+        labels = np.where(labels < 0, -1 - np.arange(n), labels)  # noise: alone
+        return labels[:, None] == labels[None, :]
+
+    flat = heads.reshape(n, -1)
+    unit = flat / np.linalg.norm(flat, axis=1, keepdims=True)
+    cosine = np.clip(1 - unit @ unit.T, 0, 2)
+    np.fill_diagonal(cosine, 0)
+    same = together(cosine) & together(np.sqrt(sq_dist(neup)))
+    kept = np.array([suspicious[same[i]].mean() < tau for i in range(n)])
+    med = np.median(np.linalg.norm(x, axis=1))
+    return clip_to(x[kept], med).mean(0), kept
+
+
+def test_deepsight_matches_rieger_et_al():
+    views, valid_rows = clustered_rounds()
+    rng = np.random.default_rng(41)  # a round where 4 clients push one class's row
+    rows = rng.normal(size=(K, D))
+    rows[:4, :F] += 8.0 + 0.1 * rng.normal(size=(4, F))
+    views.append(random_view(41, rows))
+    valid_rows.append(rows)
+    for (verdict, _), view, x in zip(run("deepsight", views), views, valid_rows):
+        valid = np.asarray(view.valid)
+        want, kept = deepsight_kept(np.asarray(view.head_rows, np.float64)[valid], x)
+        np.testing.assert_array_equal(verdict.flags[valid], ~kept)
+        np.testing.assert_allclose(verdict.delta, want, rtol=2e-4, atol=2e-5)
+    np.testing.assert_array_equal(verdict.flags, np.arange(K) < 4)
+
+
+def rflbat_kept(x, key, eps1=10.0, eps2=4.0, samples=20, iters=20):
+    """Wang et al.'s RFLBAT with the number of clusters (one or two) by the gap statistic
+    against the rule's uniform draws over the plane's bounding box -> kept [n]."""
+    from sklearn.decomposition import PCA
+
+    n = len(x)
+    pts = PCA(n_components=2, svd_solver="full").fit_transform(x)
+    pts = pts * np.where((pts**3).sum(0) < 0, -1, 1)
+
+    def inliers(keep, factor):
+        total = np.sqrt(sq_dist(pts[keep])).sum(1)
+        out = np.zeros(n, bool)
+        out[np.flatnonzero(keep)[total <= factor * np.median(total)]] = True
+        return out
+
+    def inertias(p):
+        i, j = np.unravel_index(np.argmax(sq_dist(p)), (len(p), len(p)))
+        in1 = two_means(p, p[[i, j]].copy(), iters)
+        within = lambda q: ((q - q.mean(0)) ** 2).sum() if len(q) else 0.0
+        return in1, within(p), within(p[~in1]) + within(p[in1])
+
+    first = inliers(np.ones(n, bool), eps1)
+    in1, w1, w2 = inertias(pts[first])
+    lo, hi = pts[first].min(0), pts[first].max(0)
+    u = np.asarray(jax.random.uniform(key, (samples, n, 2)), np.float64)[:, first]
+    fake = np.log([inertias(lo + (hi - lo) * d)[1:] for d in u])  # [B, 2]
+    gap = fake.mean(0) - np.log([w1, w2])
+    chosen = first.copy()
+    if first.sum() >= 3 and gap[0] < gap[1] - fake[:, 1].std() * np.sqrt(1 + 1 / samples):
+        unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+
+        def agreement(members):
+            idx = np.flatnonzero(first)[members]
+            if len(idx) <= 1:
+                return 1.0
+            return np.median((unit[idx] @ unit[idx].T).mean(1))
+
+        a0, a1 = agreement(~in1), agreement(in1)
+        if a0 != a1:
+            chosen[np.flatnonzero(first)[in1 if a0 < a1 else ~in1]] = False  # keeps the other
+    return inliers(chosen, eps2)
+
+
+def test_rflbat_matches_wang_et_al():
+    from fedjax_poison.defenses import rflbat
+
+    views, valid_rows = clustered_rounds()
+    rng = np.random.default_rng(51)  # 3 clients close together, far from the rest
+    rows = rng.normal(size=(K, D))
+    rows[:3] = 6.0 + 0.1 * rng.normal(size=(3, D))
+    views.append(random_view(51, rows))
+    valid_rows.append(rows)
+    for (verdict, _), view, x in zip(run("rflbat", views), views, valid_rows):
+        key = jax.random.fold_in(jax.random.key(rflbat.REFERENCE_STREAM), view.round)
+        kept = rflbat_kept(x, key)
+        np.testing.assert_array_equal(verdict.flags[np.asarray(view.valid)], ~kept)
+        np.testing.assert_allclose(verdict.delta, x[kept].mean(0), rtol=2e-4, atol=2e-5)
+    assert verdict.flags[:3].all()

@@ -36,6 +36,7 @@ RULES = NAMES + CHAINS
 BATCH = 16  # views per compiled call: one shape, one compile
 FLAGGING = {"pca", "multi_krum", "bulyan", "foolsgold", "fltrust", "lfighter"}
 FLAGGING |= {"flame", "dnc", "signguard", "mda", "smea", "monna", "simple_clustering", "auror"}
+FLAGGING |= {"fldetector", "deepsight", "rflbat"}
 PCA_VALID = "pca honours valid in source_pca.py"
 SMALL = {"pca": {"window": 2}}  # settings that keep a rule's program small
 SMALL["auror"] = {"find_rounds": 1000}  # the views' round 20 still finds features
@@ -200,7 +201,7 @@ def test_a_rule_alone_treats_non_finite_rows_as_invalid(name):
         close(got.weights, want.weights)
 
 
-@pytest.mark.parametrize("name", ["pca", "foolsgold", "centered_clipping", "auror"])
+@pytest.mark.parametrize("name", ["pca", "foolsgold", "centered_clipping", "auror", "fldetector"])
 def test_memory_carries_through_scan(name):
     defense = program(name)[0]
     views = jax.tree.map(lambda *xs: jnp.stack(xs), *[random_view(s) for s in range(3)])
@@ -225,6 +226,67 @@ def test_auror_resumes_from_its_memory_byte_identically():
     np.testing.assert_array_equal(np.asarray(resumed), np.asarray(memory))
     joined = jax.tree.map(lambda a, b: np.concatenate([a, b]), first, second)
     jax.tree.map(np.testing.assert_array_equal, joined, jax.device_get(whole))
+
+
+def history_rounds(count):
+    """`count` random rounds [K, D] of 10 of 20 clients, rounds 0, 1, ... (their ids overlap)."""
+    return [random_view(s)._replace(round=jnp.int32(s)) for s in range(count)]
+
+
+def after(defense, views):
+    """The memory after `views` one after the other."""
+    memory = defense.init()
+    for view in views:
+        memory = jax.jit(defense.apply)(view, memory)[1]
+    return memory
+
+
+def test_fldetector_with_history_is_order_free_and_ignores_invalid_rows():
+    """With its windows filled (predictions and scores), permuting the clients permutes
+    the verdict, and an invalid row leaves the verdict on the others and the memory as
+    if it were absent."""
+    defense = build("fldetector", window=2)
+    apply = jax.jit(defense.apply)
+    views = history_rounds(5)
+    memory = after(defense, views[:4])
+    assert int(memory.pairs) == 2 and int(memory.count.max()) >= 2
+    view = views[4]
+    want, want_mem = apply(view, memory)
+    assert np.asarray(want.scores).max() > 0  # predicted and scored
+    perm = np.random.default_rng(0).permutation(K)
+    got, got_mem = apply(permuted(view, perm), memory)
+    np.testing.assert_array_equal(got.flags, want.flags[perm])
+    close(got.scores, want.scores[perm], rtol=1e-4)
+    close(got.delta, want.delta)
+    jax.tree.map(close, got_mem, want_mem)
+    rows = np.array(view.updates)
+    rows[3] = np.nan
+    broken = random_view(4, rows)._replace(round=jnp.int32(4))
+    got, got_mem = apply(broken, memory)
+    alone, alone_mem = apply(without(broken, 3), memory)
+    others = np.delete(np.arange(K), 3)
+    close(got.delta, alone.delta)
+    close(got.scores[others], alone.scores, rtol=1e-4)
+    np.testing.assert_array_equal(got.flags[others], alone.flags)
+    jax.tree.map(close, got_mem, alone_mem)
+
+
+def test_fldetector_resumes_from_its_memory_byte_identically():
+    """Six rounds in one go equal three, the memory through host numpy (as a checkpoint
+    holds it), then three more."""
+    defense = build("fldetector", window=2)
+    views = jax.tree.map(lambda *xs: jnp.stack(xs), *history_rounds(6))
+    scan = jax.jit(lambda m, vs: jax.lax.scan(lambda m, v: defense.apply(v, m)[::-1], m, vs))
+    half = lambda i: jax.tree.map(lambda a: a[i : i + 3], views)
+    memory, whole = scan(defense.init(), views)
+    saved, first = scan(defense.init(), half(0))
+    restored = jax.tree.map(lambda a: jnp.asarray(np.array(a)), saved)
+    resumed, second = scan(restored, half(3))
+    assert int(saved.pairs) == 2
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed), jax.device_get(memory))
+    joined = jax.tree.map(lambda a, b: np.concatenate([a, b]), first, second)
+    jax.tree.map(np.testing.assert_array_equal, joined, jax.device_get(whole))
+    assert np.asarray(whole.scores).max() > 0
 
 
 # Settings under which a rule must give the plain mean on random updates.
@@ -560,6 +622,14 @@ def test_validate_names_the_field(overrides, k, message):
          "min_samples"),
         ("auror", {"clients_per_round": 5, "num_classes": 3, "head_features": 2,
                    "mode": "filter", "find_rounds": 0}, "find_rounds"),
+        ("fldetector", {"num_clients": 5, "num_classes": 3, "head_features": 2,
+                        "mode": "filter", "window": 0}, "window"),
+        ("fldetector", {"num_clients": 5, "num_classes": 3, "head_features": 2,
+                        "mode": "filter", "max_clusters": 1}, "max_clusters"),
+        ("flare", {"clients_per_round": 5, "temperature": 0.0}, "temperature"),
+        ("flare", {"clients_per_round": 5, "neighbours": 1.0}, "neighbours"),
+        ("deepsight", {"clients_per_round": 5, "mode": "filter", "tau": 0.0}, "tau"),
+        ("rflbat", {"clients_per_round": 5, "mode": "filter", "eps1": 0.0}, "eps1"),
     ],
 )
 def test_factories_check_their_own_arguments(factory, kwargs, message):

@@ -16,10 +16,14 @@ from fedjax_poison.defenses.base import Defense
 from fedjax_poison.defenses.centered import meamed, monna
 from fedjax_poison.defenses.clustering import auror, simple_clustering
 from fedjax_poison.defenses.covariance import caf
+from fedjax_poison.defenses.deepsight import deepsight
 from fedjax_poison.defenses.dnc import dnc
 from fedjax_poison.defenses.flame import flame
+from fedjax_poison.defenses.flare import flare
+from fedjax_poison.defenses.fldetector import fldetector
 from fedjax_poison.defenses.krum import bulyan, krum, multi_krum
 from fedjax_poison.defenses.preaggregate import PreAggregator, arc, bucketing, clipping, nnm
+from fedjax_poison.defenses.rflbat import rflbat
 from fedjax_poison.defenses.robust import (
     centered_clipping,
     fedavg,
@@ -92,6 +96,10 @@ register("weak_dp", weak_dp)
 register("robust_lr", robust_lr)
 register("simple_clustering", simple_clustering)
 register("auror", auror)
+register("fldetector", fldetector, per_client_memory=True)
+register("flare", flare)
+register("deepsight", deepsight)
+register("rflbat", rflbat)
 register("norm_clipping", clipping, pre_aggregator=True)
 register("bucketing", bucketing, pre_aggregator=True)
 register("nnm", nnm, pre_aggregator=True)
