@@ -2,6 +2,7 @@
 transcriptions of their definitions on random inputs; what the round tells attacks (the
 previous global change, the rule in use) on three toy clients by hand."""
 
+import csv
 import re
 
 import jax
@@ -248,3 +249,23 @@ def test_the_round_offers_attacks_its_own_rule():
     step, state, scenario, data = toy_round(probe(lambda u, ctx: ctx.aggregate(u) + 0.5), "median")
     state, _ = step(state, scenario, data)
     np.testing.assert_allclose(state.last_update, [2.5, 2.5])
+
+
+# ---- Every attack in one matrix run ----
+
+
+@pytest.mark.slow  # one sweep over every attack: minutes on 2 cores
+def test_every_attack_runs_in_the_matrix(tmp_path):
+    from test_simulation import tiny_config
+
+    from fedjax_poison import compare_defenses
+
+    c = tiny_config(num_rounds=1, eval_every=1)
+    c.attack.malicious_fraction = 0.25
+    names = sorted(set(attacks.ATTACKS) - {"none"})
+    compare_defenses.compare(c, str(tmp_path), names, ["fedavg"], [0])
+    rows = {r["attack"]: r for r in csv.DictReader(open(tmp_path / "matrix.csv"))}
+    assert set(rows) == {"none", *names}
+    for name in names:
+        assert np.isfinite(float(rows[name]["accuracy_mean"])), name
+        assert rows[name]["measure"] == make(name).measure, name
