@@ -193,8 +193,9 @@ def check_defense(name: str, *, order_invariant: bool = True, **fields) -> None:
 
 
 def attack_round(k: int = 3, n: int = 6, num_classes: int = 4, image=(8, 8, 1), seed: int = 0):
-    """(x [k, n, H, W, C] uint8, y [k, n], count [k], updates [k, D], ctx) of a round in
-    which clients 0 and 2 poison, flipping class 2 to 0."""
+    """(x [k, n, H, W, C] uint8, y [k, n], count [k], updates [k, 10], ctx) of a round in
+    which clients 0 and 2 poison, flipping class 2 to 0, after a random global change, under
+    a coordinate-wise median."""
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.integers(0, 200, (k, n, *image)), jnp.uint8)
     y = jnp.asarray(rng.integers(0, num_classes, (k, n)), jnp.int32)
@@ -206,8 +207,15 @@ def attack_round(k: int = 3, n: int = 6, num_classes: int = 4, image=(8, 8, 1), 
         round=jnp.int32(3),
         key=jax.random.key(seed),
         flip=jnp.asarray(attacks.flip_table(((2, 0),), num_classes)),
+        global_update=jnp.asarray(rng.normal(size=10), jnp.float32),
+        aggregate=jax.tree_util.Partial(median_rule),
     )
     return x, y, count, updates, ctx
+
+
+def median_rule(updates: jax.Array) -> jax.Array:
+    """[d] the coordinate-wise median of updates [k, d]: a server's rule for attack rounds."""
+    return jnp.median(updates, axis=0)
 
 
 def check_attack(name: str, block: dict | None = None, *, num_classes: int = 4) -> None:

@@ -36,9 +36,12 @@ from fedjax_poison.attacks.base import (
     clean_data,
     clean_updates,
     none,
+    previous_update,
     replace_rows,
+    server_aggregate,
 )
 from fedjax_poison.attacks.collusion import alie, ipm, min_max, min_sum
+from fedjax_poison.attacks.edge_case import alt_min, edge_case
 from fedjax_poison.attacks.fang import fang_krum, fang_trim
 from fedjax_poison.attacks.label_flip import (
     Flips,
@@ -51,6 +54,8 @@ from fedjax_poison.attacks.label_flip import (
 )
 from fedjax_poison.attacks.mimic import mimic
 from fedjax_poison.attacks.model_poisoning import gaussian, inf, scale, sign_flip
+from fedjax_poison.attacks.neurotoxin import neurotoxin
+from fedjax_poison.attacks.optimized import alie_opt, ipm_opt
 from fedjax_poison.attacks.threat import draw_malicious, poisoning_now
 from fedjax_poison.registry import Registry, RegistryError
 
@@ -58,6 +63,7 @@ __all__ = [
     "ATTACKS",
     "KNOWLEDGE",
     "MEASURES",
+    "READ_FLIPS",
     "Attack",
     "AttackConfigError",
     "AttackContext",
@@ -75,9 +81,11 @@ __all__ = [
     "parse_flips",
     "poison_labels",
     "poisoning_now",
+    "previous_update",
     "register",
     "replace_rows",
     "select",
+    "server_aggregate",
     "split_name",
 ]
 
@@ -110,6 +118,16 @@ register("fang_krum", fang_krum)
 register("fang_trim", fang_trim)
 register("mimic", mimic)
 register("blended", blended)
+register("neurotoxin", neurotoxin)
+register("alie_opt", alie_opt)
+register("ipm_opt", ipm_opt)
+register("edge_case", edge_case)
+register("alt_min", alt_min)
+
+# Attacks that flip the pairs of `attack.flips` (label_flip too, with mapping 'pairs').
+READ_FLIPS = ("adaptive_flip", "edge_case", "alt_min")
+# Attacks whose success is read on a triggered test set: a run measures one trigger.
+BACKDOORS = (backdoor, blended, neurotoxin)
 
 
 def block_defaults(name: str) -> dict:
@@ -123,7 +141,7 @@ def default_config(flips: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "label_flip"  # one of ATTACKS, or several joined by '+'
     c.malicious_fraction = 0.0
-    c.flips = flips  # source:target pairs of label_flip (mapping 'pairs') and adaptive_flip
+    c.flips = flips  # source:target pairs of label_flip ('pairs') and attacks.READ_FLIPS
     c.start_round = 1  # malicious clients poison in rounds start_round..end_round (from 1)
     c.end_round = -1  # the last round that poisons; -1 = the last round of the run
     c.every = 1  # poison every n-th round of the window
@@ -147,7 +165,7 @@ def split_name(name: str) -> list[str]:
             )
     if len(parts) > 1 and "none" in parts:
         raise AttackConfigError(f"attack.name {name!r}: 'none' cannot be chained")
-    if sum(ATTACKS[p] in (backdoor, blended) for p in parts) > 1:
+    if sum(ATTACKS[p] in BACKDOORS for p in parts) > 1:
         raise AttackConfigError(f"attack.name {name!r}: at most one backdoor in a chain")
     return parts
 

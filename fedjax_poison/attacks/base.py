@@ -34,6 +34,15 @@ class AttackContext(NamedTuple):
     round: jax.Array  # [] int32, 0-based index of the round
     key: jax.Array  # this round's randomness for the attack
     flip: jax.Array  # [C] int32, the label each class becomes (identity where not flipped)
+    # [d] the previous round's change of the global model (zeros before the second round):
+    # what any client that downloads the global model every round can compute. None outside
+    # a round: read it with previous_update().
+    global_update: jax.Array | None = None
+    # The update seam only: the server's aggregation as it will run this round, a
+    # jax.tree_util.Partial updates [k, d] -> aggregate [d] (the server guard, then the rule
+    # with its memory as it stands), for attacks that know the rule in use. None outside a
+    # round and in the data seam: read it with server_aggregate() (then FedAvg).
+    aggregate: Callable[[jax.Array], jax.Array] | None = None
 
 
 class Attack(NamedTuple):
@@ -106,6 +115,23 @@ def benign_moments(updates: jax.Array, poisoned: jax.Array) -> tuple[jax.Array, 
     """Coordinate-wise mean and standard deviation [d] of the rows not poisoning (all rows
     when every row poisons): what an omniscient colluding attacker knows."""
     return moments(updates, known_rows(poisoned))
+
+
+def previous_update(ctx: AttackContext, d: int) -> jax.Array:
+    """[d] the previous round's change of the global model (zeros where not known)."""
+    if ctx.global_update is None:
+        return jnp.zeros((d,), jnp.float32)
+    return ctx.global_update
+
+
+def server_aggregate(ctx: AttackContext, updates: jax.Array) -> jax.Array:
+    """[d] what the server would add for these updates [k, d]: the round's own rule, or the
+    mean of the finite rows (FedAvg behind the server guard) where the context has none."""
+    if ctx.aggregate is not None:
+        return ctx.aggregate(updates)
+    valid = jnp.isfinite(jnp.sqrt(jnp.sum(updates * updates, axis=1)))  # [k]
+    w = valid.astype(updates.dtype) / jnp.maximum(valid.sum(), 1)
+    return w @ jnp.where(valid[:, None], updates, 0.0)
 
 
 def check(ok: bool, field: str, need: str, got) -> None:

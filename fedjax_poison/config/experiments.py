@@ -63,7 +63,7 @@ def expand(c) -> list[Experiment]:
     sweeps.refuse_inert(axes, raw)
     for exp in raw:
         parts = attacks.split_name(exp.attack)
-        pairs = "adaptive_flip" in parts or (
+        pairs = bool(set(attacks.READ_FLIPS) & set(parts)) or (
             "label_flip" in parts and c.attack.label_flip.mapping == "pairs"
         )
         if sweeps.attacked(exp) and pairs and not exp.flips:
@@ -92,7 +92,7 @@ def _experiment(c, combo: dict) -> Experiment:
 
 def attacked_pairs(c, exp: Experiment) -> attacks.Flips:
     """The (source, target) pairs the experiment's attack flips: its `flips` for label_flip's
-    'pairs' mapping and adaptive_flip, the mapping's own pairs for label_flip's others,
+    'pairs' mapping and attacks.READ_FLIPS, the mapping's own pairs for label_flip's others,
     () for attacks that flip no labels (their source recall is then undefined)."""
     parts = attacks.split_name(exp.attack)
     if "label_flip" in parts:
@@ -101,7 +101,7 @@ def attacked_pairs(c, exp: Experiment) -> attacks.Flips:
 
         num_classes = data.SPECS[c.dataset].num_classes
         return attacks.mapping_pairs(lf.mapping, exp.flips, lf.target, num_classes)
-    return exp.flips if "adaptive_flip" in parts else ()
+    return exp.flips if set(attacks.READ_FLIPS) & set(parts) else ()
 
 
 def canonical(exp: Experiment, c) -> Experiment:

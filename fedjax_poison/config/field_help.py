@@ -43,7 +43,10 @@ FIELD_HELP = {
     "attack.name": "the attack: a registered name, or several joined by '+'; its fields are "
     "attack.<name>.*",
     "attack.malicious_fraction": "share of the N clients that are malicious",
-    "attack.flips": "source:target label pairs flipped by label_flip and adaptive_flip, '6:0,1:3'",
+    "attack.flips": (
+        "source:target label pairs flipped by label_flip, adaptive_flip, edge_case and "
+        "alt_min, '6:0,1:3'"
+    ),
     "attack.start_round": "the first round in which malicious clients poison (from 1)",
     "attack.end_round": "the last round in which they poison; -1 = the last round",
     "attack.every": "poison every n-th round of the window",

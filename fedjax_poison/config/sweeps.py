@@ -184,7 +184,8 @@ AXES: dict[str, Axis] = {
         parse_flips,
         lambda c: parse_flips(setting(c, "attack.flips", "")),
         uses_flips,
-        "only label_flip (mapping 'pairs') and adaptive_flip flip the `flips` pairs, and only "
+        "only label_flip (mapping 'pairs'), adaptive_flip, edge_case and alt_min flip the "
+        "`flips` pairs, and only "
         "with attackers",
         record=attacks.format_flips,
         words=flip_words,

@@ -37,6 +37,7 @@ class ServerState:
     defense_state: PyTree
     blocked: jax.Array  # [N] bool, excluded from selection by the defense
     participations: jax.Array  # [N] int32, rounds each client has trained in
+    last_update: jax.Array  # [d] float32, the last round's change of the global model
 
 
 @flax.struct.dataclass
@@ -126,6 +127,7 @@ def init_state(
         defense_state=defense.init(),
         blocked=jnp.zeros(num_clients, bool),
         participations=jnp.zeros(num_clients, jnp.int32),
+        last_update=jnp.zeros_like(ravel_pytree(params)[0]),
     )
 
 
@@ -202,7 +204,9 @@ def make_round_step(
         x, y, count = client_examples(data, selected, settings.max_count)  # [k, n, ...]
         malicious = scenario.malicious[selected]
         poisoned = malicious & attacks.poisoning_now(state.round, *scenario.poison_window)
-        context = attacks.AttackContext(poisoned, selected, state.round, k_data, scenario.flip)
+        context = attacks.AttackContext(
+            poisoned, selected, state.round, k_data, scenario.flip, state.last_update
+        )
         x, y = attack.poison_data(x, y, count, context)
 
         if settings.lr_per_participation:
@@ -217,19 +221,30 @@ def make_round_step(
 
         flat_global, unravel = ravel_pytree(state.params)
         flat_local = jax.vmap(lambda p: ravel_pytree(p)[0])(trained.params)  # [k, d]
-        sent = attack.poison_updates(
-            flat_local - flat_global[None], context._replace(key=k_updates)
-        )
-        updates, valid = server.guard(sent)
-        view = defenses.RoundView(
-            updates=updates,
-            head_rows=jnp.swapaxes(updates[:, head], 1, 2),  # [k, C, F], what was sent
-            global_head=server.head_kernel_rows(state.params),
-            client_ids=selected,
-            round=state.round,
-            root_update=root_update(state, k_root) if needs_root else jnp.zeros_like(flat_global),
-            valid=valid,
-        )
+        root = root_update(state, k_root) if needs_root else jnp.zeros_like(flat_global)
+
+        def view_of(sent):
+            """(the defense's view of the updates sent [k, d], valid [k])."""
+            updates, valid = server.guard(sent)
+            view = defenses.RoundView(
+                updates=updates,
+                head_rows=jnp.swapaxes(updates[:, head], 1, 2),  # [k, C, F], what was sent
+                global_head=server.head_kernel_rows(state.params),
+                client_ids=selected,
+                round=state.round,
+                root_update=root,
+                valid=valid,
+            )
+            return view, valid
+
+        def aggregate(sent):
+            """[d] what the server would add for `sent` [k, d] this round (memory unchanged)."""
+            view, valid = view_of(sent)
+            return server.server_verdict(defense.apply(view, state.defense_state)[0], valid).delta
+
+        seam = context._replace(key=k_updates, aggregate=jax.tree_util.Partial(aggregate))
+        sent = attack.poison_updates(flat_local - flat_global[None], seam)
+        view, valid = view_of(sent)
         verdict, defense_state = defense.apply(view, state.defense_state)
         verdict = server.server_verdict(verdict, valid)
 
@@ -247,6 +262,7 @@ def make_round_step(
             defense_state=defense_state,
             blocked=blocked,
             participations=state.participations.at[selected].add(1),
+            last_update=verdict.delta,
         )
         record = RoundRecord(
             selected,
