@@ -21,6 +21,7 @@ from fedjax_poison.data import partition
 from fedjax_poison.round import server
 
 K, D, C, F = 10, 50, 3, 4  # the defense checks' round: clients, parameters, classes, features
+LAYERS = (C * F, 3, 30, 5)  # the sizes of its D parameters' arrays: a head, then three more
 
 
 @contextlib.contextmanager
@@ -48,9 +49,12 @@ def registrations_undone():
 # --- defenses -------------------------------------------------------------------------
 
 
-def make_view(updates, head_rows=None, *, ids=None, round_=20, root=None, global_head=None):
+def make_view(
+    updates, head_rows=None, *, ids=None, round_=20, root=None, global_head=None, global_params=None
+):
     """A round [k, d] as the server builds it: non-finite rows zeroed and marked invalid;
-    head rows [k, C, F] read from the first C*F coordinates unless given."""
+    head rows [k, C, F] read from the first C*F coordinates unless given; global params
+    [d] zero unless given."""
     updates, valid = server.guard(jnp.asarray(updates, jnp.float32))
     k, d = updates.shape
     if head_rows is None and d >= C * F:
@@ -66,11 +70,13 @@ def make_view(updates, head_rows=None, *, ids=None, round_=20, root=None, global
         round=jnp.int32(round_),
         root_update=jnp.zeros(d) if root is None else jnp.asarray(root, jnp.float32),
         valid=valid,
+        global_params=jnp.zeros(d) if global_params is None else jnp.asarray(global_params),
     )
 
 
 def random_view(seed: int, rows=None, root=None):
-    """A round of random rows [K, D] (or `rows`), client ids and root update from `seed`."""
+    """A round of random rows [K, D] (or `rows`), client ids, root update and global params
+    from `seed`."""
     rng = np.random.default_rng(seed + 1000)
     rows = np.random.default_rng(seed).normal(size=(K, D)) if rows is None else rows
     return make_view(
@@ -78,6 +84,7 @@ def random_view(seed: int, rows=None, root=None):
         ids=rng.permutation(20)[: rows.shape[0]],
         root=rng.normal(size=D) if root is None else root,
         global_head=jnp.asarray(rng.normal(size=(C, F)), jnp.float32),
+        global_params=rng.normal(size=rows.shape[1]),
     )
 
 
@@ -143,8 +150,8 @@ def check_verdict(name: str, verdict, view, defense) -> None:
 
 
 def build_defense(name: str, *, k: int = K, d: int = D, num_clients: int = 20, **fields):
-    """The rule or chain `name` for a round of k rows of d parameters, with `fields` set in
-    its blocks (defenses.block_for)."""
+    """The rule or chain `name` for a round of k rows of d parameters (in the arrays LAYERS
+    when d = D), with `fields` set in its blocks (defenses.block_for)."""
     return defenses.make_defense(
         defenses.block_for(name, **fields),
         num_clients=num_clients,
@@ -152,6 +159,7 @@ def build_defense(name: str, *, k: int = K, d: int = D, num_clients: int = 20, *
         num_params=d,
         num_classes=C,
         head_features=F,
+        layer_sizes=LAYERS if d == D else (),
     )
 
 

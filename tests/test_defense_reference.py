@@ -704,3 +704,95 @@ def test_rflbat_matches_wang_et_al():
         np.testing.assert_array_equal(verdict.flags[np.asarray(view.valid)], ~kept)
         np.testing.assert_allclose(verdict.delta, x[kept].mean(0), rtol=2e-4, atol=2e-5)
     assert verdict.flags[:3].all()
+
+
+def lasa_reference(x, layers, sparsity=0.3, lambda_n=2.0, lambda_s=1.0):
+    """Xu et al.'s LASA on the valid rows x [n, d] with the layers' sizes `layers`: clip to
+    the median norm, keep the floor((1 - sparsity) d) largest magnitudes of each row, then
+    per layer the rows whose norm and PDP = (1 + sum sign / sum |sign|) / 2 (1/2 for an
+    all-zero layer) have MZ-scores |v - median| / std (0 when std is 0) below lambda_n and
+    lambda_s (all rows when none is) averaged -> (aggregate [d], kept [n, L])."""
+    n, d = x.shape
+    x = clip_to(x, np.median(np.linalg.norm(x, axis=1)))
+    keep = int(np.floor((1 - sparsity) * d + 1e-6))
+    sparse = np.zeros_like(x)
+    for i in range(n):
+        top = np.argsort(-np.abs(x[i]))[:keep]
+        sparse[i, top] = x[i, top]
+
+    def mz(v):
+        std = np.std(v)
+        return np.abs(v - np.median(v)) / std if std > 0 else np.zeros_like(v)
+
+    parts, kept = [], []
+    for layer in np.split(sparse, np.cumsum(layers)[:-1], axis=1):
+        signs, count = np.sign(layer).sum(1), np.abs(np.sign(layer)).sum(1)
+        pdp = 0.5 * (1 + np.divide(signs, count, out=np.zeros(n), where=count > 0))
+        benign = (mz(np.linalg.norm(layer, axis=1)) < lambda_n) & (mz(pdp) < lambda_s)
+        benign = benign if benign.any() else np.ones(n, bool)
+        parts.append(layer[benign].mean(0))
+        kept.append(benign)
+    return np.concatenate(parts), np.stack(kept, axis=1)
+
+
+def test_lasa_matches_xu_et_al():
+    """Aggregate, weights (a client's share of the coordinates) and flags (left out of more
+    than half of them) against the transcription, on random rounds and on one where three
+    clients push every coordinate up: their layers' directions give them away."""
+    from fedjax_poison.testing import LAYERS
+
+    views, valid_rows = rounds()
+    rng = np.random.default_rng(61)
+    rows = rng.normal(size=(K, D))
+    rows[:3] = 2.0 + 0.1 * rng.normal(size=(3, D))
+    views.append(random_view(61, rows))
+    valid_rows.append(rows)
+    share = np.asarray(LAYERS) / D
+    for (verdict, _), view, x in zip(run("lasa", views), views, valid_rows):
+        valid = np.asarray(view.valid)
+        want, kept = lasa_reference(x, LAYERS)
+        np.testing.assert_allclose(verdict.delta, want, rtol=2e-4, atol=2e-5)
+        weights = (kept / kept.sum(0) * share).sum(1)
+        np.testing.assert_allclose(verdict.weights[valid], weights, rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(verdict.flags[valid], (~kept * share).sum(1) > 0.5)
+    assert verdict.flags[:3].all() and not verdict.flags[3:].any()
+    assert verdict.weights[:3].sum() < 0.05  # 0.3 under FedAvg
+
+
+def test_lasa_filters_layer_by_layer():
+    """A client whose largest layer points against everyone else's loses that layer only:
+    the other layers still average it in."""
+    rows = np.abs(random_rows(62))  # every coordinate of every client up
+    rows[0, 15:45] *= -1  # the third layer (LAYERS = 12, 3, 30, 5): PDP 0 against 1
+    verdict, _ = run("lasa", [random_view(62, rows)], sparsity=0.0, lambda_n=10.0)[0]
+    x = clip_to(rows, np.median(np.linalg.norm(rows, axis=1)))
+    np.testing.assert_allclose(verdict.delta[15:45], x[1:, 15:45].mean(0), rtol=2e-4)
+    np.testing.assert_allclose(verdict.delta[:15], x[:, :15].mean(0), rtol=2e-4)
+    np.testing.assert_allclose(verdict.delta[45:], x[:, 45:].mean(0), rtol=2e-4)
+    np.testing.assert_allclose(verdict.weights[0], (12 + 3 + 5) / D / K, rtol=1e-5)
+    np.testing.assert_allclose(verdict.scores, np.where(np.arange(K) == 0, 30 / D, 0.0))
+    assert verdict.flags[0] and not verdict.flags[1:].any()  # out of 30 of the 50 parameters
+
+
+def crfl_reference(x, params, t, key, clip=15.0, start=2.0, growth=0.1, sigma=0.01):
+    """Xie et al.'s CRFL round: the global model params + mean(x) clipped to
+    min(clip, start + growth t), plus N(0, sigma^2 I) from `key` -> the change [d]."""
+    w = params + x.mean(0)
+    w = w * min(1.0, min(clip, start + growth * t) / np.linalg.norm(w))
+    noise = sigma * np.asarray(jax.random.normal(key, w.shape), np.float64)
+    return w + noise - params
+
+
+def test_crfl_matches_xie_et_al():
+    from fedjax_poison.defenses import crfl
+
+    views, valid_rows = rounds()
+    views = [v._replace(round=np.int32(t)) for v, t in zip(views, (0, 20, 200))]  # rho 2, 4, 15
+    for (verdict, _), view, x in zip(run("crfl", views), views, valid_rows):
+        t = int(view.round)
+        key = jax.random.fold_in(jax.random.key(crfl.NOISE_STREAM), t)
+        params = np.asarray(view.global_params, np.float64)
+        want = crfl_reference(x, params, t, key)
+        np.testing.assert_allclose(verdict.delta, want, rtol=2e-4, atol=2e-5)
+        norm = np.linalg.norm(params + x.mean(0))
+        assert (norm > min(15.0, 2.0 + 0.1 * t)) == (t < 200)  # the clip acts, then not

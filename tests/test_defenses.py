@@ -5,6 +5,8 @@ Programs are compiled once per (rule, k) and applied to a batch of views with vm
 other defense test files reuse them through `run`.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 from fedjax_poison import defenses
 from fedjax_poison.testing import (  # the contract's round [K, D], C classes, F features
     INVALID_ROW,
+    LAYERS,
     C,
     D,
     F,
@@ -36,7 +39,7 @@ RULES = NAMES + CHAINS
 BATCH = 16  # views per compiled call: one shape, one compile
 FLAGGING = {"pca", "multi_krum", "bulyan", "foolsgold", "fltrust", "lfighter"}
 FLAGGING |= {"flame", "dnc", "signguard", "mda", "smea", "monna", "simple_clustering", "auror"}
-FLAGGING |= {"fldetector", "deepsight", "rflbat"}
+FLAGGING |= {"fldetector", "deepsight", "rflbat", "lasa"}
 PCA_VALID = "pca honours valid in source_pca.py"
 SMALL = {"pca": {"window": 2}}  # settings that keep a rule's program small
 SMALL["auror"] = {"find_rounds": 1000}  # the views' round 20 still finds features
@@ -58,6 +61,7 @@ def build(name, *, k=K, d=D, num_classes=C, head_features=F, num_clients=20, **o
         num_params=d,
         num_classes=num_classes,
         head_features=head_features,
+        layer_sizes=LAYERS if d == D else (),
     )
 
 
@@ -129,10 +133,18 @@ def test_contract_on_hostile_rows(name):
     if name in ("krum", "bulyan"):  # both, with f = 1 as configured for multi-krum's m
         assert (results["1e18 pair"][0].weights[[4, 7]] == 0).all()
     # identical updates: every rule returns that update (flame, weak_dp add noise), except
-    # FoolsGold, for which identical clients are sybils: it keeps none of them
+    # FoolsGold, for which identical clients are sybils: it keeps none of them; LASA
+    # returns it sparsified, CRFL the global model it gives, clipped and noised, minus the old
     delta, row = results["all equal"][0].delta, HOSTILE["all equal"][0]
     row = 0 * row if name == "foolsgold" else row
+    if name == "lasa":
+        row = np.where(np.abs(row) >= np.sort(np.abs(row))[D - 35], row, 0.0)  # 70% of D kept
+    if name == "crfl":
+        params = np.asarray(views["all equal"].global_params, np.float64)
+        w = params + row  # round 20 of CRFL's default schedule: rho = min(15, 2 + 0.1 * 20)
+        row = w * min(1.0, 4.0 / np.linalg.norm(w)) - params
     noise = {"flame": 6 * 0.001 * np.linalg.norm(row), "weak_dp": 6 * 0.025}.get(name, 0.0)
+    noise += 6 * 0.01 if name == "crfl" else 0.0
     np.testing.assert_allclose(delta, row, rtol=1e-4, atol=1e-5 + noise)
 
 
@@ -300,6 +312,7 @@ AS_FEDAVG = {
     "dnc": {"c": 0.0},
     "bucketing+fedavg": {},  # k = 10 in buckets of 2: equal buckets
     "nnm+fedavg": {"num_byzantine": 0},  # every row mixes all rows
+    "crfl": {"clip_norm": 1e9, "clip_start": 1e9, "noise_std": 0.0},
 }
 
 
@@ -630,6 +643,12 @@ def test_validate_names_the_field(overrides, k, message):
         ("flare", {"clients_per_round": 5, "neighbours": 1.0}, "neighbours"),
         ("deepsight", {"clients_per_round": 5, "mode": "filter", "tau": 0.0}, "tau"),
         ("rflbat", {"clients_per_round": 5, "mode": "filter", "eps1": 0.0}, "eps1"),
+        ("lasa", {"num_params": 5, "layer_sizes": (5,), "mode": "filter", "sparsity": 1.0},
+         "sparsity"),
+        ("lasa", {"num_params": 5, "layer_sizes": (5,), "mode": "filter", "lambda_n": 0.0},
+         "lambda_n"),
+        ("crfl", {"clip_norm": 0.0}, "clip_norm"),
+        ("crfl", {"noise_std": -0.01}, "noise_std"),
     ],
 )
 def test_factories_check_their_own_arguments(factory, kwargs, message):
@@ -642,3 +661,76 @@ def test_defaults_validate_for_the_paper_setup():
         # bulyan needs k >= 4f + 3 = 7 with f = 1; with k = 5 only f = 0
         cfg = defenses.block_for(name, **({"num_byzantine": 0} if name == "bulyan" else {}))
         defenses.validate(cfg, clients_per_round=5, num_clients=50, num_classes=10)
+
+
+def test_crfl_resumes_byte_identically():
+    """CRFL's noise comes from the round and its clip from the global params the view holds:
+    six server rounds in one go equal three, the params through host numpy (as a
+    checkpoint holds them), then three more."""
+    defense = build("crfl")
+    updates = jnp.stack([random_view(s).updates for s in range(6)])  # [6, K, D]
+    view = random_view(0)
+
+    def server(params, rounds):
+        def step(params, round_and_rows):
+            t, rows = round_and_rows
+            got = view._replace(updates=rows, round=t, global_params=params)
+            verdict = defense.apply(got, defense.init())[0]
+            return params + verdict.delta, verdict.delta
+
+        return jax.lax.scan(step, params, rounds)
+
+    loop = jax.jit(server)
+    start = jnp.asarray(np.random.default_rng(3).normal(size=D), jnp.float32)
+    whole, deltas = loop(start, (jnp.arange(6), updates))
+    saved, first = loop(start, (jnp.arange(3), updates[:3]))
+    resumed, second = loop(jnp.asarray(np.array(saved)), (jnp.arange(3, 6), updates[3:]))
+    np.testing.assert_array_equal(np.asarray(resumed), np.asarray(whole))
+    np.testing.assert_array_equal(np.concatenate([first, second]), np.asarray(deltas))
+    assert float(jnp.linalg.norm(whole)) <= 2.5 + 6 * 0.01 * np.sqrt(D)  # rho_5 = 2.5, + noise
+
+
+def test_certified_radius_by_hand():
+    """Xie et al.'s Theorem 1 with numbers worked by hand: p_A = 0.64, p_B = 0.04 give
+    (sqrt p_A - sqrt p_B)^2 = 0.36; rho / sigma = 1.959964 gives 2 Phi - 1 = 0.95; so
+    RAD = sigma sqrt(-ln 0.64 / (2 L^2 0.95^rounds))."""
+    from fedjax_poison.defenses import attack_lipschitz, certified_radius
+
+    rho = 1.959963984540054
+    one = certified_radius(0.64, 0.04, sigma=1.0, clip=rho, lipschitz=1.0)
+    assert one == pytest.approx(0.484652, abs=1e-6)  # sqrt(0.446287 / 1.9)
+    two = certified_radius(0.64, 0.04, sigma=1.0, clip=rho, lipschitz=1.0, rounds=2)
+    assert two == pytest.approx(0.497243, abs=1e-6)  # sqrt(0.446287 / 1.805)
+    per_round = certified_radius(0.64, 0.04, sigma=1.0, clip=[rho, rho], lipschitz=1.0)
+    assert per_round == pytest.approx(two, rel=1e-12)
+    scaled = certified_radius(0.64, 0.04, sigma=0.5, clip=rho / 2, lipschitz=2.0)
+    assert scaled == pytest.approx(0.484652 / 4, abs=1e-6)  # sigma / L
+    many = certified_radius([1.0, 0.5, 0.64], [0.0, 0.5, 0.04], sigma=1.0, clip=rho,
+                            lipschitz=1.0)
+    np.testing.assert_allclose(many, [np.inf, 0.0, 0.484652], atol=1e-6)
+    # sqrt(2 (0.1^2 + 0.1^2)) gamma eta tau L_Z q/n = 0.2 * 10 * 0.01 * 30 * 3 * 0.05
+    lipschitz = attack_lipschitz(attacker_weights=[0.1, 0.1], scale=10.0, lr=0.01,
+                                 local_steps=30, poison_fraction=0.05, loss_lipschitz=3.0)
+    assert lipschitz == pytest.approx(0.09, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "p_a, p_b, kwargs, message",
+    [
+        (0.3, 0.5, {}, "0 <= p_b <= p_a <= 1"),
+        (0.7, 0.4, {}, "p_a + p_b <= 1"),
+        (float("nan"), 0.1, {}, "p_a=nan"),
+        ([0.6, 0.7], [0.1], {}, "must have one shape"),
+        (0.6, 0.1, {"sigma": 0.0}, "sigma must be a finite number > 0"),
+        (0.6, 0.1, {"clip": -1.0}, "clip must be > 0"),
+        (0.6, 0.1, {"clip": [1.0, 2.0], "rounds": 3}, "clip is one bound"),
+        (0.6, 0.1, {"lipschitz": float("inf")}, "lipschitz must be a finite number"),
+    ],
+)
+def test_certified_radius_refuses_what_it_cannot_certify(p_a, p_b, kwargs, message):
+    from fedjax_poison.defenses import CertificationError, certified_radius
+
+    args = {"sigma": 0.01, "clip": 15.0, "lipschitz": 1.0, **kwargs}
+    with pytest.raises(CertificationError, match=re.escape(message)) as error:
+        certified_radius(p_a, p_b, **args)
+    assert "\n" not in str(error.value)

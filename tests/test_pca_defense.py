@@ -42,6 +42,7 @@ def round_view(updates, head_rows, global_head, ids, t, valid=None):
         round=jnp.int32(t),
         root_update=jnp.zeros(updates.shape[1], jnp.float32),
         valid=jnp.ones(len(ids), bool) if valid is None else jnp.asarray(valid),
+        global_params=jnp.zeros(updates.shape[1], jnp.float32),
     )
 
 

@@ -15,8 +15,8 @@ style, written with '+' in `defense.name`: 'nnm+krum', 'norm_clipping+bucketing+
 the rule's own aggregate (flagged clients dropped); 'block' (pca only) = 'filter', and
 clients flagged `block_after` times are excluded from later rounds. Rules that do not flag
 clients (fedavg, median, trimmed_mean, krum, geometric_median, norm_clipping,
-centered_clipping, caf, meamed, weak_dp, robust_lr) always aggregate by their rule, in
-'detect' as in 'filter'.
+centered_clipping, caf, meamed, weak_dp, robust_lr, crfl) always aggregate by their rule,
+in 'detect' as in 'filter'. `certified_radius` gives CRFL's certificate (defenses/crfl.py).
 
 Every rule honours `RoundView.valid` (an invalid row changes nothing, not even the rule's
 memory) and returns finite aggregates and scores that are never NaN on finite rows of any
@@ -40,6 +40,7 @@ from fedjax_poison.defenses.base import (
     weighted_mean,
 )
 from fedjax_poison.defenses.config import block_for, default_config
+from fedjax_poison.defenses.crfl import CertificationError, attack_lipschitz, certified_radius
 from fedjax_poison.defenses.preaggregate import PreAggregator, chain
 from fedjax_poison.defenses.registry import (
     DEFENSES,
@@ -50,7 +51,7 @@ from fedjax_poison.defenses.registry import (
     split_name,
 )
 from fedjax_poison.defenses.source_pca import PCAMemory
-from fedjax_poison.registry import RegistryError
+from fedjax_poison.registry import RegistryError, short
 
 __all__ = [
     "DEFENSES",
@@ -58,13 +59,16 @@ __all__ = [
     "PRE_AGGREGATORS",
     "SHARED",
     "SIZES",
+    "CertificationError",
     "Defense",
     "PCAMemory",
     "PreAggregator",
     "RoundView",
     "Verdict",
+    "attack_lipschitz",
     "auc",
     "block_for",
+    "certified_radius",
     "default_config",
     "detection_counts",
     "make_defense",
@@ -84,11 +88,14 @@ def make_defense(
     num_params: int,
     num_classes: int,
     head_features: int,
+    layer_sizes: Sequence[int] = (),
 ) -> Defense:
     """The rule or chain ('nnm+krum') named by the `defense.` block (a ConfigDict or a
     mapping: name, mode, and the blocks of its parts by name), built from each part's block.
 
     Each part gets as `clients_per_round` the rows it receives (bucketing passes fewer on).
+    `layer_sizes`: the size of each parameter array of the flattened update, in order
+    (models.layer_sizes); () for one array of `num_params`.
     Raises RegistryError naming the field that cannot run.
     """
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
@@ -102,12 +109,18 @@ def make_defense(
         raise RegistryError(
             f"defense.name {name!r} needs 1 <= k <= N, got k={clients_per_round}, N={num_clients}"
         )
+    layers = tuple(int(n) for n in layer_sizes) or (num_params,)
+    if sum(layers) != num_params or min(layers) < 1:
+        raise RegistryError(
+            f"layer sizes {short(layers)} must be positive and sum to num_params={num_params}"
+        )
     sizes = dict(
         num_clients=num_clients,
         num_params=num_params,
         num_classes=num_classes,
         head_features=head_features,
         mode=mode,
+        layer_sizes=layers,
     )
     rows, parts, clients = clients_per_round, [], True
     for part in pre:

@@ -38,6 +38,7 @@ class RoundView(NamedTuple):
     round: jax.Array  # [] int32, 0-based round index (traced)
     root_update: jax.Array  # [d] the server's update on its clean root set; zeros if unused
     valid: jax.Array  # [k] bool, the client's update is finite (rows with False are zeros)
+    global_params: jax.Array  # [d] the flattened global params before the round
 
 
 class Verdict(NamedTuple):

@@ -16,12 +16,14 @@ from fedjax_poison.defenses.base import Defense
 from fedjax_poison.defenses.centered import meamed, monna
 from fedjax_poison.defenses.clustering import auror, simple_clustering
 from fedjax_poison.defenses.covariance import caf
+from fedjax_poison.defenses.crfl import crfl
 from fedjax_poison.defenses.deepsight import deepsight
 from fedjax_poison.defenses.dnc import dnc
 from fedjax_poison.defenses.flame import flame
 from fedjax_poison.defenses.flare import flare
 from fedjax_poison.defenses.fldetector import fldetector
 from fedjax_poison.defenses.krum import bulyan, krum, multi_krum
+from fedjax_poison.defenses.lasa import lasa
 from fedjax_poison.defenses.preaggregate import PreAggregator, arc, bucketing, clipping, nnm
 from fedjax_poison.defenses.rflbat import rflbat
 from fedjax_poison.defenses.robust import (
@@ -39,8 +41,17 @@ from fedjax_poison.defenses.subsets import mda, smea
 from fedjax_poison.registry import Registry, RegistryError, signature_block
 
 # What the run fills in: clients_per_round is the number of rows the part receives (after
-# any pre-aggregator before it), mode the shared `defense.mode`.
-SIZES = ("num_clients", "clients_per_round", "num_params", "num_classes", "head_features", "mode")
+# any pre-aggregator before it), mode the shared `defense.mode`, layer_sizes the size of
+# each parameter array in the flattened update (models.layer_sizes; they sum to num_params).
+SIZES = (
+    "num_clients",
+    "clients_per_round",
+    "num_params",
+    "num_classes",
+    "head_features",
+    "mode",
+    "layer_sizes",
+)
 # Fields of the defense block shared by every rule.
 SHARED = ("name", "mode")
 # Aggregators: the last part of a name (or the whole of it).
@@ -100,6 +111,8 @@ register("fldetector", fldetector, per_client_memory=True)
 register("flare", flare)
 register("deepsight", deepsight)
 register("rflbat", rflbat)
+register("lasa", lasa)
+register("crfl", crfl)
 register("norm_clipping", clipping, pre_aggregator=True)
 register("bucketing", bucketing, pre_aggregator=True)
 register("nnm", nnm, pre_aggregator=True)

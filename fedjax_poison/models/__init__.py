@@ -114,3 +114,9 @@ def init_variables(model: nn.Module, key: jax.Array, image_shape: tuple[int, int
 
 def count_params(params) -> int:
     return sum(p.size for p in jax.tree.leaves(params))
+
+
+def layer_sizes(params) -> tuple[int, ...]:
+    """The size of each parameter array (a kernel, a bias), in the order `ravel_pytree`
+    lays them out in the flattened parameters [d]."""
+    return tuple(int(p.size) for p in jax.tree.leaves(params))

@@ -234,6 +234,7 @@ def make_round_step(
                 round=state.round,
                 root_update=root,
                 valid=valid,
+                global_params=flat_global,
             )
             return view, valid
 

@@ -105,7 +105,8 @@ def register_defense(
     fedjax_poison.defenses.Defense` (pre_aggregator=True: -> PreAggregator, used before a
     rule with '+'), its keyword arguments with defaults the block `defense.<name>.*`; the
     sizes it may take: num_clients, clients_per_round (the rows it receives), num_params,
-    num_classes, head_features, mode. `fedjax_poison.testing.check_defense` checks it."""
+    num_classes, head_features, mode, layer_sizes (each parameter array's size in the
+    flattened update). `fedjax_poison.testing.check_defense` checks it."""
     return defenses.register(
         name,
         factory,

@@ -96,6 +96,7 @@ def _rule_sets(plan: Plan, params, feature_dim: int):
             num_params=models.count_params(params),
             num_classes=spec.num_classes,
             head_features=feature_dim,
+            layer_sizes=models.layer_sizes(params),
         )
         for name in experiments.defense_set(exps)
     }
