@@ -125,18 +125,18 @@ def test_plan_refuses_other_sweeps_and_no_runnable_defense():
         compare_defenses.plan(tiny_config(), ["sign_flip"], ["fedavg", "medain"], [0])
 
 
-HISTORY_AND_BACKDOOR_RULES = ["fldetector", "flare", "deepsight", "rflbat"]
+NEWEST_RULES = ["fldetector", "flare", "deepsight", "rflbat", "lasa", "crfl"]
 
 
-@pytest.mark.slow  # one sweep of four rules
-def test_the_history_and_backdoor_rules_run_in_the_matrix(tmp_path):
-    """FLDetector, FLARE, DeepSight and RFLBAT, with their defaults, in one matrix run of
-    the tiny config: every cell has its numbers and no note."""
+@pytest.mark.slow  # one sweep of six rules
+def test_the_newest_rules_run_in_the_matrix(tmp_path):
+    """FLDetector, FLARE, DeepSight, RFLBAT, LASA and CRFL, with their defaults, in one
+    matrix run of the tiny config: every cell has its numbers and no note."""
     c = tiny_config(num_rounds=4, eval_every=2, eval_window=2)
     c.attack.malicious_fraction = 0.25
-    compare_defenses.compare(c, str(tmp_path), ["label_flip"], HISTORY_AND_BACKDOOR_RULES, [0])
+    compare_defenses.compare(c, str(tmp_path), ["label_flip"], NEWEST_RULES, [0])
     rows = list(csv.DictReader(open(tmp_path / "matrix.csv")))
-    assert {r["defense"] for r in rows} == set(HISTORY_AND_BACKDOOR_RULES)
+    assert {r["defense"] for r in rows} == set(NEWEST_RULES)
     for row in rows:
         assert row["note"] == "" and row["diverged"] == "0", row
         assert 0 < float(row["accuracy_mean"]) <= 1
