@@ -55,10 +55,11 @@ def crfl(
     clip_growth: float = 0.1,
     noise_std: float = 0.01,
 ):
-    """CRFL's training (module docstring): FedAvg, then the global model clipped to norm
-    rho_t = min(`clip_norm`, `clip_start` + `clip_growth` t) in round t and N(0,
-    `noise_std`^2) added to each parameter: the paper's MNIST schedule (0.1 t + 2, at most
-    15) and sigma 0.01, in parameter units. `clip_start` >= `clip_norm` gives a fixed bound.
+    """CRFL's training (Xie et al., ICML 2021; module docstring): FedAvg, then the global
+    model clipped to norm rho_t = min(`clip_norm`, `clip_start` + `clip_growth` t) in round
+    t and N(0, `noise_std`^2) added to each parameter: the paper's MNIST schedule (0.1 t +
+    2, at most 15) and sigma 0.01, in parameter units. `clip_start` >= `clip_norm` gives a
+    fixed bound.
 
     The noise key comes from the round alone (the same for every order of the clients, and
     after a resume). Flags nobody; scores are the updates' norms."""

@@ -78,10 +78,10 @@ def lasa(
     lambda_n: float = 2.0,
     lambda_s: float = 1.0,
 ):
-    """LASA (module docstring): top-k sparsification keeping 1 - `sparsity` of each
-    update's entries (0.3, the paper's), then per layer the clients whose norm's MZ-score is
-    below `lambda_n` (2; the paper uses 1 on CIFAR) and whose PDP's is below `lambda_s` (1)
-    averaged.
+    """LASA (Xu, Zhang and Hu, WACV 2025; module docstring): top-k sparsification keeping
+    1 - `sparsity` of each update's entries (0.3, the paper's), then per layer the clients
+    whose norm's MZ-score is below `lambda_n` (2; the paper uses 1 on CIFAR) and whose
+    PDP's is below `lambda_s` (1) averaged.
 
     Weights: a client's share of the aggregate's coordinates (each layer's 1/kept, weighted
     by the layer's size). Scores: the fraction of the parameters whose layer left the client
