@@ -67,18 +67,20 @@ def setup_devices(config) -> None:
     sharding.initialize_distributed(d.coordinator, d.num_processes, d.process_id)
 
 
-def run(config, workdir: str | None = None, *, name: str = "run") -> RunResult:
+def run(config, workdir: str | None = None, *, name: str = "run", stop=None) -> RunResult:
     """Runs a config (an ml_collections.ConfigDict, e.g. configs/fashion_mnist.py's
     get_config()) as `launch.py` does: devices set up, progress logged.
 
     workdir None: runs/<name>/<date-time>. The same workdir resumes an interrupted run.
     Raises a fedjax_poison.errors.UserError subclass for anything the user can fix.
+    stop: a threading.Event (fedjax_poison.signals.catch()) that, once set, ends the run
+    at its next safe point with train.Interrupted.
     """
     quiet_libraries()
     show_progress()
     setup_devices(config)
     workdir = default_workdir(name) if workdir is None else workdir
-    summary = train.train_and_evaluate(config, workdir)
+    summary = train.train_and_evaluate(config, workdir, stop=stop)
     if summary is None:  # not the primary process of a multi-host run
         return RunResult(workdir, {}, [])
     history = files.read_lines(os.path.join(workdir, "metrics.jsonl"))
