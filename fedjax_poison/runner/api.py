@@ -11,6 +11,7 @@ from typing import NamedTuple
 from absl import logging as absl_logging
 
 from fedjax_poison import attacks, data, defenses, files, models
+from fedjax_poison.config import configuration
 from fedjax_poison.data import custom, partition
 from fedjax_poison.round import sharding
 from fedjax_poison.runner import train
@@ -63,8 +64,9 @@ def setup_devices(config) -> None:
         sharding.use_cpu_devices(config.mesh.cpu_devices)
     except RuntimeError as e:  # JAX was used already in this process
         log.info("JAX is already initialised (%s): the run uses its devices as they are", e)
+    configuration.validate_distributed(config)  # before waiting on anyone
     d = config.distributed
-    sharding.initialize_distributed(d.coordinator, d.num_processes, d.process_id)
+    sharding.initialize_distributed(d.coordinator, d.num_processes, d.process_id, d.timeout_s)
 
 
 def run(config, workdir: str | None = None, *, name: str = "run", stop=None) -> RunResult:

@@ -41,7 +41,7 @@ FORMAT = 1
 MARKER = "fedjax_poison_run.json"
 LOCK = ".lock"
 # Fields that may change between the launches of one run: they do not change its results.
-RESUMABLE_FIELDS = ("overwrite", "checkpoint_every")
+RESUMABLE_FIELDS = ("overwrite", "checkpoint_every", "distributed.timeout_s")
 FILE, FOLDER, HANDED, OWNED = "file", "folder", "handed", "owned"
 KINDS = (FILE, FOLDER, HANDED, OWNED)
 _held: set = set()  # (device, inode) of the lock files this process holds
@@ -511,7 +511,13 @@ def _is_number(value) -> bool:
 
 
 def _strip(config: dict, fields: tuple) -> dict:
-    return {k: v for k, v in config.items() if k not in fields}
+    """config without `fields` (dotted names reach into blocks: 'distributed.timeout_s')."""
+    kept = {k: v for k, v in config.items() if k not in fields}
+    for field in fields:
+        block, _, rest = field.partition(".")
+        if rest and isinstance(kept.get(block), dict):
+            kept[block] = _strip(kept[block], (rest,))
+    return kept
 
 
 def _first_difference(old, new, prefix: str = ""):
