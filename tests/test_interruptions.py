@@ -9,6 +9,7 @@ signal to be seen: no test depends on how long anything takes.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -69,6 +70,7 @@ def patch_stages(m):
 
 
 def patch_sharding(m):
+    around(m, "wait_for_coordinator", "coordinator")
     around(m, "to_host", "first_round")
     around(m, "leave_distributed", "finished")
 
@@ -141,13 +143,16 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 '''
 
 
-def launch_at(tmp_path, moment: str, workdir, sig: str = "SIGINT") -> subprocess.CompletedProcess:
-    """launch.py on FLAGS into workdir, signalled (`sig`) at `moment`; checks what every
-    stopped launch must show: no traceback, no crash, status 130 (0 once finished)."""
+def launch_at(
+    tmp_path, moment: str, workdir, sig="SIGINT", extra=()
+) -> subprocess.CompletedProcess:
+    """launch.py on FLAGS (and `extra`) into workdir, signalled (`sig`) at `moment`; checks
+    what every stopped launch must show: no traceback, no crash, status 130 (0 once
+    finished)."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     proc = subprocess.run(
-        [sys.executable, str(driver), LAUNCH, *FLAGS, f"--workdir={workdir}"],
+        [sys.executable, str(driver), LAUNCH, *FLAGS, *extra, f"--workdir={workdir}"],
         cwd=REPO,
         env={**env(), "STOP_AT": f"{moment}:{sig}"},
         capture_output=True,
@@ -200,6 +205,24 @@ def reference(tmp_path_factory):
 def test_interrupted_while_loading_writes_nothing(tmp_path, moment):
     workdir = tmp_path / "run"
     proc = launch_at(tmp_path, moment, workdir)
+    assert error_lines(proc) == ["error: interrupted before the run started: nothing was written"]
+    assert not workdir.exists()
+
+
+def test_interrupted_while_waiting_for_the_coordinator_stops_waiting(tmp_path):
+    """Process 1 of 2 waits up to distributed.timeout_s for a coordinator nobody started:
+    Ctrl-C ends the wait (one line, status 130), not the timeout."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    distributed = [
+        f"--config.distributed.coordinator=127.0.0.1:{port}",
+        "--config.distributed.num_processes=2",
+        "--config.distributed.process_id=1",
+        "--config.distributed.timeout_s=600",
+    ]
+    workdir = tmp_path / "run"
+    proc = launch_at(tmp_path, "coordinator", workdir, extra=distributed)
     assert error_lines(proc) == ["error: interrupted before the run started: nothing was written"]
     assert not workdir.exists()
 

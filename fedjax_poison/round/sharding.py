@@ -214,7 +214,7 @@ class CoordinatorError(UserError):
 
 
 def initialize_distributed(
-    coordinator: str, num_processes: int, process_id: int, timeout_s: int = 300
+    coordinator: str, num_processes: int, process_id: int, timeout_s: int = 300, stop=None
 ) -> None:
     """Joins a multi-host run (config `distributed.*`); must run before any device is used.
 
@@ -222,6 +222,7 @@ def initialize_distributed(
     detects the cluster (TPU pods, SLURM, Open MPI). "": one host, unless jax's own
     environment variables (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) say
     otherwise. timeout_s: how long to wait for the coordinator and the other processes.
+    stop: a threading.Event; once set, the wait for the coordinator ends and nothing joins.
 
     A process other than 0 first connects to the coordinator itself, for up to timeout_s:
     jax, when it cannot, ends the process with a C++ abort instead of an error.
@@ -236,7 +237,9 @@ def initialize_distributed(
         return
     joining = process_id if num_processes > 1 else int(os.environ.get("JAX_PROCESS_ID") or 0)
     if joining > 0:
-        wait_for_coordinator(coordinator, timeout_s)
+        wait_for_coordinator(coordinator, timeout_s, stop)
+    if stop is not None and stop.is_set():
+        return
     jax.distributed.initialize(
         coordinator_address=coordinator,
         num_processes=num_processes if num_processes > 1 else None,
@@ -245,8 +248,9 @@ def initialize_distributed(
     )
 
 
-def wait_for_coordinator(coordinator: str, timeout_s: float) -> None:
-    """Returns once "host:port" accepts a connection; CoordinatorError after timeout_s."""
+def wait_for_coordinator(coordinator: str, timeout_s: float, stop=None) -> None:
+    """Returns once "host:port" accepts a connection, or `stop` is set; CoordinatorError
+    after timeout_s."""
     host, _, port = coordinator.rpartition(":")
     end = time.monotonic() + timeout_s
     while True:
@@ -258,6 +262,8 @@ def wait_for_coordinator(coordinator: str, timeout_s: float) -> None:
             reason = e
         if time.monotonic() + 0.5 >= end:
             break
+        if stop is not None and stop.is_set():
+            return
         time.sleep(0.5)  # process 0 may not have started its coordinator yet
     raise CoordinatorError(
         f"cannot reach the coordinator {coordinator} within {timeout_s:g} s ({reason}): start "

@@ -57,16 +57,19 @@ def show_progress() -> None:
         log.setLevel(logging.INFO)
 
 
-def setup_devices(config) -> None:
+def setup_devices(config, stop=None) -> None:
     """One CPU device per core (config.mesh.cpu_devices), and joining a multi-host run
-    (config.distributed.*); both only before JAX has started its backends."""
+    (config.distributed.*); both only before JAX has started its backends. stop: an Event
+    that ends the wait for the coordinator."""
     try:
         sharding.use_cpu_devices(config.mesh.cpu_devices)
     except RuntimeError as e:  # JAX was used already in this process
         log.info("JAX is already initialised (%s): the run uses its devices as they are", e)
     configuration.validate_distributed(config)  # before waiting on anyone
     d = config.distributed
-    sharding.initialize_distributed(d.coordinator, d.num_processes, d.process_id, d.timeout_s)
+    sharding.initialize_distributed(
+        d.coordinator, d.num_processes, d.process_id, d.timeout_s, stop=stop
+    )
 
 
 def run(config, workdir: str | None = None, *, name: str = "run", stop=None) -> RunResult:
@@ -80,7 +83,7 @@ def run(config, workdir: str | None = None, *, name: str = "run", stop=None) -> 
     """
     quiet_libraries()
     show_progress()
-    setup_devices(config)
+    setup_devices(config, stop)
     workdir = default_workdir(name) if workdir is None else workdir
     summary = train.train_and_evaluate(config, workdir, stop=stop)
     if summary is None:  # not the primary process of a multi-host run
