@@ -4,23 +4,30 @@
 
 Without --workdir the run goes to runs/<config name>/<date-time>. Any config field can be
 overridden: --config.num_rounds=30 --config.attack.flips='6:0'. A bad value or field ends
-in one line naming it (exit status 2); Ctrl-C saves the run and prints the command that
-resumes it (exit status 130). This is the only place flags are read.
+in one line naming it (exit status 2). Ctrl-C or SIGTERM, at any moment, stops the run at
+the next safe point, saves it and prints the command that resumes it (exit status 130; a
+second Ctrl-C stops at once, from the last checkpoint). This is the only place flags are
+read.
 """
 
-import logging
-import os
-import re
-import shlex
-import sys
+from fedjax_poison import signals
 
-from absl import app, flags
-from ml_collections import config_flags
+# First of all, before JAX loads: a signal from now on is a request to stop (signals.py).
+STOP = signals.catch() if __name__ == "__main__" else None
 
-import fedjax_poison
-from fedjax_poison.errors import UserError
-from fedjax_poison.round import sharding
-from fedjax_poison.runner import api, train
+import logging  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import fedjax_poison  # noqa: E402
+from fedjax_poison.errors import UserError  # noqa: E402
+from fedjax_poison.round import sharding  # noqa: E402
+from fedjax_poison.runner import api, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (a get_config).")
 _WORKDIR = flags.DEFINE_string(
@@ -86,7 +93,17 @@ def resume_command(workdir: str) -> str:
     return shlex.join([sys.executable, sys.argv[0], *args, f"--workdir={workdir}"])
 
 
+def stopped(message: str, workdir: str | None) -> None:
+    """Ends a stopped launch: one line, the command that resumes it if a workdir holds the
+    run, status 130."""
+    if workdir is None:
+        fail(message, signals.STATUS)
+    fail(f"{message}; resume with:\n  {resume_command(workdir)}", signals.STATUS)
+
+
 def main(argv):
+    if STOP is not None and STOP.is_set():  # while loading or reading the flags
+        stopped("interrupted before the run started: nothing was written", None)
     if len(argv) > 1:
         fail(f"unexpected arguments: {argv[1:]}")
     api.configure_cli_logging()
@@ -101,15 +118,21 @@ def main(argv):
         path = config_flags.get_config_filename(flags.FLAGS["config"])
         workdir = api.default_workdir(config_name(path))
         logging.getLogger("fedjax_poison").info("workdir: %s", workdir)
+    if STOP is not None:
+        STOP.resume = resume_command(workdir)  # what a second Ctrl-C prints
     try:
-        fedjax_poison.run(config, workdir)
+        fedjax_poison.run(config, workdir, stop=STOP)
         sharding.leave_distributed()
     except train.Interrupted as e:
-        fail(f"{e}; resume with:\n  {resume_command(e.workdir)}", status=130)
-    except KeyboardInterrupt:  # before the first evaluation, or a second Ctrl-C
-        fail(f"interrupted; what was saved resumes with:\n  {resume_command(workdir)}", 130)
+        stopped(str(e), e.workdir)
+    except KeyboardInterrupt:  # imported as a module (no STOP): a second Ctrl-C
+        stopped("interrupted; what was saved resumes", workdir)
     except UserError as e:
         fail(str(e))
+    if STOP is not None and STOP.is_set():
+        logging.getLogger("fedjax_poison").warning(
+            "the run had finished when it was interrupted: its results are complete"
+        )
 
 
 if __name__ == "__main__":

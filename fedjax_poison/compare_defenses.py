@@ -32,21 +32,28 @@ clients per round) is a note, not a crash; a cell with a diverged seed says so, 
 a number.
 """
 
-import copy
-import math
-import os
-import sys
+from fedjax_poison import signals
 
-import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+# Run as the program: a signal from now on is a request to stop (see signals.py).
+STOP = signals.catch() if __name__ == "__main__" else None
 
-from fedjax_poison import data, defenses, errors, files
-from fedjax_poison.config import configuration, fields
-from fedjax_poison.results import figures, report, stats, tables
-from fedjax_poison.results import matrix_figures as figures_compare
-from fedjax_poison.round import sharding
-from fedjax_poison.runner import api, checkpoint, train
+import copy  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from fedjax_poison import data, defenses, errors, files  # noqa: E402
+from fedjax_poison.config import configuration, fields  # noqa: E402
+from fedjax_poison.results import figures, report, stats, tables  # noqa: E402
+from fedjax_poison.results import matrix_figures as figures_compare  # noqa: E402
+from fedjax_poison.round import sharding  # noqa: E402
+from fedjax_poison.runner import api, checkpoint, train  # noqa: E402
+from fedjax_poison.runner import workdir as workdir_lib  # noqa: E402
 
 STATS = ("accuracy", "success", "accuracy_drop", "source_recall", "source_recall_loss")
 COLUMNS = ("attack", "defense", "measure", "n", "diverged", "degenerate_rounds")
@@ -63,6 +70,8 @@ USER_ERRORS = (
     checkpoint.CheckpointError,
     train.DivergenceError,
 )
+# The marker's config in a matrix folder: the folder is this command's (see claim).
+MATRIX_CONFIG = {"command": "fedjax_poison.compare_defenses"}
 SUCCESS = {  # what the success column means, per measure
     "flip": "attack success rate (source -> target)",
     "backdoor": "backdoor success rate (triggered -> target)",
@@ -295,26 +304,52 @@ def markdown(c, table: list[dict], notes: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write(c, table: list[dict], notes: dict, workdir: str) -> None:
-    """matrix.csv and matrix.md in workdir."""
-    csv = tables.format_csv(table, COLUMNS)  # the numbers as results.csv writes them
-    files.write_atomic(os.path.join(workdir, "matrix.csv"), csv.encode())
-    files.write_atomic(os.path.join(workdir, "matrix.md"), markdown(c, table, notes).encode())
+def write(c, table: list[dict], notes: dict, writer: workdir_lib.Workdir) -> None:
+    """matrix.csv and matrix.md, through the matrix folder's writer."""
+    writer.write_text("matrix.csv", tables.format_csv(table, COLUMNS))  # as results.csv
+    writer.write_text("matrix.md", markdown(c, table, notes))
 
 
-def compare(config, workdir: str, attack_names, defense_names, seeds) -> list[dict]:
-    """Runs the matrix in workdir/run, writes its tables into workdir, returns the cells."""
+def claim(workdir: str) -> workdir_lib.Workdir:
+    """The matrix folder, locked: new, empty, or one this command wrote (its marker holds
+    MATRIX_CONFIG). A folder holding anything else, a run's workdir included, is refused in
+    one line and left as it is: a user's matrix.csv is never overwritten."""
+    path = os.path.abspath(os.path.expanduser(workdir))
+    marker = None
+    if os.path.isdir(path):
+        try:
+            marker = workdir_lib._read_marker(path)
+        except files.WorkdirError:
+            pass  # the claim names it
+    if marker is not None and marker["config"] != MATRIX_CONFIG:
+        raise files.WorkdirError(
+            f"--workdir {files.show(path)} is a run's workdir, not a matrix folder: name a new "
+            "or empty folder (the matrix's own run goes into its run/)"
+        )
+    return workdir_lib.Workdir.claim(path, MATRIX_CONFIG, overwrite=False)
+
+
+def compare(config, workdir: str, attack_names, defense_names, seeds, stop=None) -> list[dict]:
+    """Runs the matrix in workdir/run, writes its tables into workdir, returns the cells.
+
+    workdir: a new or empty folder, or one this command wrote before (see claim). stop: a
+    request to stop (signals.catch()), passed to the run.
+    """
     c, notes = plan(config, attack_names, defense_names, seeds)
-    os.makedirs(workdir, exist_ok=True)
-    run_dir = os.path.join(workdir, "run")
-    summary = train.train_and_evaluate(c, run_dir)
-    run = report.read_run(run_dir, name=os.path.basename(os.path.abspath(workdir)))
-    per_experiment = tables.experiment_table(run)
-    by_seed = tables.by_seed_table(per_experiment)
-    table = cells(c, per_experiment, by_seed, summary, notes)
-    write(c, table, notes, workdir)
-    fig = figures_compare.matrix_figure(run, per_experiment, by_seed)  # matrix.png and .pdf
-    figures.save(fig, "matrix", report.FolderWriter(workdir))
+    with claim(workdir) as folder:
+        run_dir = folder.join("run")
+        try:
+            summary = train.train_and_evaluate(c, run_dir, stop=stop)
+        except errors.UserError:  # the run left nothing: neither does the matrix folder
+            folder.discard()
+            raise
+        run = report.read_run(run_dir, name=os.path.basename(folder.path))
+        per_experiment = tables.experiment_table(run)
+        by_seed = tables.by_seed_table(per_experiment)
+        table = cells(c, per_experiment, by_seed, summary, notes)
+        write(c, table, notes, folder)
+        fig = figures_compare.matrix_figure(run, per_experiment, by_seed)  # matrix.png, .pdf
+        figures.save(fig, "matrix", folder)
     return table
 
 
@@ -359,15 +394,25 @@ def _cli() -> None:
 
     def main(argv):
         del argv
+        if STOP is not None and STOP.is_set():  # while loading
+            print("error: interrupted before the run started: nothing was written", file=sys.stderr)
+            sys.exit(signals.STATUS)
         api.configure_cli_logging()
         c = config.value
         path = os.path.expanduser(workdir.value)
+        if STOP is not None:
+            STOP.resume = shlex.join([sys.executable, "-m", __spec__.name, *sys.argv[1:]])
         try:
             chosen = choose(attack_names.value, [c.attack.name], "attacks")
             columns = choose(names.value, list(defenses.DEFENSES), "defenses")
             chosen_seeds = seed_values(seeds.value, c.seed)
             sharding.use_cpu_devices(c.mesh.cpu_devices)  # as launch.py: one per core
-            compare(c, path, chosen, columns, chosen_seeds)
+            compare(c, path, chosen, columns, chosen_seeds, stop=STOP)
+        except train.Interrupted as e:  # one line, and the command that resumes it
+            again = shlex.join([sys.executable, "-m", __spec__.name, *sys.argv[1:]])
+            resume = f"; resume with:\n  {again}" if e.workdir else ""
+            print(f"error: {e}{resume}", file=sys.stderr)
+            sys.exit(signals.STATUS)
         except USER_ERRORS as e:
             print(f"error: {e}", file=sys.stderr)  # as launch.py: one line, status 2
             sys.exit(2)

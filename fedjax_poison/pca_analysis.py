@@ -196,6 +196,9 @@ def _cli() -> None:
         except errors.UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:  # each file is written whole (atomically), old or new
+            print("error: interrupted: the files written so far are whole", file=sys.stderr)
+            sys.exit(130)
         print(
             " ".join(
                 f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in scores.items()

@@ -226,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ReportError, files.WorkdirError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # each file is written whole (atomically), old or new
+        print("error: interrupted: the files written so far are whole", file=sys.stderr)
+        return 130
     return 0
 
 

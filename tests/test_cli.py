@@ -4,6 +4,7 @@ Ctrl-C saved and resumed, a run without --workdir, a terminal without library no
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -207,3 +208,27 @@ def test_without_workdir_the_run_goes_to_runs(tmp_path):
     workdir = tmp_path / "runs" / "fashion_mnist_smoke" / stamp
     assert f"workdir: {os.path.join('runs', 'fashion_mnist_smoke', stamp)}" in proc.stderr
     assert (workdir / "summary.json").stat().st_mode & 0o777 == 0o644  # others can read
+
+
+def test_a_coordinator_that_cannot_be_reached_is_one_line_after_the_timeout(tmp_path):
+    """Process 1 of 2 with nobody at the coordinator's port: one line once
+    distributed.timeout_s has passed, status 2, never jax's C++ abort."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = launch(
+        *TINY,
+        f"--config.distributed.coordinator=127.0.0.1:{port}",
+        "--config.distributed.num_processes=2",
+        "--config.distributed.process_id=1",
+        "--config.distributed.timeout_s=2",
+        f"--workdir={tmp_path / 'w'}",
+    )
+    message = one_line_error(proc)
+    assert f"cannot reach the coordinator 127.0.0.1:{port} within 2 s" in message
+    assert "Check failure" not in proc.stderr and "DEADLINE_EXCEEDED" not in proc.stderr
+    assert not (tmp_path / "w").exists()
+    message = one_line_error(
+        launch(*TINY, "--config.distributed.timeout_s=0", f"--workdir={tmp_path}")
+    )
+    assert "distributed.timeout_s" in message and "must be in [1, 86400]" in message

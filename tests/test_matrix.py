@@ -3,13 +3,15 @@
 import csv
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 from test_simulation import tiny_config
 
-from fedjax_poison import compare_defenses
+from fedjax_poison import compare_defenses, files
 from fedjax_poison.config import configuration
+from fedjax_poison.runner import workdir as workdir_lib
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +142,41 @@ def test_the_newest_rules_run_in_the_matrix(tmp_path):
     for row in rows:
         assert row["note"] == "" and row["diverged"] == "0", row
         assert 0 < float(row["accuracy_mean"]) <= 1
+
+
+def test_the_matrix_folder_holding_a_users_file_or_a_run_is_refused(tmp_path):
+    """compare writes only into a new or empty folder, or one it wrote before: a folder
+    with a user's file (even one named matrix.csv) or a run's workdir is refused in one line,
+    before anything runs, and left as it is."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "matrix.csv").write_text("my own numbers\n")
+    with pytest.raises(files.WorkdirError, match="holds matrix.csv but no .*nothing was deleted"):
+        compare_defenses.compare(tiny_config(), str(mine), ["sign_flip"], ["fedavg"], [0])
+    assert os.listdir(mine) == ["matrix.csv"]
+    assert (mine / "matrix.csv").read_text() == "my own numbers\n"
+    run = tmp_path / "run"
+    workdir_lib.Workdir.claim(str(run), {"lr": 0.1}, overwrite=False).release()
+    before = sorted(os.listdir(run))
+    with pytest.raises(files.WorkdirError, match="is a run's workdir, not a matrix folder"):
+        compare_defenses.compare(tiny_config(), str(run), ["sign_flip"], ["fedavg"], [0])
+    assert sorted(os.listdir(run)) == before
+
+
+@pytest.mark.slow  # the matrix fixture: one sweep, a minute or more
+def test_the_matrix_folder_is_the_commands_own_and_takes_it_again(matrix):
+    """The folder is marked as the command's: the same matrix again writes into it (its
+    finished run only rewrites its tables); the user's file beside them stays."""
+    folder, _, _ = matrix
+    marker = json.load(open(folder / workdir_lib.MARKER))
+    assert marker["config"] == compare_defenses.MATRIX_CONFIG
+    assert {"matrix.csv", "matrix.md", "matrix.png"} <= set(marker["paths"])
+    (folder / "notes.txt").write_text("mine")
+    before = (folder / "matrix.csv").read_bytes()
+    c = tiny_config(num_rounds=4, eval_every=2, eval_window=2)
+    c.attack.malicious_fraction, c.attack.gaussian.std = 0.25, 1e12
+    compare_defenses.compare(
+        c, str(folder), ["label_flip", "gaussian"], ["fedavg", "median", "bulyan"], [0, 1]
+    )
+    assert (folder / "matrix.csv").read_bytes() == before
+    assert (folder / "notes.txt").read_text() == "mine"

@@ -233,3 +233,15 @@ def test_a_run_workdir_lists_the_report_in_its_manifest(tmp_path):
     assert command.main([str(tmp_path)]) == 0
     marker = json.loads((tmp_path / workdir.MARKER).read_text())
     assert marker["paths"]["results.csv"] == "file" and marker["paths"]["curves.png"] == "file"
+
+
+def test_ctrl_c_in_the_report_command_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
+    write_workdir(tmp_path / "run")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "write_run", interrupted)
+    assert command.main([str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert err == "error: interrupted: the files written so far are whole\n"

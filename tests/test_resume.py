@@ -210,18 +210,63 @@ def test_sweep_killed_in_its_second_group_resumes_identically(tmp_path):
 
 
 def test_overwrite_replaces_a_run_of_another_config(tmp_path):
-    c = tiny_config(num_rounds=2)
+    c = tiny_config(num_rounds=4)
     train.train_and_evaluate(c, str(tmp_path))
-    c.num_rounds = 4
-    with pytest.raises(errors.UserError, match="num_rounds is 2 there, 4 now"):
+    c.num_rounds, c.lr = 2, 0.5
+    with pytest.raises(errors.UserError, match="lr is 0.001 there, 0.5 now"):
+        train.train_and_evaluate(c, str(tmp_path))
+    c.lr = 0.001
+    with pytest.raises(errors.UserError, match="num_rounds=4, and num_rounds=2 would shorten"):
         train.train_and_evaluate(c, str(tmp_path))
     c.overwrite = True
     train.train_and_evaluate(c, str(tmp_path))
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [r["round"] for r in rows] == [2, 4]
+    assert [r["round"] for r in rows] == [2]
     c.checkpoint_every = 2  # does not change results: resumes (here: nothing left to run)
     c.overwrite = False
     assert train.train_and_evaluate(c, str(tmp_path))["final"] == [rows[-1]]
+
+
+def test_more_rounds_on_a_finished_run_continue_it_identically(tmp_path):
+    """num_rounds raised on a finished run goes on from its last checkpoint: every output
+    equals a run launched with the larger number (the launch tests above compare the same)."""
+    flags = ["--config.eval_every=1"]
+    reference = str(tmp_path / "reference" / "run")
+    assert launch(reference, [*flags, "--config.num_rounds=5"])[0] == 0
+    work = str(tmp_path / "work" / "run")
+    assert launch(work, [*flags, "--config.num_rounds=3"])[0] == 0
+    code, appended = launch(work, [*flags, "--config.num_rounds=5"])
+    assert code == 0 and [r for _, r in appended] == [4, 5]  # rounds 1-3 are not run again
+    assert outputs(work) == outputs(reference)
+    marker = json.load(open(os.path.join(work, "fedjax_poison_run.json")))
+    assert marker["config"]["num_rounds"] == 5
+
+
+def test_more_rounds_change_the_stable_window_of_the_rows_before(tmp_path):
+    """2 rounds evaluated each round average 1 evaluation (the last 10%), 20 average 2: the
+    rows of the first launch get the longer run's window values."""
+    straight = tmp_path / "straight"
+    train.train_and_evaluate(tiny_config(num_rounds=20, eval_every=1), str(straight))
+    c = tiny_config(num_rounds=2, eval_every=1)
+    train.train_and_evaluate(c, str(tmp_path / "grown"))
+    c.num_rounds = 20
+    train.train_and_evaluate(c, str(tmp_path / "grown"))
+    read = lambda d: (d / "metrics.jsonl").read_text()
+    assert read(tmp_path / "grown") == read(straight)
+
+
+def test_more_rounds_than_a_run_can_go_on_to_are_refused_and_leave_it(tmp_path):
+    """A run whose last checkpoint falls between two evaluations of the longer run would not
+    match it: refused in one line, the workdir still the shorter run's."""
+    c = tiny_config(num_rounds=3, eval_every=2)
+    train.train_and_evaluate(c, str(tmp_path))
+    metrics = (tmp_path / "metrics.jsonl").read_bytes()
+    c.num_rounds = 4
+    with pytest.raises(errors.UserError, match="saved at round 3, not a multiple of eval_every"):
+        train.train_and_evaluate(c, str(tmp_path))
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
+    c.num_rounds = 3  # the run as it was: finished
+    assert train.train_and_evaluate(c, str(tmp_path))["num_rounds"] == 3
 
 
 def test_a_torn_last_row_is_dropped_and_a_shortened_file_refused(tmp_path):

@@ -37,6 +37,7 @@ from fedjax_poison.round import selection
 
 __all__ = ["SWEEP_AXES", "ConfigError", "paper_config", "smoke", "validate", "variant"]
 SWEEP_AXES = tuple(sweeps.AXES)
+MAX_TIMEOUT_S = 86400  # distributed.timeout_s: a day
 
 
 def paper_config(dataset: str) -> ml_collections.ConfigDict:
@@ -106,7 +107,10 @@ def paper_config(dataset: str) -> ml_collections.ConfigDict:
     # cpu_devices: jax devices on a CPU, 0 = one per core.
     c.mesh = ml_collections.ConfigDict(dict(clients=0, experiments=1, cpu_devices=0))
     # Several hosts: coordinator "host:port" (or "auto" on TPU pods and SLURM); see BUILD.md.
-    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0))
+    # timeout_s: how long a process waits for the coordinator and the others to join.
+    c.distributed = ml_collections.ConfigDict(
+        dict(coordinator="", num_processes=1, process_id=0, timeout_s=300)
+    )
     return c
 
 
@@ -323,10 +327,17 @@ def _validate_devices(c) -> None:
     )
     for field in ("clients", "cpu_devices"):
         check(c.mesh[field] >= 0, f"mesh.{field}", "must be >= 0 (0 = automatic)", c.mesh[field])
+    validate_distributed(c)
+
+
+def validate_distributed(c) -> None:
+    """The `distributed.` block, checked before the run joins other hosts (see api)."""
     d = c.distributed
     check(d.num_processes >= 1, "distributed.num_processes", "must be >= 1", d.num_processes)
     ok = 0 <= d.process_id < d.num_processes
     check(ok, "distributed.process_id", f"must be in [0, {d.num_processes})", d.process_id)
+    ok = 1 <= d.timeout_s <= MAX_TIMEOUT_S
+    check(ok, "distributed.timeout_s", f"must be in [1, {MAX_TIMEOUT_S}] seconds", d.timeout_s)
     host, _, port = d.coordinator.rpartition(":")
     ok = d.coordinator in ("", "auto") or (bool(host) and port.isascii() and port.isdigit())
     check(ok, "distributed.coordinator", 'must be "host:port", "auto" or ""', d.coordinator)

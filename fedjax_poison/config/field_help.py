@@ -67,6 +67,7 @@ FIELD_HELP = {
     "distributed.coordinator": "several hosts: 'host:port' of process 0, 'auto', or '' (one host)",
     "distributed.num_processes": "several hosts: how many processes join",
     "distributed.process_id": "several hosts: this process's index",
+    "distributed.timeout_s": "several hosts: seconds to wait for the coordinator and the others",
 }
 SWEEP_HELP = "values of this setting, one experiment each (one compiled program)"
 

@@ -12,6 +12,8 @@ that live on its own devices (`make_array_from_callback`), reads results back wi
 """
 
 import os
+import socket
+import time
 from collections.abc import Callable
 
 import jax
@@ -207,24 +209,64 @@ def spmd_axis(mesh: Mesh | None) -> str | None:
     return None if mesh is None else EXPERIMENTS
 
 
-def initialize_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
+class CoordinatorError(UserError):
+    """The coordinator of a multi-host run cannot be reached; the message names it."""
+
+
+def initialize_distributed(
+    coordinator: str, num_processes: int, process_id: int, timeout_s: int = 300, stop=None
+) -> None:
     """Joins a multi-host run (config `distributed.*`); must run before any device is used.
 
     coordinator "host:port" with num_processes and process_id: that cluster. "auto": jax
     detects the cluster (TPU pods, SLURM, Open MPI). "": one host, unless jax's own
     environment variables (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) say
-    otherwise.
+    otherwise. timeout_s: how long to wait for the coordinator and the other processes.
+    stop: a threading.Event; once set, the wait for the coordinator ends and nothing joins.
+
+    A process other than 0 first connects to the coordinator itself, for up to timeout_s:
+    jax, when it cannot, ends the process with a C++ abort instead of an error.
     """
     if jax.distributed.is_initialized():
         return
     if coordinator == "auto":
-        jax.distributed.initialize()
+        jax.distributed.initialize(initialization_timeout=timeout_s)
         return
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
     if not coordinator:
+        return
+    joining = process_id if num_processes > 1 else int(os.environ.get("JAX_PROCESS_ID") or 0)
+    if joining > 0:
+        wait_for_coordinator(coordinator, timeout_s, stop)
+    if stop is not None and stop.is_set():
         return
     jax.distributed.initialize(
         coordinator_address=coordinator,
         num_processes=num_processes if num_processes > 1 else None,
         process_id=process_id if num_processes > 1 else None,
+        initialization_timeout=timeout_s,
+    )
+
+
+def wait_for_coordinator(coordinator: str, timeout_s: float, stop=None) -> None:
+    """Returns once "host:port" accepts a connection, or `stop` is set; CoordinatorError
+    after timeout_s."""
+    host, _, port = coordinator.rpartition(":")
+    end = time.monotonic() + timeout_s
+    while True:
+        left = end - time.monotonic()
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), max(left, 0.1)):
+                return
+        except (OSError, ValueError) as e:
+            reason = e
+        if time.monotonic() + 0.5 >= end:
+            break
+        if stop is not None and stop.is_set():
+            return
+        time.sleep(0.5)  # process 0 may not have started its coordinator yet
+    raise CoordinatorError(
+        f"cannot reach the coordinator {coordinator} within {timeout_s:g} s ({reason}): start "
+        "process 0 first, check distributed.coordinator (host:port of process 0) and its "
+        "firewall, or raise distributed.timeout_s"
     )

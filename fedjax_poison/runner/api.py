@@ -11,6 +11,7 @@ from typing import NamedTuple
 from absl import logging as absl_logging
 
 from fedjax_poison import attacks, data, defenses, files, models
+from fedjax_poison.config import configuration
 from fedjax_poison.data import custom, partition
 from fedjax_poison.round import sharding
 from fedjax_poison.runner import train
@@ -56,29 +57,35 @@ def show_progress() -> None:
         log.setLevel(logging.INFO)
 
 
-def setup_devices(config) -> None:
+def setup_devices(config, stop=None) -> None:
     """One CPU device per core (config.mesh.cpu_devices), and joining a multi-host run
-    (config.distributed.*); both only before JAX has started its backends."""
+    (config.distributed.*); both only before JAX has started its backends. stop: an Event
+    that ends the wait for the coordinator."""
     try:
         sharding.use_cpu_devices(config.mesh.cpu_devices)
     except RuntimeError as e:  # JAX was used already in this process
         log.info("JAX is already initialised (%s): the run uses its devices as they are", e)
+    configuration.validate_distributed(config)  # before waiting on anyone
     d = config.distributed
-    sharding.initialize_distributed(d.coordinator, d.num_processes, d.process_id)
+    sharding.initialize_distributed(
+        d.coordinator, d.num_processes, d.process_id, d.timeout_s, stop=stop
+    )
 
 
-def run(config, workdir: str | None = None, *, name: str = "run") -> RunResult:
+def run(config, workdir: str | None = None, *, name: str = "run", stop=None) -> RunResult:
     """Runs a config (an ml_collections.ConfigDict, e.g. configs/fashion_mnist.py's
     get_config()) as `launch.py` does: devices set up, progress logged.
 
     workdir None: runs/<name>/<date-time>. The same workdir resumes an interrupted run.
     Raises a fedjax_poison.errors.UserError subclass for anything the user can fix.
+    stop: a threading.Event (fedjax_poison.signals.catch()) that, once set, ends the run
+    at its next safe point with train.Interrupted.
     """
     quiet_libraries()
     show_progress()
-    setup_devices(config)
+    setup_devices(config, stop)
     workdir = default_workdir(name) if workdir is None else workdir
-    summary = train.train_and_evaluate(config, workdir)
+    summary = train.train_and_evaluate(config, workdir, stop=stop)
     if summary is None:  # not the primary process of a multi-host run
         return RunResult(workdir, {}, [])
     history = files.read_lines(os.path.join(workdir, "metrics.jsonl"))

@@ -7,7 +7,9 @@
         rows, records, checkpoints     written as the run goes (writer.py)
     summary, tables, figures
 
-Ctrl-C stops after the current chunk, saves the run and says how to resume it.
+Ctrl-C stops after the current chunk, saves the run and says how to resume it. A command
+line passes its own stop request (fedjax_poison.signals), read at every safe point: after
+the set-up, after compiling, after each chunk, between the summary and the report.
 """
 
 import contextlib
@@ -24,6 +26,7 @@ import numpy as np
 from fedjax_poison import defenses
 from fedjax_poison.config import plan as plan_lib
 from fedjax_poison.errors import UserError
+from fedjax_poison.files import WorkdirError
 from fedjax_poison.results import evaluation, report
 from fedjax_poison.round import sharding
 from fedjax_poison.runner import checkpoint, setup
@@ -35,6 +38,8 @@ log = logging.getLogger("fedjax_poison")
 # With checkpoint_every = 0: save after the first evaluation that ends this long after the
 # last save, so that a killed run loses at most about this much work.
 AUTO_CHECKPOINT_S = 600.0
+# Config fields a run may raise between its launches: it goes on from its last checkpoint.
+GROWABLE = ("num_rounds",)
 
 
 class DivergenceError(UserError, RuntimeError):
@@ -42,28 +47,37 @@ class DivergenceError(UserError, RuntimeError):
 
 
 class Interrupted(UserError):
-    """The user stopped the run; it was saved, and `round` is where it resumes."""
+    """The user stopped the run; what it did is saved in `workdir` (None: nothing was)."""
 
-    def __init__(self, message: str, workdir: str):
+    def __init__(self, message: str, workdir: str | None):
         super().__init__(message)
         self.workdir = workdir
 
 
-def train_and_evaluate(config, workdir: str) -> dict | None:
+def train_and_evaluate(config, workdir: str, stop: threading.Event | None = None) -> dict | None:
     """Runs every experiment of the config for num_rounds rounds; writes the workdir files.
 
     The same call with the same workdir resumes from the last checkpoint (see
     checkpoint_every; Ctrl-C also saves one). A finished run only writes its summary and
-    report again. In a multi-host run (sharding.initialize_distributed), every process calls
-    it with the same config and a workdir on a shared file system; process 0 writes the
-    files and returns the summary, the others return None.
+    report again; one launched again with a larger num_rounds goes on to it. In a multi-host
+    run (sharding.initialize_distributed), every process calls it with the same config and a
+    workdir on a shared file system; process 0 writes the files and returns the summary, the
+    others return None.
+
+    stop: a request (set by a signal) that ends the run with Interrupted at the next safe
+    point; without it, Ctrl-C and SIGTERM stop the rounds (in the main thread).
     """
     plan = plan_lib.build(config)
     primary = sharding.is_primary()
-    with Workdir.claim(workdir, plan.config, overwrite=plan.overwrite, primary=primary) as wd:
+    _stop_here(stop, None, "before the run started")
+    with Workdir.claim(
+        workdir, plan.config, overwrite=plan.overwrite, primary=primary, growable=GROWABLE
+    ) as wd:
         sharding.barrier("claim_workdir")
         try:
+            _stop_here(stop, wd, "while setting up")
             programs = setup.build(plan)
+            _stop_here(stop, wd, "while setting up")
         except UserError:  # refused before anything was written: leave no folder behind
             wd.discard()
             raise
@@ -74,16 +88,19 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
             on_write=lambda step: wd.own(f"{checkpoint.FOLDER}/{step}"),
         )
         try:
-            saved = checkpoints.latest()
-            writer.start(saved)
-            compile_s, train_s = _train(plan, programs, writer, checkpoints, saved)
+            grown = bool(wd.grown)
+            saved = _continued(plan, wd, checkpoints.latest())
+            writer.start(saved, rewindow=grown)
+            compile_s, train_s = _train(plan, programs, writer, checkpoints, saved, stop)
         finally:
             checkpoints.close()
             writer.close()
         summary = None
+        _stop_here(stop, wd, "after the last round, before the summary")
         if primary:
             summary = summarize(plan, programs, writer.rows, compile_s, train_s)
             wd.write_json("summary.json", summary)
+            _stop_here(stop, wd, "before the report (the rounds are all done)")
             report.write_report(wd.path, writer=wd)
             _warn_degenerate(plan, summary)
             shown = sorted(n for n in os.listdir(wd.path) if not n.startswith("."))
@@ -136,7 +153,45 @@ def _warn_degenerate(plan: plan_lib.Plan, summary: dict) -> None:
             )
 
 
-def _train(plan, programs, writer, checkpoints, saved: dict | None) -> tuple[float, float]:
+def _continued(plan, wd: Workdir, saved: dict | None) -> dict | None:
+    """The checkpoint to resume from, once a raised num_rounds is accepted (Workdir.grown).
+
+    The run goes on from its last checkpoint when that ends an evaluation of the longer
+    run (a multiple of eval_every) in its first group of experiments: the rows, records and
+    checkpoints are then those of a run launched with the larger num_rounds. Otherwise it
+    is refused in one line, and the workdir is left as it was.
+    """
+    if "num_rounds" not in wd.grown:
+        return saved
+    was = wd.grown["num_rounds"]
+    if saved is not None and (saved["group"] > 0 or saved["round"] % plan.eval_every):
+        where = (
+            f"experiment group {saved['group'] + 1} of {len(plan.groups)}"
+            if saved["group"] > 0
+            else f"round {saved['round']}, not a multiple of eval_every ({plan.eval_every})"
+        )
+        raise WorkdirError(
+            f"workdir {wd.path} holds a run of num_rounds={was} saved at {where}: it cannot go "
+            f"on to num_rounds={plan.num_rounds} as a run of that length would; keep "
+            f"num_rounds={was}, use another --workdir, or --config.overwrite=True to replace it"
+        )
+    wd.adopt_config()
+    done = 0 if saved is None else saved["round"]
+    log.info("num_rounds raised from %d to %d: going on after round %d", was, plan.num_rounds, done)
+    return saved
+
+
+def _stop_here(stop: threading.Event | None, wd: Workdir | None, when: str) -> None:
+    """A safe point: raises Interrupted if a stop was requested. A workdir that holds
+    nothing of the run yet is removed (Workdir.discard), and the message says so."""
+    if stop is None or not stop.is_set():
+        return
+    if wd is None or wd.discard():
+        raise Interrupted(f"interrupted {when}: nothing was written", None)
+    raise Interrupted(f"interrupted {when}: what the run did is saved", wd.path)
+
+
+def _train(plan, programs, writer, checkpoints, saved, stop) -> tuple[float, float]:
     """Runs the groups from the checkpoint `saved` (or the start); (compile_s, train_s)."""
     last = len(plan.groups) - 1
     if saved is not None and (saved["group"], saved["round"]) == (last, plan.num_rounds):
@@ -156,6 +211,7 @@ def _train(plan, programs, writer, checkpoints, saved: dict | None) -> tuple[flo
     ).compile()
     compile_s = time.perf_counter() - t0
     progress.compiled(compile_s)
+    _stop_here(stop, writer.workdir, "after compiling, before the next round")
 
     state = None
     if saved is not None:
@@ -169,7 +225,7 @@ def _train(plan, programs, writer, checkpoints, saved: dict | None) -> tuple[flo
     train_s = 0.0 if saved is None else saved["train_s"]
     lines = 0 if saved is None else saved["lines"]
     progress.start(first_group * plan.num_rounds + (saved or {}).get("round", 0))
-    with _stop_on_interrupt() as stop:
+    with _stop_on_interrupt(stop) as stop:
         for index in range(first_group, len(plan.groups)):
             group = plan.groups[index]
             if state is None:
@@ -270,10 +326,14 @@ def _rows(plan, programs, writer, group, state, confusion, records) -> list[dict
 
 
 @contextlib.contextmanager
-def _stop_on_interrupt():
+def _stop_on_interrupt(given: threading.Event | None):
     """A flag that the first Ctrl-C or SIGTERM (a scheduler's preemption) sets: the run stops
-    after its chunk and saves; a second one stops at once. Outside the main thread, the
-    signals keep their usual meaning."""
+    after its chunk and saves; a second one stops at once. `given`: the caller's own request,
+    its signals handled by the caller. Outside the main thread, the signals keep their usual
+    meaning."""
+    if given is not None:
+        yield given
+        return
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop

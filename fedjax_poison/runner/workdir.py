@@ -41,7 +41,7 @@ FORMAT = 1
 MARKER = "fedjax_poison_run.json"
 LOCK = ".lock"
 # Fields that may change between the launches of one run: they do not change its results.
-RESUMABLE_FIELDS = ("overwrite", "checkpoint_every")
+RESUMABLE_FIELDS = ("overwrite", "checkpoint_every", "distributed.timeout_s")
 FILE, FOLDER, HANDED, OWNED = "file", "folder", "handed", "owned"
 KINDS = (FILE, FOLDER, HANDED, OWNED)
 _held: set = set()  # (device, inode) of the lock files this process holds
@@ -62,6 +62,8 @@ class Workdir:
         self._header = {k: v for k, v in header.items() if k != "paths"}
         self._paths = dict(header.get("paths", {}))
         self.created = False  # this claim made the folder
+        self.grown: dict = {}  # growable fields raised since the marker: {field: value there}
+        self._grown_config: dict | None = None  # the config adopt_config() writes
 
     @classmethod
     def claim(
@@ -72,11 +74,15 @@ class Workdir:
         overwrite: bool,
         resumable_fields: Iterable[str] = RESUMABLE_FIELDS,
         primary: bool = True,
+        growable: Iterable[str] = (),
     ) -> "Workdir":
         """Locks `path` and resumes the run of `config` in it, or starts one.
 
         A workdir of another config (up to resumable_fields) is refused, unless overwrite
-        clears it first. Nothing is created, locked or read off the primary process.
+        clears it first. A growable field (a number, e.g. num_rounds) raised since the run
+        began resumes it: `grown` names the old values, and the marker keeps them until
+        adopt_config(); lowered, it is refused unless overwrite. Nothing is created, locked
+        or read off the primary process.
         """
         path = _check_path(path)
         if not primary:
@@ -89,7 +95,9 @@ class Workdir:
             raise files.error(path, e, "create") from None
         lock = _take_lock(path)
         try:
-            claimed = cls._open(path, lock, json.loads(dumps(config)), overwrite, resumable_fields)
+            claimed = cls._open(
+                path, lock, json.loads(dumps(config)), overwrite, resumable_fields, growable
+            )
             claimed.created = created
             return claimed
         except BaseException:
@@ -116,7 +124,7 @@ class Workdir:
             raise
 
     @classmethod
-    def _open(cls, path, lock, config, overwrite, resumable_fields) -> "Workdir":
+    def _open(cls, path, lock, config, overwrite, resumable_fields, growable) -> "Workdir":
         _refuse_foreign(path)  # again, now that no other claim can run
         marker = _read_marker(path)
         if marker is None:
@@ -124,11 +132,25 @@ class Workdir:
             fresh._save_marker()
             return fresh
         old = cls(path, lock, marker, resumed=True, primary=True)
-        fields = tuple(resumable_fields)
-        difference = _first_difference(_strip(marker["config"], fields), _strip(config, fields))
+        fields, growable = tuple(resumable_fields), tuple(growable)
+        there = marker["config"]
+        both = fields + growable
+        difference = _first_difference(_strip(there, both), _strip(config, both))
+        difference = difference or _first_difference(_strip(there, fields), _strip(config, fields))
         if difference is None:
             return old
         field, was, now = difference
+        if field in growable and _is_number(was) and _is_number(now) and now > was:
+            old.grown = {f: there[f] for f in growable if there.get(f) != config.get(f)}
+            old._grown_config = config
+            return old
+        if field in growable and not overwrite:
+            raise WorkdirError(
+                f"workdir {files.show(path)} holds a run of {field}={files.short(was)}, and "
+                f"{field}={files.short(now)} would shorten it: a run can go on to more, not "
+                "fewer; keep the value, use another --workdir, or --config.overwrite=True to "
+                "replace it"
+            )
         if not overwrite:
             raise WorkdirError(
                 f"workdir {files.show(path)} holds a run of another config ({field} is "
@@ -140,6 +162,13 @@ class Workdir:
         old._header, old.resumed = _new_header(config), False
         old._save_marker()
         return old
+
+    def adopt_config(self) -> None:
+        """Writes the claim's config, with its grown fields, into the marker (see claim)."""
+        if self._grown_config is not None:
+            self._header = {**self._header, "config": self._grown_config}
+            self._save_marker()
+            self.grown, self._grown_config = {}, None
 
     def clear(self) -> None:
         """Deletes what the manifest lists, and nothing else (see the module docstring)."""
@@ -477,8 +506,18 @@ def _read_marker(path: str) -> dict | None:
     return marker
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _strip(config: dict, fields: tuple) -> dict:
-    return {k: v for k, v in config.items() if k not in fields}
+    """config without `fields` (dotted names reach into blocks: 'distributed.timeout_s')."""
+    kept = {k: v for k, v in config.items() if k not in fields}
+    for field in fields:
+        block, _, rest = field.partition(".")
+        if rest and isinstance(kept.get(block), dict):
+            kept[block] = _strip(kept[block], (rest,))
+    return kept
 
 
 def _first_difference(old, new, prefix: str = ""):

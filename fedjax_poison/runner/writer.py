@@ -24,9 +24,11 @@ import zipfile
 import jax
 import numpy as np
 
+from fedjax_poison import files
 from fedjax_poison.config import experiments as experiments_lib
 from fedjax_poison.config import plan as plan_lib
 from fedjax_poison.config import sweeps
+from fedjax_poison.results import evaluation
 from fedjax_poison.runner.checkpoint import CheckpointError
 from fedjax_poison.runner.workdir import Workdir
 
@@ -95,9 +97,13 @@ class RunWriter:
         self.rows: list[dict] = []
         self._tensorboard = {}
 
-    def start(self, saved: dict | None) -> None:
+    def start(self, saved: dict | None, rewindow: bool = False) -> None:
         """Writes the run's description and cuts metrics.jsonl back to the checkpoint `saved`
-        (rows computed after it are computed again), or empties it for a fresh run."""
+        (rows computed after it are computed again), or empties it for a fresh run.
+
+        rewindow: the run's num_rounds grew, and with it perhaps the stable window: the
+        rows kept get their `*_window` values over the new one.
+        """
         w, plan = self.workdir, self.plan
         w.write_json("config.json", plan.config)
         self._write_environment(resumed=saved is not None)
@@ -120,6 +126,20 @@ class RunWriter:
                 f"holds {kept}: use another --workdir, or --config.overwrite=True to start again"
             )
         self.rows = w.read_lines(METRICS)
+        if rewindow:
+            self._rewindow()
+
+    def _rewindow(self) -> None:
+        """The kept rows' stable measures over plan.eval_window, as a run of this length
+        computes them; metrics.jsonl is rewritten only if a value changed."""
+        again, seen = [], {}
+        for row in self.rows:
+            history = seen.setdefault(row["experiment"], [])
+            again.append(evaluation.add_window(dict(row), history, self.plan.eval_window))
+            history.append(again[-1])
+        if again != self.rows:
+            self.workdir.write_text(METRICS, "".join(files.dumps(r) + "\n" for r in again))
+            self.rows = again
 
     def _write_environment(self, resumed: bool) -> None:
         now = environment()
