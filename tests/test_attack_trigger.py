@@ -195,6 +195,24 @@ def test_iba_projects_poisoning_updates_onto_the_ball():
     assert np.isnan(np.asarray(make("iba").poison_updates(hostile, ctx))[0]).all()
 
 
+@pytest.mark.parametrize("name", ["a3fl", "iba"])
+def test_the_trigger_stays_without_examples_or_with_a_diverged_model(name):
+    attack = make(name, **{f"{name}.steps": 2, f"{name}.batch": 4})
+    start = attack.init() + 0.01
+    x, y, count, ctx = linear_round(0, start, poisoned=(True, False, False))
+    learn = jax.jit(attack.learn)
+    empty = learn(x, y, count.at[0].set(0), ctx)  # the one attacker holds nothing
+    np.testing.assert_array_equal(empty, start)
+    for bad in (jnp.nan, jnp.inf, 1e20):
+        hostile = ctx._replace(
+            params=jax.tree.map(lambda p, v=bad: jnp.full_like(p, v), ctx.params)
+        )
+        learned = np.asarray(learn(x, y, count, hostile))
+        assert np.isfinite(learned).all(), bad
+    moved = np.asarray(learn(x, y, count, ctx))  # one attacker with 6 examples: it moves
+    assert (moved != np.asarray(start)).any()
+
+
 # ---- Fields, chains, sets ----
 
 

@@ -46,11 +46,12 @@ def step_batches(key, count, poisoned, n: int, steps: int, batch: int) -> jax.Ar
 
 def signed_descent(loss, pattern, project, lr: float, images, index):
     """pattern after one step per row of index [S, B]: pattern - lr sign(d loss(pattern,
-    images[row]) / d pattern), then project(); images [k * n, H, W, C] uint8."""
+    images[row]) / d pattern), then project(); images [k * n, H, W, C] uint8. A non-finite
+    gradient (a diverged global model) moves nothing."""
 
     def step(pattern, rows):
         grad = jax.grad(loss)(pattern, images[rows].astype(jnp.float32))
-        return project(pattern - lr * jnp.sign(grad)), None
+        return project(pattern - lr * jnp.nan_to_num(jnp.sign(grad))), None
 
     return lax.scan(step, pattern, index)[0]
 
