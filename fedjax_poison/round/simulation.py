@@ -159,6 +159,8 @@ def make_round_step(
     model_loss: client.make_model_loss's (batch_stats, params, x, y) -> loss, for a set of
     attacks that learn (Attack.learn): their context then carries the global model.
     """
+    if model_loss is None and any(a.learn is not None for a in attack_set):
+        raise ValueError("an attack of the set learns: make_round_step needs model_loss")
     k, groups = settings.clients_per_round, settings.client_groups
     slots = -(-k // groups) * groups
     in_axes = (None, None, 0, 0, 0, 0, 0)
