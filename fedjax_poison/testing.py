@@ -229,7 +229,8 @@ def median_rule(updates: jax.Array) -> jax.Array:
 def check_attack(name: str, block: dict | None = None, *, num_classes: int = 4) -> None:
     """A registered attack (or chain 'a+b') on a round of 3 clients, 2 of them poisoning:
     shapes and dtypes kept; honest rows bit-identical; nobody poisoning changes nothing; the
-    same under jit; its measure one of attacks.MEASURES."""
+    same under jit; its measure one of attacks.MEASURES; an attack that learns, also
+    check_learning."""
     cfg = attacks.default_config("2:0")
     for part, values in (block or {}).items():
         cfg[part].update(values)
@@ -271,6 +272,50 @@ def check_attack(name: str, block: dict | None = None, *, num_classes: int = 4) 
             rtol=1e-6,
             atol=1e-6,
             err_msg=f"{name}: jit and eager differ",
+        )
+    if attack.learn is not None:
+        check_learning(name, attack, x, y, count, ctx, num_classes)
+
+
+def linear_loss(params, x, y):
+    """[] mean cross-entropy of the linear model params {'w': [P, C], 'b': [C]} on images
+    x [b, H, W, C] (pixels / 255): a global model for attacks that learn."""
+    logits = x.reshape(x.shape[0], -1) / 255.0 @ params["w"] + params["b"][None, :]
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+
+def check_learning(name: str, attack, x, y, count, ctx, num_classes: int) -> None:
+    """An attack that learns, under a random linear global model: its state keeps its
+    structure, shapes and dtypes and stays finite; a round nobody poisons leaves it as it
+    was; the data seam with the learned state leaves honest rows bit-identical."""
+    pixels = int(np.prod(x.shape[2:]))
+    rng = np.random.default_rng(1)
+    params = {
+        "w": jnp.asarray(rng.normal(size=(pixels, num_classes)), jnp.float32),
+        "b": jnp.zeros(num_classes, jnp.float32),
+    }
+    before = attack.init()
+    ctx = ctx._replace(state=before, params=params, model_loss=jax.tree_util.Partial(linear_loss))
+    learned = jax.jit(attack.learn)(x, y, count, ctx)
+    shapes = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)
+    assert shapes(learned) == shapes(before), f"{name}: learn changed the state's shapes"
+    finite = all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(learned))
+    assert finite, f"{name}: learned a non-finite state"
+    nobody = ctx._replace(poisoned=jnp.zeros_like(ctx.poisoned))
+    for got, want in zip(
+        jax.tree.leaves(attack.learn(x, y, count, nobody)), jax.tree.leaves(before)
+    ):
+        np.testing.assert_array_equal(
+            np.asarray(got), np.asarray(want), err_msg=f"{name} learned in a round nobody poisons"
+        )
+    honest = np.flatnonzero(~np.asarray(ctx.poisoned))
+    out = attack.poison_data(x, y, count, ctx._replace(state=learned))
+    for got, given in zip(out, (x, y)):
+        assert got.shape == given.shape and got.dtype == given.dtype, f"{name}: shape or dtype"
+        np.testing.assert_array_equal(
+            np.asarray(got)[honest],
+            np.asarray(given)[honest],
+            err_msg=f"{name} changed an honest client's row with a learned state",
         )
 
 

@@ -18,6 +18,7 @@ a user's script (`fedjax_poison.register_attack`).
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -36,9 +37,11 @@ from fedjax_poison.attacks.base import (
     clean_data,
     clean_updates,
     none,
+    own_state,
     previous_update,
     replace_rows,
     server_aggregate,
+    stamp,
 )
 from fedjax_poison.attacks.collusion import alie, ipm, min_max, min_sum
 from fedjax_poison.attacks.edge_case import alt_min, edge_case
@@ -57,6 +60,7 @@ from fedjax_poison.attacks.model_poisoning import gaussian, inf, scale, sign_fli
 from fedjax_poison.attacks.neurotoxin import neurotoxin
 from fedjax_poison.attacks.optimized import alie_opt, ipm_opt
 from fedjax_poison.attacks.threat import draw_malicious, poisoning_now
+from fedjax_poison.attacks.trigger_search import a3fl, iba
 from fedjax_poison.registry import Registry, RegistryError
 
 __all__ = [
@@ -74,10 +78,12 @@ __all__ = [
     "clean_updates",
     "default_config",
     "draw_malicious",
+    "evaluation_trigger",
     "flip_table",
     "format_flips",
     "make_attack",
     "mapping_pairs",
+    "own_state",
     "parse_flips",
     "poison_labels",
     "poisoning_now",
@@ -87,6 +93,7 @@ __all__ = [
     "select",
     "server_aggregate",
     "split_name",
+    "stamp",
 ]
 
 # What make_attack fills in (never config fields).
@@ -123,11 +130,13 @@ register("alie_opt", alie_opt)
 register("ipm_opt", ipm_opt)
 register("edge_case", edge_case)
 register("alt_min", alt_min)
+register("a3fl", a3fl)
+register("iba", iba)
 
 # Attacks that flip the pairs of `attack.flips` (label_flip too, with mapping 'pairs').
 READ_FLIPS = ("adaptive_flip", "edge_case", "alt_min")
 # Attacks whose success is read on a triggered test set: a run measures one trigger.
-BACKDOORS = (backdoor, blended, neurotoxin)
+BACKDOORS = (backdoor, blended, neurotoxin, a3fl, iba)
 
 
 def block_defaults(name: str) -> dict:
@@ -191,40 +200,117 @@ def chain(*parts: Attack) -> Attack:
 
     Part i draws its randomness from the round's key folded with i, so that two random
     parts do not share draws. Its measure is the first targeted one (backdoor or flip) of
-    the parts, else untargeted.
+    the parts, else untargeted. With a part that has a state, the chain's state is the
+    tuple of the parts' states (() for a part without one).
     """
     if len(parts) == 1:
         return parts[0]
-    own_key = lambda ctx, i: ctx._replace(key=jax.random.fold_in(ctx.key, i))
+    stateful = any(p.init is not None for p in parts)
+
+    def own(ctx, i):
+        ctx = ctx._replace(key=jax.random.fold_in(ctx.key, i))
+        if stateful and ctx.state is not None:
+            ctx = ctx._replace(state=ctx.state[i])
+        return ctx
 
     def poison_data(x, y, count, ctx):
         for i, part in enumerate(parts):
-            x, y = part.poison_data(x, y, count, own_key(ctx, i))
+            x, y = part.poison_data(x, y, count, own(ctx, i))
         return x, y
 
     def poison_updates(updates, ctx):
         for i, part in enumerate(parts):
-            updates = part.poison_updates(updates, own_key(ctx, i))
+            updates = part.poison_updates(updates, own(ctx, i))
         return updates
 
     targeted = [p for p in parts if p.measure in ("flip", "backdoor")]
     first = targeted[0] if targeted else parts[0]
     measure = first.measure if targeted else "untargeted"
-    return Attack(poison_data, poison_updates, measure, first.trigger, first.target)
+    if not stateful:
+        return Attack(poison_data, poison_updates, measure, first.trigger, first.target)
+
+    def init():
+        return tuple(p.init() if p.init is not None else () for p in parts)
+
+    def learn(x, y, count, ctx):
+        ctx = ctx._replace(state=init() if ctx.state is None else ctx.state)
+        return tuple(
+            p.learn(x, y, count, own(ctx, i)) if p.learn is not None else ctx.state[i]
+            for i, p in enumerate(parts)
+        )
+
+    j = parts.index(first)
+    trigger = None if first.trigger is None else lambda x, state: stamp(first, x, state[j])
+    return Attack(poison_data, poison_updates, measure, trigger, first.target, init, learn)
 
 
 def select(attack_set: Sequence[Attack], index: jax.Array) -> Attack:
     """One attack of the run's set, chosen by a traced index (an experiment's scenario),
     so that a sweep over attacks stays one compiled program. Measure and trigger are the
-    host's business (they differ per experiment) and are left unset."""
+    host's business (they differ per experiment) and are left unset. With an attack that
+    has a state, the set's state is the tuple of every attack's (() for those without);
+    a round updates the chosen one's only."""
     if len(attack_set) == 1:
         return attack_set[0]
+    stateful = any(a.init is not None for a in attack_set)
+
+    def own(ctx, i):
+        return ctx._replace(state=ctx.state[i]) if stateful and ctx.state is not None else ctx
+
+    def data_branch(i):
+        return lambda x, y, count, ctx: attack_set[i].poison_data(x, y, count, own(ctx, i))
+
+    def updates_branch(i):
+        return lambda updates, ctx: attack_set[i].poison_updates(updates, own(ctx, i))
 
     def poison_data(x, y, count, ctx):
-        branches = [a.poison_data for a in attack_set]
+        branches = [data_branch(i) for i in range(len(attack_set))]
         return lax.switch(index, branches, x, y, count, ctx)
 
     def poison_updates(updates, ctx):
-        return lax.switch(index, [a.poison_updates for a in attack_set], updates, ctx)
+        branches = [updates_branch(i) for i in range(len(attack_set))]
+        return lax.switch(index, branches, updates, ctx)
 
-    return Attack(poison_data, poison_updates, "none")
+    if not stateful:
+        return Attack(poison_data, poison_updates, "none")
+
+    def init():
+        return tuple(a.init() if a.init is not None else () for a in attack_set)
+
+    def learn(x, y, count, ctx):
+        states = init() if ctx.state is None else ctx.state
+
+        def learn_one(i, x, y, count, ctx):
+            if attack_set[i].learn is None:
+                return states
+            new = attack_set[i].learn(x, y, count, ctx._replace(state=states[i]))
+            return (*states[:i], new, *states[i + 1 :])
+
+        branches = [functools.partial(learn_one, i) for i in range(len(attack_set))]
+        return lax.switch(index, branches, x, y, count, ctx)
+
+    return Attack(poison_data, poison_updates, "none", init=init, learn=learn)
+
+
+def evaluation_trigger(attack_set: Sequence[Attack]) -> Callable | None:
+    """(images [..., H, W, C] uint8, the set's state as select() keeps it, index) -> the
+    images with the trigger of attack_set[index] (its current state's, for a trigger that
+    learns); for an attack without one (the clean twin, a flip), the set's first trigger.
+    None when no attack of the set has a trigger."""
+    found = [i for i, a in enumerate(attack_set) if a.trigger is not None]
+    if not found:
+        return None
+
+    def measured_by(i):
+        j = i if attack_set[i].trigger is not None else found[0]
+        attack = attack_set[j]
+        if attack.init is None:
+            return lambda x, state: attack.trigger(x)
+        if len(attack_set) == 1:
+            return attack.trigger
+        return lambda x, state: attack.trigger(x, state[j])
+
+    if len(found) == 1:  # every experiment reads the one trigger
+        return lambda x, state, index: measured_by(found[0])(x, state)
+    branches = [measured_by(i) for i in range(len(attack_set))]
+    return lambda x, state, index: lax.switch(index, branches, x, state)

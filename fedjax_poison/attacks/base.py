@@ -8,7 +8,7 @@ Shapes: [k] clients of the round, [n] examples of a client, [d] flattened parame
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ from fedjax_poison.errors import UserError
 # the target class) predicted as the target; 'untargeted' by the accuracy drop against
 # the clean twin; 'none' for no attack.
 MEASURES = ("none", "flip", "backdoor", "untargeted")
+PyTree = Any
 
 
 class AttackConfigError(UserError, ValueError):
@@ -43,6 +44,15 @@ class AttackContext(NamedTuple):
     # with its memory as it stands), for attacks that know the rule in use. None outside a
     # round and in the data seam: read it with server_aggregate() (then FedAvg).
     aggregate: Callable[[jax.Array], jax.Array] | None = None
+    # Attacks with a state (Attack.init): the state as this seam sees it (after the round's
+    # learn step), None outside a round: read it with own_state().
+    state: PyTree = None
+    # Only for attacks that learn (Attack.learn), else None: the global model's parameters
+    # this round, and a jax.tree_util.Partial (params, x [b, H, W, C] float32 pixels in
+    # [0, 255], y [b] int32) -> [] mean cross-entropy of the model in evaluation mode (the
+    # round's batch statistics), differentiable in params and x.
+    params: PyTree = None
+    model_loss: Callable[[PyTree, jax.Array, jax.Array], jax.Array] | None = None
 
 
 class Attack(NamedTuple):
@@ -56,9 +66,17 @@ class Attack(NamedTuple):
     # (updates [k, d], ctx) -> updates [k, d]: after training, before the defense.
     poison_updates: Callable[[jax.Array, AttackContext], jax.Array]
     measure: str  # one of MEASURES
-    # Backdoors: images [..., H, W, C] uint8 -> the same with the full trigger (evaluation).
-    trigger: Callable[[jax.Array], jax.Array] | None = None
+    # Backdoors: images [..., H, W, C] uint8 -> the same with the full trigger (evaluation);
+    # for an attack with a state, (images, state) -> images (stamp() calls either).
+    trigger: Callable[..., jax.Array] | None = None
     target: int = -1  # backdoors: the label a triggered image should get
+    # Attacks that remember across rounds (an optimized trigger): () -> the state before
+    # the first round, a pytree of fixed shapes kept in the server state (checkpointed).
+    init: Callable[[], PyTree] | None = None
+    # (x, y, count, ctx) -> the new state, before the data seam, from ctx.state, ctx.params
+    # and ctx.model_loss; it must return ctx.state when nobody poisons. The round builds
+    # the model's loss only for a set of attacks with one.
+    learn: Callable[..., PyTree] | None = None
 
 
 def clean_data(x, y, count, ctx):
@@ -132,6 +150,19 @@ def server_aggregate(ctx: AttackContext, updates: jax.Array) -> jax.Array:
     valid = jnp.isfinite(jnp.sqrt(jnp.sum(updates * updates, axis=1)))  # [k]
     w = valid.astype(updates.dtype) / jnp.maximum(valid.sum(), 1)
     return w @ jnp.where(valid[:, None], updates, 0.0)
+
+
+def own_state(attack: Attack, ctx: AttackContext) -> PyTree:
+    """The attack's state as the context carries it, or its initial state outside a round."""
+    return attack.init() if ctx.state is None else ctx.state
+
+
+def stamp(attack: Attack, x: jax.Array, state: PyTree = None) -> jax.Array:
+    """Images [..., H, W, C] uint8 with the attack's evaluation trigger; `state` the
+    attack's own (None: its initial state), read only by attacks with one."""
+    if attack.init is None:
+        return attack.trigger(x)
+    return attack.trigger(x, attack.init() if state is None else state)
 
 
 def check(ok: bool, field: str, need: str, got) -> None:

@@ -207,6 +207,20 @@ def make_local_train(
     return _vmap_in_chunks(local_train, clients_at_once)
 
 
+def make_model_loss(model: nn.Module, spec: data_lib.DatasetSpec) -> Callable[..., jax.Array]:
+    """Returns loss(batch_stats, params, x [b, H, W, C], y [b]) -> [] the mean cross-entropy
+    of the model in evaluation mode; x pixels in [0, 255], uint8 or float32 (then
+    differentiable in x): what attacks that learn a trigger descend."""
+
+    def loss(batch_stats, params, x, y):
+        logits = model.apply(
+            {"params": params, "batch_stats": batch_stats}, data_lib.normalize(x, spec), train=False
+        )
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+    return loss
+
+
 def _vmap_in_chunks(fn: Callable, chunk: int) -> Callable:
     """fn, whose vmap is a lax.map over chunks of `chunk` vectorized calls (0: one vmap).
 

@@ -38,6 +38,7 @@ class ServerState:
     blocked: jax.Array  # [N] bool, excluded from selection by the defense
     participations: jax.Array  # [N] int32, rounds each client has trained in
     last_update: jax.Array  # [d] float32, the last round's change of the global model
+    attack_state: PyTree = ()  # what the run's attacks remember (attacks.select), e.g. a trigger
 
 
 @flax.struct.dataclass
@@ -117,6 +118,7 @@ def init_state(
     defense: defenses.Defense,  # the run's defense set, as one (defenses.select)
     seed: int,
     num_clients: int,
+    attack: attacks.Attack | None = None,  # the run's attack set, as one (attacks.select)
 ) -> ServerState:
     """The server state of one experiment before round 0."""
     params, batch_stats = init_variables(jax.random.fold_in(jax.random.key(seed), 0x1A17))
@@ -128,6 +130,7 @@ def init_state(
         blocked=jnp.zeros(num_clients, bool),
         participations=jnp.zeros(num_clients, jnp.int32),
         last_update=jnp.zeros_like(ravel_pytree(params)[0]),
+        attack_state=attack.init() if attack is not None and attack.init is not None else (),
     )
 
 
@@ -140,6 +143,7 @@ def make_round_step(
     root_data: ClientData | None = None,
     shard_clients: Callable[[PyTree], PyTree] = lambda tree: tree,
     gather_clients: Callable[[PyTree], PyTree] = lambda tree: tree,
+    model_loss: Callable[..., jax.Array] | None = None,
 ) -> Callable[[ServerState, Scenario, ClientData], tuple[ServerState, RoundRecord]]:
     """Returns round_step(state, scenario, data) -> (state, record) for one experiment.
 
@@ -152,7 +156,11 @@ def make_round_step(
     trains its own clients. Slots beyond k train on nothing (count 0) and are dropped.
     gather_clients then puts the trained clients whole on every device: what follows is
     the server's, computed alike on every device.
+    model_loss: client.make_model_loss's (batch_stats, params, x, y) -> loss, for a set of
+    attacks that learn (Attack.learn): their context then carries the global model.
     """
+    if model_loss is None and any(a.learn is not None for a in attack_set):
+        raise ValueError("an attack of the set learns: make_round_step needs model_loss")
     k, groups = settings.clients_per_round, settings.client_groups
     slots = -(-k // groups) * groups
     in_axes = (None, None, 0, 0, 0, 0, 0)
@@ -207,6 +215,12 @@ def make_round_step(
         context = attacks.AttackContext(
             poisoned, selected, state.round, k_data, scenario.flip, state.last_update
         )
+        attack_state = state.attack_state
+        if attack.learn is not None:  # only attacks that learn pay for the model in the seam
+            loss = jax.tree_util.Partial(model_loss, state.batch_stats)
+            context = context._replace(state=attack_state, params=state.params, model_loss=loss)
+            attack_state = attack.learn(x, y, count, context)
+            context = context._replace(state=attack_state, params=None, model_loss=None)
         x, y = attack.poison_data(x, y, count, context)
 
         if settings.lr_per_participation:
@@ -264,6 +278,7 @@ def make_round_step(
             blocked=blocked,
             participations=state.participations.at[selected].add(1),
             last_update=verdict.delta,
+            attack_state=attack_state,
         )
         record = RoundRecord(
             selected,
@@ -340,15 +355,17 @@ def make_advance(
     spmd_axis_name: str | None = None,
     feature_dim: int = 0,
     experiment_shards: int = 1,
-    trigger: Callable[[jax.Array], jax.Array] | None = None,
+    trigger: Callable[[jax.Array, PyTree, jax.Array], jax.Array] | None = None,
 ) -> Callable[..., tuple[ServerState, RoundRecord, jax.Array]]:
     """Returns advance(states [E], scenarios [E], data, test, num_rounds) for all experiments.
 
     Runs `num_rounds` (a traced value <= max_rounds, so every chunk of a run shares one
     compile) rounds of every experiment, then evaluates each on the test set. Returns the
     new states, the records [E, max_rounds, ...] (rows past num_rounds are zeros) and the
-    confusion matrices [E, V, C, C]: V = 1, the test set; V = 2 with a backdoor's `trigger`,
-    then also the test set with the trigger stamped on every image.
+    confusion matrices [E, V, C, C]: V = 1, the test set; V = 2 with a backdoor's `trigger`
+    (attacks.evaluation_trigger: images, the state's attack_state, the scenario's attack),
+    then also the test set with the experiment's trigger, as it stands after the last
+    round, stamped on every image.
 
     The experiments run as [G, E / G], G = experiment_shards: the [G] axis is vmapped onto
     the mesh axis `spmd_axis_name`; a device's E / G experiments are vmapped on an
@@ -366,7 +383,7 @@ def make_advance(
         records = empty_records(max_rounds, clients_per_round, feature_dim)
         state, records = jax.lax.fori_loop(0, num_rounds, body, (state, records))
         x, y, mask = test
-        views = [x] if trigger is None else [x, trigger(x)]
+        views = [x] if trigger is None else [x, trigger(x, state.attack_state, scenario.attack)]
         confusion = jnp.stack(
             [evaluate(state.params, state.batch_stats, v, y, mask) for v in views]
         )

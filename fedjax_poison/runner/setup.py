@@ -134,7 +134,7 @@ def build(plan: Plan) -> Programs:
     defense_by_name, attack_by_name = _rule_sets(plan, params, feature_dim)
     defense_set = list(defense_by_name.values())
     defense = defenses.select(defense_set, 0)
-    trigger = next((a.trigger for a in attack_by_name.values() if a.trigger), None)
+    attack_set = list(attack_by_name.values())
     in_use = sharding.local_devices(mesh)
     sizes = host_clients.count
     train = train_settings(plan, sizes)
@@ -145,7 +145,7 @@ def build(plan: Plan) -> Programs:
     round_step = simulation.make_round_step(
         local_train,
         defense_set,
-        list(attack_by_name.values()),
+        attack_set,
         simulation.RoundSettings(
             k,
             lr.lr,
@@ -162,6 +162,7 @@ def build(plan: Plan) -> Programs:
         root_data(plan, dataset, defense.root_size) if defense.root_size else None,
         sharding.client_constraint(mesh),
         sharding.replicated_constraint(mesh),
+        client.make_model_loss(model, spec),
     )
     groups = sharding.client_groups(mesh)
     evaluate = metrics.make_evaluate(
@@ -176,7 +177,7 @@ def build(plan: Plan) -> Programs:
             sharding.spmd_axis(mesh),
             feature_dim if plan.save_features else 0,
             experiment_shards=sharding.experiment_shards(mesh),
-            trigger=trigger,
+            trigger=attacks.evaluation_trigger(attack_set),
         ),
         donate_argnums=0,
         compiler_options=compiler_options(),
@@ -186,6 +187,7 @@ def build(plan: Plan) -> Programs:
         defense,
         seed,
         plan.num_clients,
+        attacks.select(attack_set, 0),
     )
     scenarios = experiments.stack(
         [
