@@ -6,7 +6,8 @@ one process.
     python benchmarks/matrix.py --data-source=files      # the real Fashion-MNIST files
 
 Three runs of `train.train_and_evaluate`, the paper's Fashion-MNIST CNN, the config's smoke
-federation (10 clients, 4 a round; synthetic data unless --data-source says otherwise):
+federation with the paper's k (10 clients, 5 a round; synthetic data unless --data-source
+says otherwise):
 
 (a) the matrix (`compare_defenses.plan`: the attacks and 'none' x the defenses x the seeds)
     as the run runs it: groups of one cell (`plan.experiment_groups`), each group running
@@ -115,6 +116,7 @@ def base_config(args):
     c.num_rounds = c.eval_every = args.rounds
     c.attack.flips = "6:0"
     c.checkpoint_every = args.rounds
+    c.clients_per_round = 5  # the paper's k (Krum needs k > 2f + 2)
     if args.quick:
         c.data.synthetic_train, c.data.synthetic_test = 480, 200
         c.num_clients, c.clients_per_round, c.eval_batch_size = 8, 3, 100
@@ -187,6 +189,7 @@ def main(argv=None) -> None:
             with as_before():
                 runs["b"].append(timed(matrix, f"{tmp}/b{r}"))
         sizes = [tuple(int(n) for n in s.split("x")) for s in args.compile_sizes.split(",") if s]
+        jax.config.update("jax_enable_compilation_cache", False)  # compile each size for real
         compiles = [
             (a, d, compile_seconds(matrix_config(args, attack_names[:a], defense_names[:d])))
             for a, d in sizes
