@@ -5,8 +5,13 @@
         --workdir=runs/matrix --config.attack.malicious_fraction=0.3 --config.num_rounds=30
 
 Every cell is an experiment of ONE run of the simulator (`sweep.attack` x `sweep.defense`
-x `sweep.seed`, mode product: one compiled program), in `workdir/run`. A row 'none' (no
-attack, the same malicious clients behaving honestly) is the reference of each defense.
+x `sweep.seed`, mode product), in `workdir/run`. The run compiles one program and runs the
+cells one after another, each cell's seeds as one group of experiments (at most
+`sweep.max_parallel` at once): a group runs its own attack and defense only, so a cell costs
+what the same attack and defense cost alone (benchmarks/matrix.py). The data is on the
+device once for all of them, and an interrupted matrix resumes from its last checkpoint.
+A row 'none' (no attack, the same malicious clients behaving honestly) is the reference of
+each defense.
 Without --attacks, the config's `attack.name` is the one attack row (the old one-attack
 comparison). Writes into workdir:
 

@@ -50,7 +50,6 @@ import asyncio, json, os, signal, sys
 sys.path.insert(0, os.getcwd())
 from absl import app
 from orbax.checkpoint._src.path import atomicity
-import launch
 from fedjax_poison.runner import checkpoint
 from fedjax_poison.results import report
 from fedjax_poison.runner import workdir
@@ -89,12 +88,18 @@ async def finalize(self, *args, **kwargs):
     kill_at("finalize")  # inside a checkpoint's commit: the folders are written, not renamed
     return await original_finalize(self, *args, **kwargs)
 atomicity.AtomicRenameTemporaryPath.finalize = finalize
-app.run(launch.main, flags_parser=launch.parse_flags)
+if os.environ["ENTRY"] == "compare_defenses":
+    from fedjax_poison import compare_defenses
+    compare_defenses._cli()
+else:
+    import launch
+    app.run(launch.main, flags_parser=launch.parse_flags)
 """
 
 
-def launch(workdir, flags, kill=None):
-    """Runs the driver (launch.py) to its end or its kill; returns (returncode, appended).
+def launch(workdir, flags, kill=None, entry="launch"):
+    """Runs the driver (launch.py, or entry 'compare_defenses': the matrix's command) to its
+    end or its kill; returns (returncode, appended).
 
     appended: the (experiment, round) of every metrics row the launch wrote. kill
     'outside:n' sends SIGKILL from this process once the n-th append is reported.
@@ -104,6 +109,7 @@ def launch(workdir, flags, kill=None):
         JAX_COMPILATION_CACHE_DIR=os.path.expanduser("~/.cache/fedjax_poison_tests"),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         KILL=kill or "none:0",
+        ENTRY=entry,
     )
     os.makedirs(os.path.dirname(workdir), exist_ok=True)
     driver = os.path.join(os.path.dirname(workdir), "driver.py")
@@ -207,6 +213,43 @@ def test_sweep_killed_in_its_second_group_resumes_identically(tmp_path):
         for e in group
     ]
     print("sweep: 2 kills in the second group, all outputs identical")
+
+
+def test_matrix_killed_in_its_third_cell_resumes_identically(tmp_path):
+    # Cells (attack, defense) in order: (none, fedavg), (none, median), (sign_flip, fedavg),
+    # (sign_flip, median), each its 2 seeds as one group; evaluations and checkpoints
+    # every 2 of 4 rounds.
+    flags = [
+        "--attacks=sign_flip",
+        "--defenses=fedavg,median",
+        "--seeds=0,1",
+        "--config.num_rounds=4",
+        "--config.checkpoint_every=2",
+    ]
+    # Figures are titled with the workdir's name: both runs get the same one.
+    reference = str(tmp_path / "reference" / "matrix")
+    assert launch(reference, flags, entry="compare_defenses")[0] == 0
+    work = str(tmp_path / "work" / "matrix")
+    code, appended = launch(work, flags, "append_lines:6", entry="compare_defenses")
+    assert code == -signal.SIGKILL and len(appended) == 12  # 6 chunks of 2 experiments
+    first, second = set(appended[8:10]), set(appended[10:12])  # the third cell
+    assert {r for _, r in first} == {2} and {r for _, r in second} == {4}
+    code, appended = launch(work, flags, entry="compare_defenses")
+    # From the checkpoint after round 2 of the third cell: its round 4, then the fourth cell.
+    assert code == 0 and len(appended) == 6 and set(appended[:2]) == second
+    assert outputs(os.path.join(work, "run")) == outputs(os.path.join(reference, "run"))
+    read = lambda folder, name: open(os.path.join(folder, name), "rb").read()
+    for name in ("matrix.csv", "matrix.md", "matrix.png", "matrix.pdf"):
+        assert read(work, name) == read(reference, name), name
+    rows = [json.loads(line) for line in open(os.path.join(work, "run", "metrics.jsonl"))]
+    cells = [(r["attack"], r["defense"]) for r in rows]
+    assert [cells[i] for i in range(0, 16, 4)] == [
+        ("none", "fedavg"),
+        ("none", "median"),
+        ("sign_flip", "fedavg"),
+        ("sign_flip", "median"),
+    ]  # one cell after the other, its seeds together
+    print("matrix: killed in its third cell, all outputs identical")
 
 
 def test_overwrite_replaces_a_run_of_another_config(tmp_path):

@@ -101,7 +101,7 @@ def paper_config(dataset: str) -> ml_collections.ConfigDict:
     c.defense = defenses.default_config()
     c.sweep = ml_collections.ConfigDict({axis: () for axis in sweeps.AXES})
     c.sweep.mode = "product"  # product | zip
-    c.sweep.max_parallel = 0  # experiments run at once; 0 = all
+    c.sweep.max_parallel = 0  # experiments run at once (of one attack and defense); 0 = all
     # Devices for the experiment axis of a sweep and for the clients of a round;
     # clients=0: all devices the experiments axis leaves (on CPU, one per core), at most k.
     # cpu_devices: jax devices on a CPU, 0 = one per core.

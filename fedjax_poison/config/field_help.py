@@ -60,7 +60,7 @@ FIELD_HELP = {
     "defense.mode": "detect (flag, aggregate by FedAvg) | filter (the rule's aggregate) | block "
     "(pca: exclude clients flagged block_after times)",
     "sweep.mode": "product (every combination of the swept axes) | zip (the i-th values together)",
-    "sweep.max_parallel": "experiments held at once; 0 = all",
+    "sweep.max_parallel": "experiments held at once (of one attack and defense); 0 = all",
     "mesh.clients": "devices the clients of a round are split over; 0 = automatic",
     "mesh.experiments": "devices the experiments of a sweep are split over",
     "mesh.cpu_devices": "jax devices on a CPU; 0 = one per core",

@@ -49,7 +49,9 @@ class Plan:
     experiments: tuple[experiments.Experiment, ...]
     clean_twins: tuple[int | None, ...]  # [E]
     measured_flips: tuple[tuple, ...]  # [E] the pairs each row's source measures are read on
-    groups: tuple[tuple[int, ...], ...]  # experiments run at once, padded to equal size
+    # experiments run at once, padded to equal size; the members of a group share their
+    # attack and their defense (each experiment computes only its own)
+    groups: tuple[tuple[int, ...], ...]
     eval_every: int
     eval_batch_size: int
     eval_window: int  # evaluations in the stable measures
@@ -94,7 +96,10 @@ def build(c) -> Plan:
         clean_twins=tuple(twins),
         measured_flips=tuple(experiments.measured_flips(exps, twins)),
         groups=tuple(
-            tuple(g) for g in experiment_groups(len(exps), c.sweep.max_parallel, c.mesh.experiments)
+            tuple(g)
+            for g in experiment_groups(
+                len(exps), c.sweep.max_parallel, c.mesh.experiments, cells=rule_cells(exps)
+            )
         ),
         eval_every=c.eval_every,
         eval_batch_size=c.eval_batch_size,
@@ -115,19 +120,35 @@ def eval_window(configured: int, num_rounds: int, eval_every: int) -> int:
     return window.window_size(config, [])
 
 
+def rule_cells(exps) -> list[tuple[str, str]]:
+    """[E] each experiment's (attack, defense): experiments of two cells never share a group."""
+    return [(e.attack, e.defense) for e in exps]
+
+
 def experiment_groups(
-    num_experiments: int, max_parallel: int, multiple: int = 1
+    num_experiments: int, max_parallel: int, multiple: int = 1, cells=None
 ) -> list[list[int]]:
     """Experiment indices in groups of at most max_parallel (0 = all), padded to equal size.
 
+    cells: [E] a key per experiment (its attack and defense); a group holds one key only,
+    so that the round picks the group's attack and defense once for all its members instead
+    of computing every one of the run's set for each (simulation.make_advance). Groups
+    follow the cells in order of first appearance, each cell's experiments in order.
+
     Padding repeats the group's last experiment; its duplicate rows are dropped, and equal
-    sizes keep every group on the one compiled program. Sizes round up to a multiple of
-    `multiple` (the devices of the experiment axis).
+    sizes keep every group on the one compiled program. Sizes are those of the largest
+    cell, at most max_parallel, rounded up to a multiple of `multiple` (the devices of the
+    experiment axis).
     """
-    size = min(max_parallel or num_experiments, num_experiments)
+    cells = [0] * num_experiments if cells is None else list(cells)
+    by_cell: dict = {}
+    for e, cell in enumerate(cells):
+        by_cell.setdefault(cell, []).append(e)
+    largest = max(len(members) for members in by_cell.values())
+    size = min(max_parallel or largest, largest)
     size = -(-size // multiple) * multiple
     groups = [
-        list(range(i, min(i + size, num_experiments))) for i in range(0, num_experiments, size)
+        members[i : i + size] for members in by_cell.values() for i in range(0, len(members), size)
     ]
     return [g + [g[-1]] * (size - len(g)) for g in groups]
 

@@ -8,8 +8,12 @@ Everything about a client is an index into stacked arrays; nothing is a Python o
 Sign convention: an update is `delta = local - global`, what the server adds.
 A run's attacks and defenses are sets; each experiment's scenario picks one of each by a
 traced index, so a sweep over attacks and defenses is still one compiled program.
-A run advances every experiment of a sweep at once: states and scenarios carry a
-leading experiment axis [E], the client data is shared.
+A run advances a group of experiments at once: states and scenarios carry a leading
+experiment axis [E], the client data is shared. The experiments of a group share their
+attack and defense (config.plan groups them so), and the group's index is one value for
+all of them: `lax.switch` then runs the chosen branch only. An index that differed per
+experiment would be batched by the experiment axis, and a batched switch computes every
+branch for every experiment.
 """
 
 from collections.abc import Callable, Sequence
@@ -360,7 +364,9 @@ def make_advance(
     """Returns advance(states [E], scenarios [E], data, test, num_rounds) for all experiments.
 
     Runs `num_rounds` (a traced value <= max_rounds, so every chunk of a run shares one
-    compile) rounds of every experiment, then evaluates each on the test set. Returns the
+    compile) rounds of every experiment, then evaluates each on the test set. Every
+    experiment runs the attack and the defense of the first (`one_rule`): the experiments
+    of a call share them (config.plan.experiment_groups). Returns the
     new states, the records [E, max_rounds, ...] (rows past num_rounds are zeros) and the
     confusion matrices [E, V, C, C]: V = 1, the test set; V = 2 with a backdoor's `trigger`
     (attacks.evaluation_trigger: images, the state's attack_state, the scenario's attack),
@@ -389,21 +395,31 @@ def make_advance(
         )
         return state, records, confusion
 
-    in_axes = (0, 0, None, None, None)
-    if jax.default_backend() == "cpu":
-        advance_group = lambda states, scenarios, *shared: jax.lax.map(
-            lambda each: advance_one(*each, *shared), (states, scenarios)
-        )
-    else:
-        advance_group = jax.vmap(advance_one, in_axes=in_axes)
-    advance_groups = jax.vmap(advance_group, in_axes=in_axes, spmd_axis_name=spmd_axis_name)
+    def advance_with(states, scenarios, data, test, num_rounds, rule):
+        set_rule = lambda s: s.replace(attack=rule[0], defense=rule[1])
+        if jax.default_backend() == "cpu":  # the rule is closed over, never mapped
+            one = lambda each: advance_one(each[0], set_rule(each[1]), data, test, num_rounds)
+            return jax.lax.map(one, (states, scenarios))
+        one = lambda state, scenario: advance_one(state, set_rule(scenario), data, test, num_rounds)
+        return jax.vmap(one)(states, scenarios)
+
+    # The rule is not mapped: the same index for every experiment, so never batched.
+    advance_groups = jax.vmap(
+        advance_with, in_axes=(0, 0, None, None, None, None), spmd_axis_name=spmd_axis_name
+    )
 
     def advance(states, scenarios, data, test, num_rounds):
         g = experiment_shards
         split = lambda a: a.reshape(g, a.shape[0] // g, *a.shape[1:])  # [E, ...] -> [G, E/G, ...]
         merge = lambda a: a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
+        rule = one_rule(scenarios)
         states, scenarios = jax.tree.map(split, (states, scenarios))
-        out = advance_groups(states, scenarios, data, test, num_rounds)
+        out = advance_groups(states, scenarios, data, test, num_rounds, rule)
         return jax.tree.map(merge, out)
 
     return advance
+
+
+def one_rule(scenarios: Scenario) -> tuple[jax.Array, jax.Array]:
+    """(attack, defense) [] int32 of the first of scenarios [E]: the rule all of them run."""
+    return scenarios.attack[0], scenarios.defense[0]
