@@ -50,3 +50,8 @@ def test_features_and_offline_analysis(tmp_path):
     for line in lines[1:]:
         client, truth, _ = map(int, line.split(","))
         assert truth == (client in malicious)
+    # The recorded rounds replay the rule offline: the same flags as the run's own.
+    rounds = pca_analysis.load_rounds(str(tmp_path))[0]
+    assert rounds["target"].shape == (6, 3, 1568) and rounds["global_rows"].shape == (6, 2, 1568)
+    (replayed,) = pca_analysis.replay([rounds])
+    np.testing.assert_array_equal(replayed, rounds["flagged"])
