@@ -19,12 +19,13 @@ import os
 import sys
 import zipfile
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 from fedjax_poison import errors, files
-from fedjax_poison.defenses import source_pca
+from fedjax_poison.defenses import base, source_pca
 from fedjax_poison.results import figures
 from fedjax_poison.runner.workdir import Workdir
 
@@ -84,6 +85,73 @@ def load_features(workdir: str, experiment: int = 0) -> dict:
             "--experiment"
         )
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def load_rounds(workdir: str) -> dict[int, dict]:
+    """Every experiment's recorded rounds, by experiment: round [R], client, malicious,
+    flagged [R, k], sign [R, k], features and target [R, k, F] (the source and target
+    rows' changes over each update's norm), global_rows [R, 2, F] (the global model's
+    source and target rows before the round), rounds in order."""
+    folder = os.path.join(workdir, "features")
+    paths = sorted(glob.glob(os.path.join(glob.escape(folder), "r*_e*.npz")))
+    if not paths:
+        raise AnalysisError(
+            f"no features in {files.show(folder)}: run with --config.save_features=True"
+        )
+    keys = ("client", "malicious", "flagged", "sign", "features", "target", "global_rows")
+    parts: dict[int, list[dict]] = {}
+    for path in paths:
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                for g, e in enumerate(f["experiment"]):
+                    part = {key: f[key][g] for key in keys}
+                    parts.setdefault(int(e), []).append({"round": f["round"], **part})
+        except (OSError, ValueError, EOFError, KeyError, IndexError, zipfile.BadZipFile) as e:
+            raise AnalysisError(
+                f"{files.show(path)} cannot be read ({type(e).__name__}): the file was "
+                "changed or damaged, or written before targets were recorded; run again"
+            ) from None
+    out = {}
+    for e, chunks in parts.items():
+        joined = {key: np.concatenate([c[key] for c in chunks]) for key in chunks[0]}
+        order = np.argsort(joined["round"], kind="stable")
+        out[e] = {key: value[order] for key, value in joined.items()}
+    return out
+
+
+def replay(runs: list[dict], **pca_fields) -> list[np.ndarray]:
+    """The PCA defense's flags [R, k] on each experiment's recorded rounds (`load_rounds`;
+    all of one run, same shapes), round after round from round 1, without training: a
+    variant of the rule is judged on the rows a run saw. The rule sees two classes, 0 the
+    source and 1 the target, and rows already scaled by each update's norm; `pca_fields`
+    are the `defense.pca` block's fields (source_class 0 by default; -1 judges both rows)."""
+    stack = lambda key, dtype: jnp.asarray(np.stack([r[key] for r in runs]), dtype)
+    features = jnp.stack([stack("features", jnp.float32), stack("target", jnp.float32)], 3)
+    _, _, k, _, width = features.shape  # [E, R, k, 2, F]
+    num_clients = max(int(r["client"].max()) for r in runs) + 1
+    defense = source_pca.pca(
+        mode="detect", num_clients=num_clients, clients_per_round=k, num_classes=2,
+        head_features=width, **{"source_class": 0, **pca_fields},
+    )  # fmt: skip
+
+    def step(memory, round_in):
+        rows, global_rows, ids, number = round_in  # [k, 2, F], [2, F], [k], []
+        view = base.RoundView(
+            updates=jnp.ones((k, 1), jnp.float32),  # norm 1: the rows are scaled already
+            head_rows=rows,
+            global_head=global_rows,
+            client_ids=ids,
+            round=number - 1,  # 0-based, as the server counts
+            root_update=jnp.zeros((1,), jnp.float32),
+            valid=jnp.ones((k,), bool),
+        )
+        verdict, memory = defense.apply(view, memory)
+        return memory, verdict.flags
+
+    one = lambda xs: jax.lax.scan(step, defense.init(), xs)[1]
+    inputs = (features, stack("global_rows", jnp.float32), stack("client", jnp.int32))
+    inputs += (stack("round", jnp.int32),)
+    return list(np.asarray(jax.jit(jax.vmap(one))(inputs)))
 
 
 def precision_recall(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float]:

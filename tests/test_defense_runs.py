@@ -35,7 +35,10 @@ def test_verdicts_do_not_see_the_ground_truth(tmp_path):
 
 @pytest.mark.slow  # a whole run
 def test_features_and_offline_analysis(tmp_path):
+    # The source known (the flip's, 6): the recorded rows are its rows, so a replay of the
+    # rule on them is the run's own rule.
     c = pca_config(save_features=True, **{"attack.malicious_fraction": 0.5})
+    c.defense.pca.source_class = 6
     summary = train.train_and_evaluate(c, str(tmp_path))
     assert 0 <= summary["detection_precision"] <= 1 and 0 <= summary["detection_recall"] <= 1
     rows = pca_analysis.load_features(str(tmp_path))
@@ -50,3 +53,8 @@ def test_features_and_offline_analysis(tmp_path):
     for line in lines[1:]:
         client, truth, _ = map(int, line.split(","))
         assert truth == (client in malicious)
+    # The recorded rounds replay the rule offline: the same flags as the run's own.
+    rounds = pca_analysis.load_rounds(str(tmp_path))[0]
+    assert rounds["target"].shape == (6, 3, 1568) and rounds["global_rows"].shape == (6, 2, 1568)
+    (replayed,) = pca_analysis.replay([rounds])
+    np.testing.assert_array_equal(replayed, rounds["flagged"])

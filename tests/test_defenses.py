@@ -587,6 +587,7 @@ def test_auc_matches_sklearn():
         ({"name": "pca", "source_class": 10}, 5, "defense.pca.source_class must be in [0, 10)"),
         ({"name": "pca", "window": 0}, 5, "defense.pca.window must be >= 1"),
         ({"name": "pca", "row_scale": "max"}, 5, "defense.pca.row_scale must be one of"),
+        ({"name": "pca", "orient": "up"}, 5, "defense.pca.orient must be one of"),
         ({"name": "pca", "min_separation": -1.0}, 5, "defense.pca.min_separation must be a"),
         ({"name": "centered_clipping", "tau": -1.0}, 5, "defense.centered_clipping.tau must be"),
         ({"name": "pca", "min_separation": float("inf")}, 5, "defense.pca.min_separation must "

@@ -152,6 +152,45 @@ def test_no_flags_before_start_round():
     assert flags[10:].any()
 
 
+def simulate_fresh(seed, frac, orient, rounds=30):
+    """HeadWorld from a near-zero head, rounds numbered from 0, the attack reaching the
+    model (detect mode) -> (flags, truth) [rounds, k]."""
+    world = HeadWorld(seed, frac)
+    world.head = 0.01 * np.random.default_rng(seed).normal(size=world.head.shape)
+    cfg = pca_config(source_class=6, mode="detect", orient=orient)
+    init, apply = compiled(cfg, world.h.shape[-1], world.head.size + world.body)
+    memory, flags, truth = init(), [], []
+    for t in range(rounds):
+        view, malicious = world.round(t)
+        verdict, memory = apply(view, memory)
+        world.step(verdict.delta)
+        flags.append(np.asarray(verdict.flags))
+        truth.append(malicious)
+    return np.array(flags), np.array(truth)
+
+
+@pytest.mark.parametrize("frac", [0.3, 0.5])
+def test_gained_orientation_from_an_untrained_head(frac):
+    # From an untrained head the learned row is the attackers' as much as the honest
+    # clients': with orient='learned' attacker rows kept a positive sign and, at 50%, nobody
+    # was flagged. A flipper's source row loses in every coordinate (features >= 0), so
+    # the learned row's gains are honest evidence only. Round 0 is never judged.
+    for seed in range(2):
+        flags, truth = simulate_fresh(seed, frac, "gained")
+        precision, recall = precision_recall(flags[1:], truth[1:])
+        assert precision >= 0.95 and recall >= 0.9, (seed, precision, recall)
+    flags, truth = simulate_fresh(0, 0.5, "learned")
+    assert precision_recall(flags, truth)[1] <= 0.5  # the case 'gained' is for
+
+
+def test_gained_orientation_without_attack():
+    for seed in range(2):
+        flags, _ = simulate_fresh(seed, 0.0, "gained")
+        assert not flags.any(), seed
+        flags, _, _ = simulate(HeadWorld(seed, 0.0), pca_config(source_class=6, orient="gained"))
+        assert flags.mean() <= 0.02, (seed, flags.sum())
+
+
 @pytest.mark.parametrize("frac", [0.3, 0.6])
 def test_signed_features_in_detect_mode(frac):
     # CIFAR-10's head input is a dense layer's output (any sign); detect mode lets the

@@ -83,6 +83,7 @@ from fedjax_poison.defenses.cluster import masked_mean, silhouette, two_means
 from fedjax_poison.defenses.numeric import clean
 
 ROW_SCALES = ("update", "row", "none")
+ORIENTS = ("learned", "gained")
 
 
 class PCAMemory(NamedTuple):
@@ -223,6 +224,7 @@ def pca(
     min_separation: float = 3.0,
     kmeans_iters: int = 20,
     row_scale: str = "update",
+    orient: str = "learned",
     block_after: int = 3,
 ) -> Defense:
     """The paper's PCA defense (Tolpegin et al., ESORICS 2020) with an automatic verdict
@@ -237,7 +239,11 @@ def pca(
     (measured on Fashion-MNIST: at most 2.5 with no attacker, 3.1 to 10 with 30-50%,
     docs/pca_detection.md). kmeans_iters: Lloyd iterations. row_scale: rows of different
     rounds differ in scale (lr schedule): 'update' divides each row by its client's
-    whole-update norm, which the flip barely moves; 'row': unit rows; 'none'. block_after:
+    whole-update norm, which the flip barely moves; 'row': unit rows; 'none'. orient: what
+    signs a row: 'learned', its cosine with the learned part of the global row (any model);
+    'gained', with that part's positive coordinates only, for a head whose inputs are >= 0
+    (after a ReLU): a flipper's source row then loses in every coordinate, so what was
+    gained came from honest rows, whoever dominated the first rounds. block_after:
     mode 'block' excludes a client once it was flagged this many times.
     """
     need = f"in [0, {num_classes}) or -1 (unknown)"
@@ -249,6 +255,7 @@ def pca(
     ok = 0 <= min_separation < float("inf")
     require(ok, "min_separation", "a finite number >= 0", min_separation)
     require(row_scale in ROW_SCALES, "row_scale", f"one of {list(ROW_SCALES)}", row_scale)
+    require(orient in ORIENTS, "orient", f"one of {list(ORIENTS)}", orient)
     require_two_clients(clients_per_round)
     num_rows = 1 if source_class >= 0 else num_classes
     verdicts = jax.vmap(judge, in_axes=(0, 0, None, 1))
@@ -272,6 +279,8 @@ def pca(
         first = view.round == 0  # the global model is the initialization
         origin = jnp.where(first, heads, memory.origin)
         learned = heads - origin  # [R, F], zero in the first round
+        if orient == "gained":  # a flipper's row only loses where the head's inputs are >= 0
+            learned = jnp.maximum(learned, 0.0)
         enter = sent & ~first  # [k]
         memory, now = _remember(memory, rows, view.client_ids, enter, window)
         sign = signs(memory.rows, learned)  # [M, R]

@@ -96,10 +96,13 @@ class RoundRecord(NamedTuple):
     degenerate: jax.Array  # [] bool: the rule kept nobody, or flagged all clients but one
     # For the offline PCA analysis (settings.record_features), else [k, 0] and zeros: each
     # client's change of the attacked class's output row over its whole update's norm, and
-    # that row's cosine with the global row. Chosen by the flip table: analysis only, never
-    # shown to the defense.
+    # that row's cosine with the global row; the same change of the flip's target row; the
+    # global model's two rows before the round (so a variant of the PCA rule can be replayed
+    # on them). Chosen by the flip table: analysis only, never shown to the defense.
     features: jax.Array  # [k, F] float32
     feature_sign: jax.Array  # [k] float32
+    feature_target: jax.Array  # [k, F] float32
+    feature_global: jax.Array  # [2, F] float32, the source row and the target row
 
 
 class RoundSettings(NamedTuple):
@@ -315,21 +318,26 @@ def make_round_step(
 
 
 def attacked_row_features(view: defenses.RoundView, flip: jax.Array, record: bool):
-    """(features [k, F], sign [k]) of the first flipped class's output row, or empties."""
+    """(features [k, F], sign [k], target [k, F], global rows [2, F]) of the first flipped
+    class (the source) and its target, or empties."""
     k = view.updates.shape[0]
     if not record:
-        return jnp.zeros((k, 0), jnp.float32), jnp.zeros((k,), jnp.float32)
+        empty = jnp.zeros((k, 0), jnp.float32)
+        return empty, jnp.zeros((k,), jnp.float32), empty, jnp.zeros((2, 0), jnp.float32)
     source = jnp.argmax(flip != jnp.arange(flip.shape[0]))  # 0 when nothing is flipped
-    rows = view.head_rows[:, source]  # [k, F]
+    pair = jnp.stack([source, flip[source]])  # the source and its target
+    rows = view.head_rows[:, pair]  # [k, 2, F]
     norm = lambda x: jnp.sqrt(jnp.sum(x * x, axis=-1))
-    features = rows / jnp.maximum(norm(view.updates), 1e-30)[:, None]
-    global_row = view.global_head[source]
-    sign = (rows @ global_row) / jnp.maximum(norm(rows) * norm(global_row), 1e-30)
-    return features, sign
+    scaled = rows / jnp.maximum(norm(view.updates), 1e-30)[:, None, None]
+    global_rows = view.global_head[pair].astype(jnp.float32)  # [2, F]
+    row, global_row = rows[:, 0], global_rows[0]
+    sign = (row @ global_row) / jnp.maximum(norm(row) * norm(global_row), 1e-30)
+    return scaled[:, 0], sign, scaled[:, 1], global_rows
 
 
 def empty_records(num_rounds: int, k: int, feature_dim: int = 0) -> RoundRecord:
-    """Record buffers [num_rounds, k] ([num_rounds] for `finite`, `degenerate`) to fill.
+    """Record buffers [num_rounds, k] ([num_rounds] for `finite`, `degenerate`; [num_rounds,
+    2, F] for `feature_global`) to fill.
 
     Zeros, except `valid` and `finite`, which start True so that unused rows never read as
     hostile updates or divergence.
@@ -348,6 +356,8 @@ def empty_records(num_rounds: int, k: int, feature_dim: int = 0) -> RoundRecord:
         jnp.zeros((num_rounds,), bool),
         jnp.zeros((num_rounds, k, feature_dim), jnp.float32),
         zeros(jnp.float32),
+        jnp.zeros((num_rounds, k, feature_dim), jnp.float32),
+        jnp.zeros((num_rounds, 2, feature_dim), jnp.float32),
     )
 
 

@@ -191,6 +191,8 @@ class RunWriter:
                 flagged=records.flags[slots],
                 features=records.features[slots],  # [G, R, k, F]
                 sign=records.feature_sign[slots],
+                target=records.feature_target[slots],  # [G, R, k, F]
+                global_rows=records.feature_global[slots],  # [G, R, 2, F]: source, target
             )
         if self.plan.tensorboard and self.workdir.primary:  # tensorboardX makes its folders
             self._to_tensorboard(rows)
