@@ -144,6 +144,7 @@ def replay(runs: list[dict], **pca_fields) -> list[np.ndarray]:
             round=number - 1,  # 0-based, as the server counts
             root_update=jnp.zeros((1,), jnp.float32),
             valid=jnp.ones((k,), bool),
+            global_params=jnp.zeros((1,), jnp.float32),  # the rule reads the head rows only
         )
         verdict, memory = defense.apply(view, memory)
         return memory, verdict.flags
