@@ -13,7 +13,7 @@ LAYERS = [
     {"config"},
     {"round"},
     {"attacks", "defenses", "models", "data"},
-    {"registry", "files"},
+    {"registry", "files", "signals"},
     {"errors"},
 ]
 
