@@ -45,8 +45,16 @@ def test_label_flipping_hurts_the_source_class_only(tmp_path):
     # confusion of the two (its rows carry no flip, so the records' confusion matrices).
     chunks = [np.load(p) for p in sorted((tmp_path / "records").glob("r*.npz"))]
     late = [chunk for chunk in chunks if chunk["eval_round"] > 15]
-    slot = int(np.flatnonzero(late[0]["experiment"] == clean[0]["experiment"])[0])
-    confusion = np.mean([chunk["confusion"][slot] for chunk in late], axis=0)  # [C, C]
+    # A records file per group and evaluation: the clean twin's rows in its group's files.
+    ours = lambda chunk: list(chunk["experiment"])
+    confusion = np.mean(
+        [
+            c["confusion"][ours(c).index(clean[0]["experiment"])]
+            for c in late
+            if clean[0]["experiment"] in ours(c)
+        ],
+        axis=0,
+    )  # [C, C]
     clean_rate = confusion[6, 0] / confusion[6].sum()
     attacked_rate = np.mean([r["attack_success_rate"] for r in attacked])
     assert attacked_rate > 2 * clean_rate
