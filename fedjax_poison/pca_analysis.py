@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from fedjax_poison import errors, files
+from fedjax_poison import errors, files, signals
 from fedjax_poison.defenses import base, source_pca
 from fedjax_poison.results import figures
 from fedjax_poison.runner.workdir import Workdir
@@ -278,4 +278,5 @@ def _cli() -> None:
 
 
 if __name__ == "__main__":
+    signals.terminate_as_interrupt()
     _cli()

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedjax_poison import files
+from fedjax_poison import files, signals
 from fedjax_poison.results.report import (
     FolderWriter,
     ReportError,
@@ -233,4 +233,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signals.terminate_as_interrupt()
     sys.exit(main())

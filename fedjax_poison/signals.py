@@ -48,6 +48,13 @@ def catch() -> StopRequest:
     return request
 
 
+def terminate_as_interrupt() -> None:
+    """SIGTERM stops the program as Ctrl-C does (KeyboardInterrupt), for the commands that hold
+    no run and no compiled program (report, pca_analysis): each file they write is whole,
+    so stopping anywhere loses nothing. Call it in the main thread."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def _ignore(signum, frame) -> None:
     """Python's own handler: nothing, so that no KeyboardInterrupt is raised anywhere."""
 

@@ -9,13 +9,18 @@ signal to be seen: no test depends on how long anything takes.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from test_cli import LAUNCH, REPO, TINY, env
+from test_report import write_workdir
 from test_resume import outputs
+
+from fedjax_poison.runner.workdir import Workdir
 
 FLAGS = [*TINY, "--config.num_rounds=4", "--config.eval_every=2", "--config.checkpoint_every=2"]
 DRIVER = r'''
@@ -307,3 +312,55 @@ def test_interrupted_once_the_report_is_written_ends_as_finished(tmp_path, momen
     proc = launch_at(tmp_path, moment, workdir)
     assert "the run had finished when it was interrupted" in proc.stderr
     assert outputs(str(workdir)) == reference
+
+
+def report_waiting_on_a_pipe(path):
+    """A run's files whose config.json is a pipe: the report waits on it while reading."""
+    write_workdir(path)
+    os.remove(path / "config.json")
+    os.mkfifo(path / "config.json")
+    return ["report", str(path)], path / "config.json"
+
+
+def analysis_waiting_on_a_pipe(path):
+    """A run whose features file is a pipe: the analysis waits on it while reading."""
+    Workdir.claim(str(path), {"save_features": True}, overwrite=False).release()
+    (path / "features").mkdir()
+    os.mkfifo(path / "features" / "r00001_e0000.npz")
+    return ["pca_analysis", f"--workdir={path}"], path / "features" / "r00001_e0000.npz"
+
+
+@pytest.mark.parametrize(
+    "make", [report_waiting_on_a_pipe, analysis_waiting_on_a_pipe], ids=["report", "pca_analysis"]
+)
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupted_while_reading_a_run_report_and_analysis_stop_in_one_line(
+    tmp_path, make, sig
+):
+    """The signal arrives while the command is provably inside its work: reading a pipe."""
+    (module, *args), pipe_path = make(tmp_path / "run")
+    before = sorted(os.listdir(tmp_path / "run"))
+    process = subprocess.Popen(
+        [sys.executable, "-m", f"fedjax_poison.{module}", *args],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while True:  # a writer can open the pipe only once the command has opened it to read
+        try:
+            pipe = os.open(pipe_path, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.05)
+    try:
+        process.send_signal(getattr(signal, sig))
+        _, err = process.communicate(timeout=120)
+    finally:
+        os.close(pipe)
+    assert process.returncode == 130, err
+    assert err.splitlines()[-1:] == ["error: interrupted: the files written so far are whole"]
+    assert "Traceback" not in err
+    assert sorted(os.listdir(tmp_path / "run")) == before
