@@ -200,22 +200,24 @@ def check_defense(name: str, *, order_invariant: bool = True, **fields) -> None:
 # --- attacks --------------------------------------------------------------------------
 
 
-def attack_round(k: int = 3, n: int = 6, num_classes: int = 4, image=(8, 8, 1), seed: int = 0):
-    """(x [k, n, H, W, C] uint8, y [k, n], count [k], updates [k, 10], ctx) of a round in
+def attack_round(
+    k: int = 3, n: int = 6, num_classes: int = 4, image=(8, 8, 1), seed: int = 0, d: int = 10
+):
+    """(x [k, n, H, W, C] uint8, y [k, n], count [k], updates [k, d], ctx) of a round in
     which clients 0 and 2 poison, flipping class 2 to 0, after a random global change, under
     a coordinate-wise median."""
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.integers(0, 200, (k, n, *image)), jnp.uint8)
     y = jnp.asarray(rng.integers(0, num_classes, (k, n)), jnp.int32)
     count = jnp.asarray(rng.integers(1, n + 1, k), jnp.int32)
-    updates = jnp.asarray(rng.normal(size=(k, 10)), jnp.float32)
+    updates = jnp.asarray(rng.normal(size=(k, d)), jnp.float32)
     ctx = attacks.AttackContext(
         poisoned=jnp.asarray(np.arange(k) % 2 == 0),
         client_ids=jnp.arange(k, dtype=jnp.int32) * 3 + 1,
         round=jnp.int32(3),
         key=jax.random.key(seed),
         flip=jnp.asarray(attacks.flip_table(((2, 0),), num_classes)),
-        global_update=jnp.asarray(rng.normal(size=10), jnp.float32),
+        global_update=jnp.asarray(rng.normal(size=d), jnp.float32),
         aggregate=jax.tree_util.Partial(median_rule),
     )
     return x, y, count, updates, ctx
@@ -230,12 +232,13 @@ def check_attack(name: str, block: dict | None = None, *, num_classes: int = 4) 
     """A registered attack (or chain 'a+b') on a round of 3 clients, 2 of them poisoning:
     shapes and dtypes kept; honest rows bit-identical; nobody poisoning changes nothing; the
     same under jit; its measure one of attacks.MEASURES; an attack that learns, also
-    check_learning."""
+    check_learning (the round's d is then the parameter count of its linear model)."""
     cfg = attacks.default_config("2:0")
     for part, values in (block or {}).items():
         cfg[part].update(values)
     image = (8, 8, 1)
     head = np.arange(2 * num_classes, dtype=np.int32).reshape(2, num_classes)  # [F=2, C]
+    d = linear_size(image, num_classes)
     attack = attacks.make_attack(
         name,
         cfg,
@@ -243,9 +246,10 @@ def check_attack(name: str, block: dict | None = None, *, num_classes: int = 4) 
         image_shape=image,
         clients_per_round=3,
         head_index=head,
+        num_params=d,
     )
     assert attack.measure in attacks.MEASURES, f"{name}: measure {attack.measure!r}"
-    x, y, count, updates, ctx = attack_round(num_classes=num_classes, image=image)
+    x, y, count, updates, ctx = attack_round(num_classes=num_classes, image=image, d=d)
 
     def apply(x, y, count, updates, ctx):
         return (*attack.poison_data(x, y, count, ctx), attack.poison_updates(updates, ctx))
@@ -277,10 +281,24 @@ def check_attack(name: str, block: dict | None = None, *, num_classes: int = 4) 
         check_learning(name, attack, x, y, count, ctx, num_classes)
 
 
+def linear_size(image, num_classes: int) -> int:
+    """d of the linear model on images of shape `image`: a kernel [P, C] and a bias [C]."""
+    return (int(np.prod(image)) + 1) * num_classes
+
+
+def linear_features(params, x):
+    """[b, P] the embedding of the linear model: its output layer's input, the images
+    x [b, H, W, C] flattened (pixels / 255)."""
+    del params
+    return x.reshape(x.shape[0], -1) / 255.0
+
+
 def linear_loss(params, x, y):
-    """[] mean cross-entropy of the linear model params {'w': [P, C], 'b': [C]} on images
-    x [b, H, W, C] (pixels / 255): a global model for attacks that learn."""
-    logits = x.reshape(x.shape[0], -1) / 255.0 @ params["w"] + params["b"][None, :]
+    """[] mean cross-entropy of the linear model params {'head': {'kernel': [P, C], 'bias':
+    [C]}} (an output layer alone, laid out as the models' `head`) on images x [b, H, W, C]
+    (pixels / 255): a global model for attacks that learn."""
+    head = params[models.HEAD]
+    logits = linear_features(params, x) @ head["kernel"] + head["bias"][None, :]
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
 
 
@@ -291,11 +309,18 @@ def check_learning(name: str, attack, x, y, count, ctx, num_classes: int) -> Non
     pixels = int(np.prod(x.shape[2:]))
     rng = np.random.default_rng(1)
     params = {
-        "w": jnp.asarray(rng.normal(size=(pixels, num_classes)), jnp.float32),
-        "b": jnp.zeros(num_classes, jnp.float32),
+        models.HEAD: {
+            "kernel": jnp.asarray(rng.normal(size=(pixels, num_classes)), jnp.float32),
+            "bias": jnp.zeros(num_classes, jnp.float32),
+        }
     }
     before = attack.init()
-    ctx = ctx._replace(state=before, params=params, model_loss=jax.tree_util.Partial(linear_loss))
+    ctx = ctx._replace(
+        state=before,
+        params=params,
+        model_loss=jax.tree_util.Partial(linear_loss),
+        model_features=jax.tree_util.Partial(linear_features),
+    )
     learned = jax.jit(attack.learn)(x, y, count, ctx)
     shapes = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)
     assert shapes(learned) == shapes(before), f"{name}: learn changed the state's shapes"

@@ -23,8 +23,10 @@ def linear_round(seed: int, state, poisoned=(True, False, True)):
     x, y, count, _, ctx = round_inputs(poisoned=poisoned, seed=seed)
     rng = np.random.default_rng(seed + 10)
     params = {
-        "w": jnp.asarray(rng.normal(size=(P, C)), jnp.float32),
-        "b": jnp.asarray(rng.normal(size=C) * 0.1, jnp.float32),
+        "head": {
+            "kernel": jnp.asarray(rng.normal(size=(P, C)), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=C) * 0.1, jnp.float32),
+        }
     }
     loss = jax.tree_util.Partial(testing.linear_loss)
     return x, y, count, ctx._replace(state=state, params=params, model_loss=loss)
@@ -82,7 +84,7 @@ def test_a3fl_trigger_steps_match_their_reference(seed, adapt_steps):
     k_trigger, k_adapt = jax.random.split(jax.random.fold_in(ctx.key, 0x7A16))
     index = trigger_search.step_batches(k_trigger, count, ctx.poisoned, N, 4, 5)
     adapt_index = trigger_search.step_batches(k_adapt, count, ctx.poisoned, N, adapt_steps, 5)
-    w, b = (np.asarray(ctx.params[n], np.float64) for n in ("w", "b"))
+    w, b = (np.asarray(ctx.params["head"][n], np.float64) for n in ("kernel", "bias"))
     want = ref_a3fl(
         np.asarray(start), np.asarray(x), np.asarray(y), w, b, np.asarray(index),
         np.asarray(adapt_index), 1, 0.05, 0.5, 2.0, 4,
@@ -162,7 +164,7 @@ def test_iba_trigger_steps_match_their_reference(seed, eps):
     x, y, count, ctx = linear_round(seed, start)
     learned = np.asarray(jax.jit(attack.learn)(x, y, count, ctx))
     index = batches(ctx, count, 0x1BA, 5, 6)
-    w, b = (np.asarray(ctx.params[n], np.float64) for n in ("w", "b"))
+    w, b = (np.asarray(ctx.params["head"][n], np.float64) for n in ("kernel", "bias"))
     want = ref_iba(np.asarray(start), np.asarray(x), w, b, index, 2, 0.02, eps)
     np.testing.assert_allclose(learned, want, atol=1e-6)
     assert np.abs(learned).max() <= eps + 1e-7

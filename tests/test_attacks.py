@@ -24,7 +24,9 @@ def make(name: str, **fields) -> attacks.Attack:
     for key, value in fields.items():
         block, field = key.split(".")
         cfg[block][field] = value
-    sizes = dict(num_classes=C, image_shape=IMAGE, clients_per_round=K, head_index=HEAD)
+    sizes = dict(
+        num_classes=C, image_shape=IMAGE, clients_per_round=K, head_index=HEAD, num_params=D
+    )
     return attacks.make_attack(name, cfg, **sizes)
 
 

@@ -44,6 +44,7 @@ from fedjax_poison.attacks.base import (
     stamp,
 )
 from fedjax_poison.attacks.collusion import alie, ipm, min_max, min_sum
+from fedjax_poison.attacks.contrastive import chameleon
 from fedjax_poison.attacks.edge_case import alt_min, edge_case
 from fedjax_poison.attacks.fang import fang_krum, fang_trim
 from fedjax_poison.attacks.label_flip import (
@@ -97,7 +98,7 @@ __all__ = [
 ]
 
 # What make_attack fills in (never config fields).
-SIZES = ("num_classes", "image_shape", "clients_per_round", "head_index")
+SIZES = ("num_classes", "image_shape", "clients_per_round", "head_index", "num_params")
 # Fields of the attack block shared by every attack.
 SHARED = ("name", "malicious_fraction", "flips", "start_round", "end_round", "every")
 ATTACKS = Registry("attack", "attack.name", "attack.{name}", sizes=SIZES, reserved=SHARED)
@@ -132,11 +133,12 @@ register("edge_case", edge_case)
 register("alt_min", alt_min)
 register("a3fl", a3fl)
 register("iba", iba)
+register("chameleon", chameleon)
 
 # Attacks that flip the pairs of `attack.flips` (label_flip too, with mapping 'pairs').
 READ_FLIPS = ("adaptive_flip", "edge_case", "alt_min")
 # Attacks whose success is read on a triggered test set: a run measures one trigger.
-BACKDOORS = (backdoor, blended, neurotoxin, a3fl, iba)
+BACKDOORS = (backdoor, blended, neurotoxin, a3fl, iba, chameleon)
 
 
 def block_defaults(name: str) -> dict:
@@ -183,7 +185,8 @@ def make_attack(name: str, cfg, **sizes) -> Attack:
     """The attack `name` ('a' or 'a+b+...') with its parameters from the `attack.` block.
 
     sizes: num_classes, image_shape, clients_per_round, head_index ([F, C] positions of the
-    output kernel in the flattened parameters). Raises AttackConfigError naming the field.
+    output kernel in the flattened parameters), num_params (d, their count). Raises
+    AttackConfigError naming the field.
     """
     built = []
     for part in split_name(name):

@@ -53,6 +53,10 @@ class AttackContext(NamedTuple):
     # round's batch statistics), differentiable in params and x.
     params: PyTree = None
     model_loss: Callable[[PyTree, jax.Array, jax.Array], jax.Array] | None = None
+    # Likewise, a Partial (params, x [b, H, W, C] float32 pixels) -> [b, F] the input of the
+    # model's output layer (its last Dense: the penultimate embedding) in evaluation mode,
+    # differentiable in params and x; None where the round has no model to offer.
+    model_features: Callable[[PyTree, jax.Array], jax.Array] | None = None
 
 
 class Attack(NamedTuple):

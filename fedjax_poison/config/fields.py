@@ -68,6 +68,7 @@ def validate_attack_name(c, name, field: str = "attack.name") -> None:
             image_shape=spec.image_shape,
             clients_per_round=c.clients_per_round,
             head_index=np.zeros((1, spec.num_classes), np.int32),
+            num_params=1,  # the model is not built yet: sizes only need to be valid
         )
     except attacks.AttackConfigError as e:
         raise ConfigError(str(e) if field == "attack.name" else f"{field}: {e}") from None

@@ -22,7 +22,11 @@ import numpy as np
 import optax
 
 from fedjax_poison import data as data_lib
+from fedjax_poison.models import layers
 from fedjax_poison.round import sharding
+
+# The layers whose input is a model's embedding: Flax's Dense and the project's own.
+DENSE = (nn.Dense, layers.Dense)
 
 
 class TrainSettings(NamedTuple):
@@ -219,6 +223,33 @@ def make_model_loss(model: nn.Module, spec: data_lib.DatasetSpec) -> Callable[..
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
     return loss
+
+
+def make_model_features(model: nn.Module, spec: data_lib.DatasetSpec) -> Callable[..., jax.Array]:
+    """Returns features(batch_stats, params, x [b, H, W, C]) -> [b, F]: the input of the
+    model's last nn.Dense call (its output layer's, the penultimate embedding) in evaluation
+    mode; x pixels in [0, 255], uint8 or float32 (then differentiable in x): what attacks
+    that shape the embedding read. Any Flax model whose last layer is a Dense."""
+
+    def features(batch_stats, params, x):
+        seen = []  # inputs of the Dense calls, in call order (recorded while tracing)
+
+        def record(next_fun, args, kwargs, context):
+            if isinstance(context.module, DENSE) and context.method_name == "__call__":
+                seen.append(args[0] if args else next(iter(kwargs.values())))
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            model.apply(
+                {"params": params, "batch_stats": batch_stats},
+                data_lib.normalize(x, spec),
+                train=False,
+            )
+        if not seen:
+            raise ValueError(f"{type(model).__name__} calls no nn.Dense: it has no embedding")
+        return seen[-1]
+
+    return features
 
 
 def _vmap_in_chunks(fn: Callable, chunk: int) -> Callable:

@@ -151,6 +151,7 @@ def make_round_step(
     shard_clients: Callable[[PyTree], PyTree] = lambda tree: tree,
     gather_clients: Callable[[PyTree], PyTree] = lambda tree: tree,
     model_loss: Callable[..., jax.Array] | None = None,
+    model_features: Callable[..., jax.Array] | None = None,
 ) -> Callable[[ServerState, Scenario, ClientData], tuple[ServerState, RoundRecord]]:
     """Returns round_step(state, scenario, data) -> (state, record) for one experiment.
 
@@ -165,6 +166,8 @@ def make_round_step(
     the server's, computed alike on every device.
     model_loss: client.make_model_loss's (batch_stats, params, x, y) -> loss, for a set of
     attacks that learn (Attack.learn): their context then carries the global model.
+    model_features: client.make_model_features's (batch_stats, params, x) -> embeddings,
+    offered to the same attacks beside model_loss (None: not offered).
     """
     if model_loss is None and any(a.learn is not None for a in attack_set):
         raise ValueError("an attack of the set learns: make_round_step needs model_loss")
@@ -225,9 +228,16 @@ def make_round_step(
         attack_state = state.attack_state
         if attack.learn is not None:  # only attacks that learn pay for the model in the seam
             loss = jax.tree_util.Partial(model_loss, state.batch_stats)
-            context = context._replace(state=attack_state, params=state.params, model_loss=loss)
+            features = None
+            if model_features is not None:
+                features = jax.tree_util.Partial(model_features, state.batch_stats)
+            context = context._replace(
+                state=attack_state, params=state.params, model_loss=loss, model_features=features
+            )
             attack_state = attack.learn(x, y, count, context)
-            context = context._replace(state=attack_state, params=None, model_loss=None)
+            context = context._replace(
+                state=attack_state, params=None, model_loss=None, model_features=None
+            )
         x, y = attack.poison_data(x, y, count, context)
 
         if settings.lr_per_participation:

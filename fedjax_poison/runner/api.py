@@ -96,7 +96,8 @@ def register_attack(name: str, factory: Callable, *, replace: bool = False) -> C
     """Adds an attack to `attack.name` (and `sweep.attack`): `factory(**block, **sizes) ->
     fedjax_poison.attacks.Attack`, whose keyword arguments with defaults become the config
     block `attack.<name>.*`; the sizes it may take: num_classes, image_shape,
-    clients_per_round, head_index. `fedjax_poison.testing.check_attack` checks it."""
+    clients_per_round, head_index, num_params. `fedjax_poison.testing.check_attack` checks
+    it."""
     return attacks.register(name, factory, replace=replace)
 
 

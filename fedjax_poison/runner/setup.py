@@ -108,6 +108,7 @@ def _rule_sets(plan: Plan, params, feature_dim: int):
             image_shape=spec.image_shape,
             clients_per_round=plan.clients_per_round,
             head_index=server.head_index(params),
+            num_params=models.count_params(params),
         )
         for name in experiments.attack_set(exps)
     }
@@ -163,6 +164,7 @@ def build(plan: Plan) -> Programs:
         sharding.client_constraint(mesh),
         sharding.replicated_constraint(mesh),
         client.make_model_loss(model, spec),
+        client.make_model_features(model, spec),
     )
     groups = sharding.client_groups(mesh)
     evaluate = metrics.make_evaluate(
