@@ -180,18 +180,35 @@ def success(model, params, stats, attack, state, seed=5):
     return float(jnp.mean(jnp.argmax(logits, -1) == TARGET))
 
 
+def trained_params(steps=200, lr=0.1):
+    """The tiny model's parameters after `steps` SGD steps on 2,000 clean images: a global
+    model that tells the classes apart (the paper attacks a model trained for 1,800 rounds)."""
+    _, params, _, loss, _ = tiny_model()
+    rng = np.random.default_rng(9)
+    labels = rng.integers(0, CLASSES, 2000)
+    images = jnp.asarray(class_images(rng, labels), jnp.float32)
+    index = jnp.asarray(rng.integers(0, 2000, (steps, 64)))
+
+    def step(p, rows):
+        grad = jax.grad(loss)(p, images[rows], jnp.asarray(labels)[rows])
+        return jax.tree.map(lambda a, g: a - lr * g, p, grad), None
+
+    return jax.jit(lambda p: jax.lax.scan(step, p, index)[0])(params)
+
+
 def test_the_crafted_update_plants_the_backdoor_in_the_global_model():
-    attack = tiny_attack(encoder_lr=0.05, head_lr=0.1, encoder_steps=20, head_steps=30,
-                         share=0.25, radius=0.0)  # fmt: skip
+    attack = tiny_attack()  # the paper's CIFAR-10 rates and steps, its 7 poisoned in 64
     x, y, count, ctx = tiny_round()
-    state = jax.jit(attack.learn)(x, y, count, ctx._replace(state=attack.init()))
+    params = trained_params()
+    ctx = ctx._replace(params=params, state=attack.init())
+    state = jax.jit(attack.learn)(x, y, count, ctx)
     update, fresh = state
     assert bool(fresh) and np.isfinite(update).all() and np.abs(update).max() > 0
-    model, params, stats, _, _ = tiny_model()
+    model, _, stats, _, _ = tiny_model()
     flat, unravel = ravel_pytree(params)
     before = success(model, params, stats, attack, state)
     after = success(model, unravel(flat + update), stats, attack, state)
-    assert after > before + 0.3, (before, after)
+    assert after > before + 0.2, (before, after)  # 0.0 -> 0.34
     # Both stages move the model: the encoder's layer and the output layer.
     moved = unravel(update)
     assert all(np.abs(np.asarray(a)).max() > 0 for a in jax.tree.leaves(moved))
