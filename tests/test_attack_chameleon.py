@@ -17,7 +17,7 @@ from test_attacks import IMAGE, make, round_inputs
 from fedjax_poison import attacks, data, models
 from fedjax_poison.attacks import contrastive
 from fedjax_poison.config import configuration
-from fedjax_poison.round import client
+from fedjax_poison.round import client, server
 
 
 def ref_supcon(z, labels, tau):
@@ -146,9 +146,10 @@ def tiny_attack(**fields):
     """Chameleon for the tiny model (its own d), with `fields` set."""
     cfg = attacks.default_config()
     cfg.chameleon.update(target=TARGET, size=2, **fields)
-    d = ravel_pytree(tiny_model()[1])[0].size
+    params = tiny_model()[1]
     return attacks.make_attack("chameleon", cfg, num_classes=CLASSES, image_shape=SHAPE,
-                               num_params=d)  # fmt: skip
+                               num_params=ravel_pytree(params)[0].size,
+                               head_index=server.head_index(params))  # fmt: skip
 
 
 def tiny_round(poisoned=(True, False, True), count=(40, 40, 40), seed=0):

@@ -61,7 +61,8 @@ def test_a_config_file_brings_its_parts_to_launch_and_the_matrix(tmp_path):
         "--attacks=reverse_mean",
         "--defenses=norm_filter,median",
         f"--workdir={matrix}",
-        "--config.num_rounds=4",
+        "--config.num_rounds=2",
+        "--config.eval_every=2",
     ]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -183,8 +183,7 @@ AGREEMENT = [
     ("mlp", {}, MNIST),
     ("vgg11", NARROW, CIFAR),
     ("vgg11", {**NARROW, "norm": "group"}, MNIST),
-    ("resnet18", NARROW, CIFAR),
-    ("resnet18", {**NARROW, "norm": "batch"}, MNIST),
+    ("resnet18", {**NARROW, "norm": "batch"}, MNIST),  # the odd sizes and batch norm
 ]
 
 
@@ -228,7 +227,7 @@ def test_zoo_models_agree_between_im2col_and_xla(name, fields, shape):
 
 
 def test_batch_norm_mask_keeps_padded_examples_out_of_the_statistics():
-    model = build("resnet18", **NARROW, norm="batch")
+    model = build("vgg11", **NARROW, norm="batch")  # the zoo's batch norm, quicker to compile
     params, stats = init(model, CIFAR)
     x = jax.random.uniform(jax.random.key(2), (4, *CIFAR))
     junk = x.at[2:].set(1e3)

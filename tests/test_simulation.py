@@ -102,13 +102,15 @@ def test_same_seed_same_metrics(tmp_path):
 
 @pytest.mark.slow  # a whole run
 def test_sweep_equals_each_experiment_alone(tmp_path):
-    tiny_config(num_rounds=4)
     sweep = tiny_config(num_rounds=4)
     sweep.sweep.malicious_fraction = (0.0, 0.5)
     sweep.sweep.seed = (1, 2)
     rows = train.train_and_evaluate(sweep, str(tmp_path / "sweep"))["final"]
     assert len(rows) == 4
-    for row in rows:
+    # A clean and an attacked experiment, of different seeds and groups, each run alone.
+    picked = [r for r in rows if (r["malicious_fraction"], r["seed"]) in ((0.0, 1), (0.5, 2))]
+    assert len(picked) == 2
+    for row in picked:
         alone = tiny_config(
             num_rounds=4,
             seed=row["seed"],

@@ -19,6 +19,7 @@ flattened parameters, [S] steps, [B] examples a step, [F] embedding features.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 from jax.flatten_util import ravel_pytree
@@ -27,7 +28,6 @@ from fedjax_poison.attacks.backdoor import PATTERNS, backdoor
 from fedjax_poison.attacks.base import Attack, check, clean_data, own_state, replace_rows
 from fedjax_poison.attacks.model_poisoning import finite
 from fedjax_poison.attacks.trigger_search import any_examples, step_batches
-from fedjax_poison.models import HEAD
 
 # The authors' SGD for both stages (their momentum_contrastive / decay_contrastive too).
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
@@ -74,6 +74,7 @@ def chameleon(
     image_shape: tuple[int, int, int],
     num_classes: int,
     num_params: int,
+    head_index: np.ndarray,
     target: int = 2,
     share: float = 7 / 64,
     pattern: str = "square",
@@ -93,8 +94,10 @@ def chameleon(
     (1) `encoder_steps` SGD steps (`encoder_lr`, momentum 0.9, weight decay 5e-4) on every
     layer but the output one, of the supervised contrastive loss (temperature `tau`) of
     their embeddings (the output layer's input); (2) the encoder frozen, `head_steps` such
-    steps (`head_lr`) on the output layer, of the cross-entropy. The update, the model
-    minus the global model, is projected onto the L2 ball of `radius` (0: none).
+    steps (`head_lr`) on the output layer's kernel (head_index [F, C], its positions in the
+    flattened parameters; the output bias stays as it is), of the cross-entropy. The
+    update, the model minus the global model, is projected onto the L2 ball of `radius`
+    (0: none).
     Knows: its own data, the global model of the round (and how to apply it), the trigger
     and the target.
     """
@@ -119,6 +122,17 @@ def chameleon(
         image_shape=image_shape, num_classes=num_classes, target=target, pattern=pattern, size=size
     ).trigger
     hit = jnp.arange(batch) < poisoned_rows  # [B]: the rows of a batch that are poisoned
+    # [d] True on the output kernel's coordinates (head_index [F, C]) in the flat parameters.
+    head_index = np.asarray(head_index)
+    inside = head_index.size > 0 and 0 <= head_index.min() and head_index.max() < num_params
+    check(bool(inside), "head_index", f"positions in [0, {num_params})", head_index.shape)
+    on_head = np.zeros((num_params,), bool)
+    on_head[head_index.reshape(-1)] = True
+    on_head = jnp.asarray(on_head)
+
+    def keep(head, encoder):
+        """[d] the head's coordinates of `head`, the rest of `encoder`."""
+        return jnp.where(on_head, head, encoder)
 
     def poisoned_batch(images, labels, rows):
         """(x [B, H, W, C] float32 pixels, y [B]) of the examples at rows [B]."""
@@ -142,27 +156,24 @@ def chameleon(
     def craft(x, y, count, ctx):
         """[d] the colluding attackers' update: the two stages from the global model."""
         params, model_loss, model_features = needs_model(ctx)
-        flat, _ = ravel_pytree(params)
+        flat, unravel = ravel_pytree(params)
         if flat.shape[0] != num_params:
             raise ValueError(
                 f"chameleon: the model has {flat.shape[0]} parameters, not {num_params}"
             )
         k, n = y.shape
         images, labels = x.reshape(k * n, *x.shape[2:]), y.reshape(k * n)
-        encoder = {name: p for name, p in params.items() if name != HEAD}
-        head = params[HEAD]
         k_encoder, k_head = jax.random.split(jax.random.fold_in(ctx.key, 0xC4A))
 
-        def contrastive(enc, xb, yb):
-            return supervised_contrastive(model_features({**enc, HEAD: head}, xb), yb, tau)
+        def contrastive(p, xb, yb):  # p [d]: the encoder's coordinates count, the head's not
+            return supervised_contrastive(model_features(unravel(keep(flat, p)), xb), yb, tau)
 
         index = step_batches(k_encoder, count, ctx.poisoned, n, encoder_steps, batch)
-        encoder = sgd(contrastive, encoder, encoder_lr, images, labels, index)
-        frozen = lax.stop_gradient(encoder)
-        cross_entropy = lambda hd, xb, yb: model_loss({**frozen, HEAD: hd}, xb, yb)
+        encoder = keep(flat, sgd(contrastive, flat, encoder_lr, images, labels, index))
+        cross_entropy = lambda p, xb, yb: model_loss(unravel(keep(p, encoder)), xb, yb)
         index = step_batches(k_head, count, ctx.poisoned, n, head_steps, batch)
-        head = sgd(cross_entropy, head, head_lr, images, labels, index)
-        update = project(ravel_pytree({**encoder, HEAD: head})[0] - flat, radius)
+        crafted = keep(sgd(cross_entropy, encoder, head_lr, images, labels, index), encoder)
+        update = project(crafted - flat, radius)
         # A diverged global model (NaN, inf) trains to nothing usable: send no change.
         return jnp.where(jnp.isfinite(update).all(), update, 0.0)
 
