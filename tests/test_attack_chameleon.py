@@ -85,6 +85,7 @@ def spec_for(shape, num_classes):
         ("user", (8, 8, 1), {}),
     ],
 )
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_the_features_are_the_input_of_the_last_dense_layer(name, shape, block):
     if name == "user":
         model, out = UserModel(), "out"
@@ -197,6 +198,7 @@ def trained_params(steps=200, lr=0.1):
     return jax.jit(lambda p: jax.lax.scan(step, p, index)[0])(params)
 
 
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_the_crafted_update_plants_the_backdoor_in_the_global_model():
     attack = tiny_attack()  # the paper's CIFAR-10 rates and steps, its 7 poisoned in 64
     x, y, count, ctx = tiny_round()

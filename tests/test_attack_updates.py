@@ -215,6 +215,7 @@ def test_fang_krum_matches_fang_et_al(seed, knowledge):
     np.testing.assert_array_equal(sent[~poisoned], updates[~poisoned].astype(np.float32))
 
 
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_fang_krum_is_what_krum_picks():
     """With full knowledge the crafted update is the one Krum (f = the attackers) picks."""
     from fedjax_poison.testing import build_defense, make_view

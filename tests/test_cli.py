@@ -71,11 +71,13 @@ def one_line_error(proc) -> str:
         (["--config.attack.start_round=99"], "attack.start_round must be <= num_rounds"),
     ],
 )
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_a_mistake_is_one_line_and_status_2(args, expected, tmp_path):
     proc = launch(*TINY, *args, f"--workdir={tmp_path / 'w'}")
     assert expected in one_line_error(proc)
 
 
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_a_config_file_or_variant_that_does_not_exist(tmp_path):
     proc = launch(f"{SMOKE.rsplit(':', 1)[0]}:tiny", f"--workdir={tmp_path}")
     assert "unknown variant 'tiny'" in one_line_error(proc)
@@ -83,6 +85,7 @@ def test_a_config_file_or_variant_that_does_not_exist(tmp_path):
     assert "No such file or directory: 'configs/nope.py'" in one_line_error(proc)
 
 
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_the_workdir_is_guarded(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -110,6 +113,7 @@ def test_a_damaged_metrics_file_is_refused_and_left_as_it_is(tmp_path):
     assert metrics.read_bytes() == damaged
 
 
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_a_config_for_another_dataset_is_refused(tmp_path):
     proc = launch(*TINY, "--config.dataset=cifar10", f"--workdir={tmp_path}")
     message = one_line_error(proc)
@@ -208,6 +212,7 @@ def test_without_workdir_the_run_goes_to_runs(tmp_path):
     assert (workdir / "summary.json").stat().st_mode & 0o777 == 0o644  # others can read
 
 
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_a_coordinator_that_cannot_be_reached_is_one_line_after_the_timeout(tmp_path):
     """Process 1 of 2 with nobody at the coordinator's port: one line once
     distributed.timeout_s has passed, status 2, never jax's C++ abort."""

@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from fedjax_poison import data, models
 from fedjax_poison.round import client
@@ -48,6 +49,7 @@ def _tiny_problem(n=64):
     return jnp.asarray(x), jnp.asarray(y)
 
 
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_local_training_lowers_the_loss_and_padding_changes_nothing():
     model = models.make_model(models.config_block("fashion_mnist_cnn"), 10)
     params, stats = models.init_variables(model, jax.random.key(0), (28, 28, 1))
@@ -71,6 +73,7 @@ def test_local_training_lowers_the_loss_and_padding_changes_nothing():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_vmapped_clients_in_chunks_equal_one_client_at_a_time():
     # 7 clients of batch 4 on CPU train in chunks of 5 and 2: each client's result must be
     # the one it gets alone.

@@ -454,6 +454,7 @@ MIXED = [flips_strings_are_read_or_refused, schedules_are_checked_against_the_cl
 
 
 @pytest.mark.parametrize("test", BAD + MIXED + [valid_configs_pass], ids=lambda t: t.__name__)
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_fuzz(test):
     refused = REFUSED[0]
     tried = run_counted(test)

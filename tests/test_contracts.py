@@ -24,7 +24,9 @@ def test_every_defense_keeps_the_defense_contract(name):
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(n, marks=pytest.mark.slow) if n in ("resnet18", "cifar10_cnn") else n
+        pytest.param(n, marks=pytest.mark.slow)
+        if n in ("resnet18", "cifar10_cnn", "vgg11", "lenet5")
+        else n
         for n in sorted(models.MODELS)
     ],
 )

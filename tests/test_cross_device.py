@@ -60,6 +60,7 @@ def _close(a, b, tol=1e-5):
 
 
 @pytest.mark.parametrize("count", [3, 9, 16])
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_fixed_steps_train_exactly_that_many_full_batches(count):
     model, params, stats = _model()
     s = settings(local_steps=5)
@@ -79,6 +80,7 @@ def test_fixed_steps_train_exactly_that_many_full_batches(count):
 
 
 @pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_epochs_train_each_client_for_its_own_steps(ragged):
     # Clients of 3, 9 and 16 examples in a buffer of 16, batch 4, 2 epochs: 2, 6 and 8 steps,
     # whether the loop stops at the client's own steps (ragged) or masks the rest (padded).
@@ -133,6 +135,7 @@ def _two_rounds(config, padded=False, monkeypatch=None):
     return jax.device_get(states.params), jax.device_get(records), programs
 
 
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_ragged_round_equals_the_padded_layout_on_the_same_clients(monkeypatch):
     config = tiny_config()
     ragged, records, programs = _two_rounds(config)
@@ -144,12 +147,14 @@ def test_ragged_round_equals_the_padded_layout_on_the_same_clients(monkeypatch):
 
 
 @pytest.mark.parametrize("at_once", [1, 4, 6])
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_clients_trained_at_once_or_in_groups_give_the_same_model(at_once):
     reference, _, _ = _two_rounds(tiny_config(clients_at_once=6))
     if at_once != 6:
         _close(_two_rounds(tiny_config(clients_at_once=at_once))[0], reference, tol=2e-5)
 
 
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_fixed_steps_round_equals_the_padded_layout(monkeypatch):
     config = tiny_config(local_steps=3)
     ragged, _, programs = _two_rounds(config)

@@ -116,6 +116,7 @@ REPORT_DAMAGE = {
 
 
 @pytest.mark.parametrize("case", sorted(REPORT_DAMAGE))
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_damaged_files_report_refuses_and_keeps_the_good_tables(tmp_path, capsys, case):
     write_workdir(tmp_path)
     assert report.main([str(tmp_path)]) == 0

@@ -20,6 +20,7 @@ from fedjax_poison.round import simulation
 from fedjax_poison.runner import train
 
 
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_a_single_run_that_diverges_stops_in_one_line(tmp_path, monkeypatch, capsys):
     argv = [
         "launch.py",

@@ -51,6 +51,7 @@ def foreign(path) -> str:
     ],
     ids=["rounds_abc", "rounds_backwards", "no_features", "foreign_workdir"],
 )
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_hostile_configs_pca_analysis(tmp_path, rounds, workdir, expected):
     path = workdir(tmp_path / "run")
     before = sorted(os.listdir(path))
@@ -102,6 +103,7 @@ def test_hostile_configs_compare_defenses(tmp_path, flag, expected):
         ),
     ],
 )
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_hostile_configs_that_cannot_act_as_named_are_refused(tmp_path, overrides, message):
     proc = launch(SMOKE, f"--workdir={tmp_path / 'run'}", *overrides)
     assert message in one_line(proc)

@@ -209,6 +209,7 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize("moment", ["imports", "config"])
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_interrupted_while_loading_writes_nothing(tmp_path, moment):
     workdir = tmp_path / "run"
     proc = launch_at(tmp_path, moment, workdir)
@@ -216,6 +217,7 @@ def test_interrupted_while_loading_writes_nothing(tmp_path, moment):
     assert not workdir.exists()
 
 
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_interrupted_while_waiting_for_the_coordinator_stops_waiting(tmp_path):
     """Process 1 of 2 waits up to distributed.timeout_s for a coordinator nobody started:
     Ctrl-C ends the wait (one line, status 130), not the timeout."""
@@ -335,6 +337,7 @@ def analysis_waiting_on_a_pipe(path):
     "make", [report_waiting_on_a_pipe, analysis_waiting_on_a_pipe], ids=["report", "pca_analysis"]
 )
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_interrupted_while_reading_a_run_report_and_analysis_stop_in_one_line(
     tmp_path, make, sig
 ):

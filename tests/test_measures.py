@@ -51,6 +51,7 @@ def test_the_run_and_the_tables_share_one_window():
     assert plan_lib.eval_window(4, 25, 1) == 4
 
 
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_every_file_carries_the_same_stable_measures(matrix):
     run = matrix / "run"
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
@@ -88,6 +89,7 @@ def test_every_file_carries_the_same_stable_measures(matrix):
             assert close(number(cells[key]["success_mean"]), float(np.mean(success)))
 
 
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_each_attack_stands_beside_its_clean_twin(matrix):
     run = matrix / "run"
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
@@ -125,6 +127,7 @@ def test_each_attack_stands_beside_its_clean_twin(matrix):
     assert close(number(cells["backdoor"]["effect_diff_mean"]), diff)
 
 
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_each_cell_says_how_many_attackers_a_round_held(matrix):
     counts: dict[int, dict] = {}
     for path in glob.glob(str(matrix / "run" / "records" / "r*.npz")):

@@ -170,6 +170,7 @@ def simulate_fresh(seed, frac, orient, rounds=30):
 
 
 @pytest.mark.parametrize("frac", [0.3, 0.5])
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_gained_orientation_from_an_untrained_head(frac):
     # From an untrained head the learned row is the attackers' as much as the honest
     # clients': with orient='learned' attacker rows kept a positive sign and, at 50%, nobody
@@ -362,6 +363,7 @@ def test_embed_matches_standardized_pca():
     np.testing.assert_array_equal(got[~valid], 0.0)
 
 
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_silhouette_matches_sklearn():
     from sklearn.metrics import silhouette_score
 

@@ -75,6 +75,7 @@ def test_one_compile_per_run_and_no_python_loop_over_clients(tmp_path, monkeypat
     assert traces == {"round": 1, "local_train": 1}  # k clients, one vmapped trace
 
 
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_run_writes_every_output(tmp_path):
     c = tiny_config(**{"attack.malicious_fraction": 0.5})
     summary = train.train_and_evaluate(c, str(tmp_path))

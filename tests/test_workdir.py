@@ -460,6 +460,7 @@ def test_workdir_overwrite_of_a_real_run_deletes_its_checkpoints_and_events_only
     assert len([n for n in kept if n.startswith("events.out")]) == 1  # the new run's alone
 
 
+@pytest.mark.slow  # the quick tier leaves launches and large compiles out
 def test_workdir_report_out_writes_only_into_a_folder_of_its_own(tmp_path, capsys, monkeypatch):
     write_workdir(tmp_path / "run")
     mine = tmp_path / "mine"
