@@ -15,8 +15,9 @@ each defense.
 Without --attacks, the config's `attack.name` is the one attack row (the old one-attack
 comparison). Writes into workdir:
 
-    matrix.csv   one row per attack x defense: accuracy and the attack's success, mean and
-                 std over seeds (n - 1), n, diverged and degenerate counts, source recall;
+    matrix.csv   one row per attack x defense: accuracy and the attack's success, mean,
+                 std over seeds (n - 1) and 95% interval (Student t), n, diverged and
+                 degenerate counts, source recall;
                  the attack's measure beside its clean twin's (`effect_*`: this, clean, the
                  difference paired by seed, its 95% CI and n, and `effect` in words);
                  `attackers_per_round` and `rounds_with_attacker`; detection
@@ -62,7 +63,7 @@ from fedjax_poison.runner import workdir as workdir_lib  # noqa: E402
 
 STATS = ("accuracy", "success", "accuracy_drop", "source_recall", "source_recall_loss")
 COLUMNS = ("attack", "defense", "measure", "n", "diverged", "degenerate_rounds")
-COLUMNS += tuple(f"{s}_{m}" for s in STATS for m in ("mean", "std"))
+COLUMNS += tuple(f"{s}_{m}" for s in STATS for m in ("mean", "std", "ci95"))
 COLUMNS += ("effect_measure", "effect_attacked", "effect_clean", "effect_diff_mean")
 COLUMNS += ("effect_diff_ci95", "effect_diff_n", "effect")
 COLUMNS += ("attackers_per_round", "rounds_with_attacker")
@@ -151,9 +152,8 @@ def cells(c, table: list[dict], by_seed: list[dict], summary: dict, notes: dict)
             cell["flags_clients"] = (attack, defense) in flagging
             metrics = dict(CELL_METRICS, success=SUCCESS_METRIC.get(measure))
             for stat, metric in metrics.items():
-                mean = group[f"{metric}_mean"] if metric else math.nan
-                std = group[f"{metric}_std"] if metric else math.nan
-                cell[f"{stat}_mean"], cell[f"{stat}_std"] = mean, std
+                for part in ("mean", "std", "ci95"):
+                    cell[f"{stat}_{part}"] = group[f"{metric}_{part}"] if metric else math.nan
             cell.update(effect(measure, group))
             for key in tables.ATTACKERS:
                 cell[key] = group[f"{key}_mean"]
@@ -190,11 +190,12 @@ def effect(measure: str, group: dict) -> dict:
 
 
 def _pm(cell: dict, stat: str) -> str:
-    """'0.812 ± 0.004' (the ± part with two seeds or more), '' when undefined."""
-    mean, std = cell.get(f"{stat}_mean", math.nan), cell.get(f"{stat}_std", math.nan)
+    """'0.812 ± 0.004': the mean ± its 95% interval (from two seeds on, as in the figure and
+    the LaTeX tables), '' when undefined."""
+    mean, ci = cell.get(f"{stat}_mean", math.nan), cell.get(f"{stat}_ci95", math.nan)
     if not math.isfinite(mean):
         return ""
-    return f"{mean:.3f}" + (f" ± {std:.3f}" if math.isfinite(std) else "")
+    return f"{mean:.3f}" + (f" ± {ci:.3f}" if math.isfinite(ci) else "")
 
 
 def _diverged(cell: dict) -> str:
@@ -277,7 +278,8 @@ def markdown(c, table: list[dict], notes: dict) -> str:
     lines = [f"# Attacks x defenses: {title(c)}", ""]
     lines += [
         "Cells: test accuracy / the attack's success, each the mean of the last "
-        f"{window_text(c)}, mean ± std over seeds.",
+        f"{window_text(c)}; mean over the seeds ± its 95% interval (Student t; std and "
+        "interval in matrix.csv).",
         "",
     ]
     lines += _grid(names, ran, at, _both) + ["", "Success per attack:", ""]

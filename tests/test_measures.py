@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 from test_simulation import tiny_config
 
 from fedjax_poison import compare_defenses
@@ -83,7 +84,10 @@ def test_every_file_carries_the_same_stable_measures(matrix):
             assert close(number(group[f"{m}_mean"]), mean)
         acc = [s["accuracy_window"] for s in seeds]
         assert close(number(cells[key]["accuracy_mean"]), float(np.mean(acc)))
-        assert f"{np.mean(acc):.3f} ± {np.std(acc, ddof=1):.3f}" in matrix_md
+        # The interval of the mean, as in the figure and the LaTeX tables (Student t).
+        ci95 = scipy_stats.t.ppf(0.975, len(acc) - 1) * np.std(acc, ddof=1) / len(acc) ** 0.5
+        assert close(number(cells[key]["accuracy_ci95"]), ci95)
+        assert f"{np.mean(acc):.3f} ± {ci95:.3f}" in matrix_md
         if cells[key]["measure"] == "flip":
             success = [s["attack_success_rate_window"] for s in seeds]
             assert close(number(cells[key]["success_mean"]), float(np.mean(success)))
