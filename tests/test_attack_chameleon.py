@@ -325,34 +325,14 @@ def test_it_counts_as_a_chains_one_backdoor():
 
 @pytest.mark.slow  # compiles a whole run: a minute on 2 cores
 def test_a_run_sends_the_crafted_update_and_resumes_it_from_a_checkpoint(tmp_path):
+    from test_attack_trigger import resumes_bit_for_bit, two_rounds
     from test_simulation import tiny_config
-
-    from fedjax_poison.config import plan
-    from fedjax_poison.runner import checkpoint, setup, train
 
     c = tiny_config(num_rounds=4, eval_every=2)
     c.attack.name, c.attack.malicious_fraction = "chameleon", 0.5
     c.attack.chameleon.update(encoder_steps=2, head_steps=2, batch=16, share=0.25)
-    p = plan.build(c)
-    programs = setup.build(p)
-    seeds = jnp.asarray([e.seed for e in p.experiments], jnp.int32)
-    scenarios = train._place(programs, train._pick(programs.scenarios, p.groups[0]))
-    place = lambda tree: train._place(programs, jax.tree.map(jnp.asarray, tree))
-    advance = lambda states: programs.advance(
-        states, scenarios, programs.client_data, programs.test, jnp.int32(2)
-    )
-    states, records, confusion = advance(place(programs.init_states(seeds)))
-    states = jax.device_get(states)
+    _, _, advance, states, confusion = two_rounds(c)
     update, fresh = states.attack_state
     assert np.isfinite(update).all() and np.abs(update).max() > 0
     assert np.asarray(confusion).shape[1] == 2  # the clean and the triggered test set
-    saved = checkpoint.Checkpoints(str(tmp_path / "checkpoints"), num_rounds=4)
-    saved.save(checkpoint.start(0, states, 0.0, 0, 0.0)._replace(round=2))
-    restored = saved.restore(saved.latest(), states).states
-    saved.close()
-    go_on, _, _ = advance(place(states))
-    resumed, _, _ = advance(place(restored))
-    for a, b in zip(
-        jax.tree.leaves(jax.device_get(go_on)), jax.tree.leaves(jax.device_get(resumed))
-    ):
-        np.testing.assert_array_equal(a, b)
+    resumes_bit_for_bit(tmp_path, advance, states)

@@ -284,28 +284,54 @@ def test_a_set_and_a_chain_keep_each_attacks_own_state():
 # ---- In a run ----
 
 
+def two_rounds(c):
+    """(plan, programs, advance, states after two rounds on the host, their confusion):
+    the run of config c, its first group; advance(states) runs two more rounds."""
+    from fedjax_poison.config import plan
+    from fedjax_poison.runner import setup, train
+
+    p = plan.build(c)
+    programs = setup.build(p)
+    seeds = jnp.asarray([e.seed for e in p.experiments], jnp.int32)
+    scenarios = train._place(programs, train._pick(programs.scenarios, p.groups[0]))
+
+    def advance(states):
+        states = train._place(programs, jax.tree.map(jnp.asarray, states))
+        data, test = programs.client_data, programs.test
+        return programs.advance(states, scenarios, data, test, jnp.int32(2))
+
+    states, _, confusion = advance(programs.init_states(seeds))
+    return p, programs, advance, jax.device_get(states), confusion
+
+
+def resumes_bit_for_bit(tmp_path, advance, states):
+    """Saves states with a checkpoint and restores them (the attack state equal); two more
+    rounds from either are the same to the bit. Returns the states after those rounds."""
+    from fedjax_poison.runner import checkpoint
+
+    saved = checkpoint.Checkpoints(str(tmp_path / "checkpoints"), num_rounds=4)
+    saved.save(checkpoint.start(0, states, 0.0, 0, 0.0)._replace(round=2))
+    restored = saved.restore(saved.latest(), states).states
+    saved.close()
+    for a, b in zip(jax.tree.leaves(restored.attack_state), jax.tree.leaves(states.attack_state)):
+        np.testing.assert_array_equal(a, b)
+    go_on, resumed = (jax.device_get(advance(s)[0]) for s in (states, restored))
+    for a, b in zip(jax.tree.leaves(go_on), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+    return go_on
+
+
 @pytest.mark.slow  # compiles a whole run: a minute on 2 cores
 def test_a_run_keeps_its_trigger_evaluates_it_and_resumes_it_from_a_checkpoint(tmp_path):
     from test_simulation import tiny_config
 
     from fedjax_poison import models
-    from fedjax_poison.config import plan
     from fedjax_poison.round import metrics
-    from fedjax_poison.runner import checkpoint, setup, train
 
     c = tiny_config(num_rounds=4, eval_every=2)
     c.attack.name, c.attack.malicious_fraction = "a3fl", 0.5
     c.attack.a3fl.update(steps=3, adapt_steps=1, batch=16, size=4)
-    p = plan.build(c)
-    programs = setup.build(p)
-    seeds = jnp.asarray([e.seed for e in p.experiments], jnp.int32)
-    scenarios = train._place(programs, train._pick(programs.scenarios, p.groups[0]))
-    place = lambda tree: train._place(programs, jax.tree.map(jnp.asarray, tree))
-    advance = lambda states: programs.advance(
-        states, scenarios, programs.client_data, programs.test, jnp.int32(2)
-    )
-    states, _, confusion = advance(place(programs.init_states(seeds)))
-    states = jax.device_get(states)
+    p, programs, advance, states, confusion = two_rounds(c)
     t = states.attack_state[0]  # [H, W, C]: the experiment's trigger after two rounds
     mask = trigger_search.patch_mask(4, t.shape)[..., 0].astype(bool)
     assert (t[~mask] == 0.5).all() and (t[mask] != 0.5).any()  # it moved, on its patch only
@@ -322,17 +348,5 @@ def test_a_run_keeps_its_trigger_evaluates_it_and_resumes_it_from_a_checkpoint(t
         m,
     )
     np.testing.assert_array_equal(np.asarray(confusion)[0, 1], np.asarray(want))
-    # Saved and restored with the checkpoint, the run goes on bit for bit.
-    saved = checkpoint.Checkpoints(str(tmp_path / "checkpoints"), num_rounds=4)
-    saved.save(checkpoint.start(0, states, 0.0, 0, 0.0)._replace(round=2))
-    meta = saved.latest()
-    restored = saved.restore(meta, states).states
-    saved.close()
-    np.testing.assert_array_equal(restored.attack_state, states.attack_state)
-    go_on, _, _ = advance(place(states))
-    resumed, _, _ = advance(place(restored))
-    for a, b in zip(
-        jax.tree.leaves(jax.device_get(go_on)), jax.tree.leaves(jax.device_get(resumed))
-    ):
-        np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(jax.device_get(go_on).attack_state, states.attack_state)
+    go_on = resumes_bit_for_bit(tmp_path, advance, states)
+    assert not np.array_equal(go_on.attack_state, states.attack_state)

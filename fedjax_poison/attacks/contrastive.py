@@ -26,8 +26,8 @@ from jax.flatten_util import ravel_pytree
 
 from fedjax_poison.attacks.backdoor import PATTERNS, backdoor
 from fedjax_poison.attacks.base import Attack, check, clean_data, own_state, replace_rows
-from fedjax_poison.attacks.model_poisoning import finite
-from fedjax_poison.attacks.trigger_search import any_examples, step_batches
+from fedjax_poison.attacks.model_poisoning import finite, onto_ball
+from fedjax_poison.attacks.trigger_search import any_examples, needs_model, step_batches
 
 # The authors' SGD for both stages (their momentum_contrastive / decay_contrastive too).
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
@@ -49,24 +49,6 @@ def supervised_contrastive(z: jax.Array, labels: jax.Array, tau: float) -> jax.A
     count = positive.sum(axis=1)
     per_anchor = -jnp.sum(jnp.where(positive, log_prob, 0.0), axis=1) / jnp.maximum(count, 1)
     return jnp.mean(per_anchor)
-
-
-def needs_model(ctx):
-    """(params, model_loss, model_features) of the context; a clear error without them."""
-    if ctx.params is None or ctx.model_loss is None or ctx.model_features is None:
-        raise ValueError(
-            "attack chameleon trains on the global model: the context needs params, "
-            "model_loss and model_features (make_round_step's model_features)"
-        )
-    return ctx.params, ctx.model_loss, ctx.model_features
-
-
-def project(update: jax.Array, radius: float) -> jax.Array:
-    """update [d] scaled onto the L2 ball of `radius` (0: as it is)."""
-    if not radius:
-        return update
-    norm = jnp.sqrt(jnp.sum(update * update))
-    return update * jnp.minimum(1.0, radius / jnp.maximum(norm, 1e-30))
 
 
 def chameleon(
@@ -155,7 +137,7 @@ def chameleon(
 
     def craft(x, y, count, ctx):
         """[d] the colluding attackers' update: the two stages from the global model."""
-        params, model_loss, model_features = needs_model(ctx)
+        params, model_loss, model_features = needs_model(ctx, "chameleon", "model_features")
         flat, unravel = ravel_pytree(params)
         if flat.shape[0] != num_params:
             raise ValueError(
@@ -173,7 +155,7 @@ def chameleon(
         cross_entropy = lambda p, xb, yb: model_loss(unravel(keep(p, encoder)), xb, yb)
         index = step_batches(k_head, count, ctx.poisoned, n, head_steps, batch)
         crafted = keep(sgd(cross_entropy, encoder, head_lr, images, labels, index), encoder)
-        update = project(crafted - flat, radius)
+        update = onto_ball(crafted - flat, radius)
         # A diverged global model (NaN, inf) trains to nothing usable: send no change.
         return jnp.where(jnp.isfinite(update).all(), update, 0.0)
 

@@ -23,6 +23,14 @@ def finite(value) -> bool:
     return number and math.isfinite(value)
 
 
+def onto_ball(updates: jax.Array, radius: float) -> jax.Array:
+    """updates [..., d], each scaled onto the L2 ball of `radius` (0: as they are)."""
+    if not radius:
+        return updates
+    norm = jnp.sqrt(jnp.sum(updates * updates, axis=-1, keepdims=True))
+    return updates * jnp.minimum(1.0, radius / jnp.maximum(norm, 1e-30))
+
+
 def sign_flip(*, factor: float = 1.0) -> Attack:
     """Send -factor x the trained update (Damaskinos et al., ICML 2018; Allen-Zhu et al.,
     ICLR 2021). Knows: its own update."""

@@ -30,7 +30,7 @@ from jax.flatten_util import ravel_pytree
 
 from fedjax_poison.attacks.backdoor import chosen_examples
 from fedjax_poison.attacks.base import Attack, check, clean_updates, own_state, replace_rows
-from fedjax_poison.attacks.model_poisoning import finite
+from fedjax_poison.attacks.model_poisoning import finite, onto_ball
 
 
 def step_batches(key, count, poisoned, n: int, steps: int, batch: int) -> jax.Array:
@@ -61,13 +61,15 @@ def any_examples(count, ctx) -> jax.Array:
     return (ctx.poisoned & (count > 0)).any()
 
 
-def needs_model(ctx, name: str):
-    """(params, model_loss) of the context; a clear error outside a round that has them."""
-    if ctx.params is None or ctx.model_loss is None:
+def needs_model(ctx, name: str, *more: str) -> tuple:
+    """(params, model_loss, and the context fields `more`) of the context; a clear error
+    outside a round that has them."""
+    fields = ("params", "model_loss", *more)
+    if any(getattr(ctx, field) is None for field in fields):
         raise ValueError(
-            f"attack {name} learns its trigger: the context needs params and model_loss"
+            f"attack {name} learns from the global model: the context needs {', '.join(fields)}"
         )
-    return ctx.params, ctx.model_loss
+    return tuple(getattr(ctx, field) for field in fields)
 
 
 def patch_mask(size: int, image_shape) -> np.ndarray:
@@ -248,11 +250,7 @@ def iba(
         return jnp.where(hit[:, :, None, None, None], added, x), jnp.where(hit, target, y)
 
     def poison_updates(updates, ctx):
-        if not radius:
-            return updates
-        norm = jnp.sqrt(jnp.sum(updates * updates, axis=1))  # [k]
-        factor = jnp.minimum(1.0, radius / jnp.maximum(norm, 1e-30))
-        return replace_rows(updates, updates * factor[:, None], ctx.poisoned)
+        return replace_rows(updates, onto_ball(updates, radius), ctx.poisoned)
 
     def trigger(x, delta):
         return to_pixels(add(delta * (test_eps / eps), x.astype(jnp.float32)))
