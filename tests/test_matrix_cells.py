@@ -30,6 +30,27 @@ def test_groups_follow_the_cells_in_order_and_pad_each_to_one_size():
     assert plan.experiment_groups(1, 0, cells=["a"]) == [[0]]
 
 
+def test_uneven_cells_are_padded_to_the_smallest_size_that_keeps_their_group_count():
+    # A clean cell of 3 seeds beside an attacked one of 9 (3 fractions x 3 seeds), at most
+    # 8 at once: 3 groups of 5 slots (15 computed for 12 experiments), not 3 of 8 (24).
+    groups = plan.experiment_groups(12, 8, cells=["none"] * 3 + ["flip"] * 9)
+    assert groups == [[0, 1, 2, 2, 2], [3, 4, 5, 6, 7], [8, 9, 10, 11, 11]]
+    # Where the largest cell fills max_parallel, the groups are those of a plain split.
+    assert plan.experiment_groups(17, 8, cells=["a"] * 8 + ["b"] * 9) == [
+        list(range(8)),
+        list(range(8, 16)),
+        [16] * 8,
+    ]
+    for sizes, cap, multiple in [((3, 9), 8, 1), ((1, 7, 2), 3, 2), ((10,), 4, 1), ((5, 5), 0, 2)]:
+        cells = [c for c, n in enumerate(sizes) for _ in range(n)]
+        groups = plan.experiment_groups(len(cells), cap, multiple, cells=cells)
+        assert sorted({e for g in groups for e in g}) == list(range(len(cells)))
+        assert len({len(g) for g in groups}) == 1 and len(groups[0]) % multiple == 0
+        assert all(len({cells[e] for e in g}) == 1 for g in groups)
+        widest = -(-min(cap or max(sizes), max(sizes)) // multiple) * multiple  # the old size
+        assert len(groups) == sum(-(-n // widest) for n in sizes)  # no more groups than before
+
+
 def test_a_matrix_plans_one_group_per_cell_of_its_seeds():
     c, _ = compare_defenses.plan(
         tiny_config(), ["label_flip", "sign_flip"], ["fedavg", "median"], [0, 1, 2]

@@ -136,17 +136,19 @@ def experiment_groups(
     follow the cells in order of first appearance, each cell's experiments in order.
 
     Padding repeats the group's last experiment; its duplicate rows are dropped, and equal
-    sizes keep every group on the one compiled program. Sizes are those of the largest
-    cell, at most max_parallel, rounded up to a multiple of `multiple` (the devices of the
-    experiment axis).
+    sizes keep every group on the one compiled program. The size is the smallest that runs
+    every cell in as few groups as max_parallel allows (a cell of 9 and one of 3 at
+    max_parallel 8: groups of 5, 4 and 3 padded to 5, not 8, 1 and 3 padded to 8), rounded
+    up to a multiple of `multiple` (the devices of the experiment axis).
     """
     cells = [0] * num_experiments if cells is None else list(cells)
     by_cell: dict = {}
     for e, cell in enumerate(cells):
         by_cell.setdefault(cell, []).append(e)
+    round_up = lambda n: -(-n // multiple) * multiple
     largest = max(len(members) for members in by_cell.values())
-    size = min(max_parallel or largest, largest)
-    size = -(-size // multiple) * multiple
+    cap = round_up(min(max_parallel or largest, largest))
+    size = round_up(max(-(-len(m) // -(-len(m) // cap)) for m in by_cell.values()))
     groups = [
         members[i : i + size] for members in by_cell.values() for i in range(0, len(members), size)
     ]
