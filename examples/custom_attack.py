@@ -46,8 +46,10 @@ def main(workdir=None) -> dict:
     """{(defense, malicious_fraction): stable accuracy} of the sweep."""
     testing.check_attack("reverse_mean")
     result = fedjax_poison.run(config(), workdir, name="custom_attack")
-    accuracy = {(r["defense"], r["malicious_fraction"]): r["accuracy_window"]
-                for r in result.summary["final"]}
+    accuracy = {
+        (r["defense"], r["malicious_fraction"]): r["accuracy_window"]
+        for r in result.summary["final"]
+    }
     for (defense, fraction), value in sorted(accuracy.items()):
         print(f"{defense:>8} at {fraction:.0%} malicious: accuracy {value:.3f}")
     return accuracy

@@ -52,8 +52,10 @@ def main(workdir=None) -> dict:
     result = fedjax_poison.run(config(), workdir, name="custom_dataset")
     rows = {r["malicious_fraction"]: r for r in result.summary["final"]}
     for fraction, row in sorted(rows.items()):
-        print(f"{fraction:.0%} malicious: accuracy {row['accuracy_window']:.3f}, "
-              f"recall of 1 {row['source_recall_window']:.3f}")
+        print(
+            f"{fraction:.0%} malicious: accuracy {row['accuracy_window']:.3f}, "
+            f"recall of 1 {row['source_recall_window']:.3f}"
+        )
     return rows
 
 

@@ -57,8 +57,10 @@ def main(workdir=None) -> dict:
     rows = {r["defense"]: r for r in result.summary["final"]}
     for name, row in rows.items():
         detected = row.get("detection_precision"), row.get("detection_recall")
-        print(f"{name:>12}: accuracy {row['accuracy_window']:.3f}, detection "
-              f"precision/recall {detected}")
+        print(
+            f"{name:>12}: accuracy {row['accuracy_window']:.3f}, detection "
+            f"precision/recall {detected}"
+        )
     return rows
 
 

@@ -191,6 +191,7 @@ def test_alt_min_flips_the_chosen_share_of_source_labels():
 def toy_round(attack, defense_name):
     """A round of 3 clients (client 0 malicious) whose local training adds the client's
     mean label to both parameters of a [1, 2] output kernel; its defense `defense_name`."""
+
     def local_train(params, batch_stats, x, y, count, lr, key):
         del x, lr, key
         mean = jnp.sum(jnp.where(jnp.arange(y.shape[0]) < count, y, 0)) / count

@@ -61,8 +61,9 @@ def test_the_checks_catch_a_broken_member():
             k = view.updates.shape[0]
             weights = jnp.full((k,), 1.0 / k)
             delta = weights @ view.updates
-            return defenses.Verdict(delta, weights, jnp.zeros(k, bool), jnp.zeros(k),
-                                    jnp.zeros(k, bool)), memory
+            return defenses.Verdict(
+                delta, weights, jnp.zeros(k, bool), jnp.zeros(k), jnp.zeros(k, bool)
+            ), memory
 
         return defenses.Defense(lambda: (), apply, root_size=0, flags_clients=False)
 

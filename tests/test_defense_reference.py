@@ -494,8 +494,10 @@ def gap_count(scores, draws, max_clusters):
 def upper_of_two(scores):
     """The upper cluster of the optimal 1-D 2-means (every cut of the sorted values)."""
     v = np.sort(scores)
-    costs = [((v[:i] - v[:i].mean()) ** 2).sum() + ((v[i:] - v[i:].mean()) ** 2).sum()
-             for i in range(1, len(v))]
+    costs = [
+        ((v[:i] - v[:i].mean()) ** 2).sum() + ((v[i:] - v[i:].mean()) ** 2).sum()
+        for i in range(1, len(v))
+    ]
     return scores >= v[1 + int(np.argmin(costs))]
 
 

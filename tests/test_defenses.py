@@ -578,8 +578,11 @@ def test_auc_matches_sklearn():
         ({"name": "nope"}, 5, "defense.name must be one of"),
         ({"mode": "quarantine"}, 5, "defense.mode must be one of"),
         ({"name": "krum", "mode": "block"}, 5, "defense.mode='block' needs defense.name='pca'"),
-        ({"name": "trimmed_mean", "trim_ratio": 0.7}, 5, "defense.trimmed_mean.trim_ratio must "
-         "be in [0, 0.5), got 0.7"),
+        (
+            {"name": "trimmed_mean", "trim_ratio": 0.7},
+            5,
+            "defense.trimmed_mean.trim_ratio must be in [0, 0.5), got 0.7",
+        ),
         ({"name": "trimmed_mean", "trim": 3}, 5, "defense.trimmed_mean.trim must be < k/2"),
         ({"name": "krum", "num_byzantine": 1}, 4, "krum needs k > 2f+2"),
         ({"name": "multi_krum", "m": 9}, 5, "defense.multi_krum.m must be in [1, k=5]"),
@@ -590,16 +593,21 @@ def test_auc_matches_sklearn():
         ({"name": "pca", "orient": "up"}, 5, "defense.pca.orient must be one of"),
         ({"name": "pca", "min_separation": -1.0}, 5, "defense.pca.min_separation must be a"),
         ({"name": "centered_clipping", "tau": -1.0}, 5, "defense.centered_clipping.tau must be"),
-        ({"name": "pca", "min_separation": float("inf")}, 5, "defense.pca.min_separation must "
-         "be a finite number"),
-        ({"name": "bucketing+median", "bucket_size": 0}, 5, "defense.bucketing.bucket_size "
-         "must be >= 1"),
+        (
+            {"name": "pca", "min_separation": float("inf")},
+            5,
+            "defense.pca.min_separation must be a finite number",
+        ),
+        (
+            {"name": "bucketing+median", "bucket_size": 0},
+            5,
+            "defense.bucketing.bucket_size must be >= 1",
+        ),
         ({"name": "flame", "noise_lambda": -0.1}, 5, "defense.flame.noise_lambda must be >= 0"),
         ({"name": "flame"}, 1, "needs k >= 2 clients per round"),
         ({"name": "dnc", "c": 5.0}, 5, "dnc removes floor(c*f)=5 of k=5"),
         ({"name": "signguard", "upper": 0.5}, 5, "defense.signguard.upper must be >= 1"),
-        ({"name": "signguard", "fraction": 0.0}, 5, "defense.signguard.fraction must be in "
-         "(0, 1]"),
+        ({"name": "signguard", "fraction": 0.0}, 5, "defense.signguard.fraction must be in (0, 1]"),
         ({"name": "nope+median"}, 5, "'nope' is not one"),
     ],
 )
@@ -619,8 +627,7 @@ def test_validate_names_the_field(overrides, k, message):
     "factory, kwargs, message",
     [
         ("dnc", {"clients_per_round": 5, "iters": 0, "mode": "filter"}, "iters"),
-        ("flame", {"clients_per_round": 5, "noise_lambda": -1.0, "mode": "filter"},
-         "noise_lambda"),
+        ("flame", {"clients_per_round": 5, "noise_lambda": -1.0, "mode": "filter"}, "noise_lambda"),
         ("trimmed_mean", {"clients_per_round": 5, "trim": 1, "trim_ratio": 0.6}, "trim_ratio"),
         ("bulyan", {"clients_per_round": 7, "mode": "quarantine"}, "mode"),
         ("mda", {"clients_per_round": 4, "num_byzantine": 2, "mode": "filter"}, "num_byzantine"),
@@ -632,22 +639,52 @@ def test_validate_names_the_field(overrides, k, message):
         ("weak_dp", {"noise_std": -0.1}, "noise_std"),
         ("robust_lr", {"clients_per_round": 5, "threshold": 6}, "threshold"),
         ("robust_lr", {"clients_per_round": 5, "threshold": -1}, "threshold"),
-        ("simple_clustering", {"clients_per_round": 5, "min_samples": 0, "mode": "filter"},
-         "min_samples"),
-        ("auror", {"clients_per_round": 5, "num_classes": 3, "head_features": 2,
-                   "mode": "filter", "find_rounds": 0}, "find_rounds"),
-        ("fldetector", {"num_clients": 5, "num_classes": 3, "head_features": 2,
-                        "mode": "filter", "window": 0}, "window"),
-        ("fldetector", {"num_clients": 5, "num_classes": 3, "head_features": 2,
-                        "mode": "filter", "max_clusters": 1}, "max_clusters"),
+        (
+            "simple_clustering",
+            {"clients_per_round": 5, "min_samples": 0, "mode": "filter"},
+            "min_samples",
+        ),
+        (
+            "auror",
+            {
+                "clients_per_round": 5,
+                "num_classes": 3,
+                "head_features": 2,
+                "mode": "filter",
+                "find_rounds": 0,
+            },
+            "find_rounds",
+        ),
+        (
+            "fldetector",
+            {"num_clients": 5, "num_classes": 3, "head_features": 2, "mode": "filter", "window": 0},
+            "window",
+        ),
+        (
+            "fldetector",
+            {
+                "num_clients": 5,
+                "num_classes": 3,
+                "head_features": 2,
+                "mode": "filter",
+                "max_clusters": 1,
+            },
+            "max_clusters",
+        ),
         ("flare", {"clients_per_round": 5, "temperature": 0.0}, "temperature"),
         ("flare", {"clients_per_round": 5, "neighbours": 1.0}, "neighbours"),
         ("deepsight", {"clients_per_round": 5, "mode": "filter", "tau": 0.0}, "tau"),
         ("rflbat", {"clients_per_round": 5, "mode": "filter", "eps1": 0.0}, "eps1"),
-        ("lasa", {"num_params": 5, "layer_sizes": (5,), "mode": "filter", "sparsity": 1.0},
-         "sparsity"),
-        ("lasa", {"num_params": 5, "layer_sizes": (5,), "mode": "filter", "lambda_n": 0.0},
-         "lambda_n"),
+        (
+            "lasa",
+            {"num_params": 5, "layer_sizes": (5,), "mode": "filter", "sparsity": 1.0},
+            "sparsity",
+        ),
+        (
+            "lasa",
+            {"num_params": 5, "layer_sizes": (5,), "mode": "filter", "lambda_n": 0.0},
+            "lambda_n",
+        ),
         ("crfl", {"clip_norm": 0.0}, "clip_norm"),
         ("crfl", {"noise_std": -0.01}, "noise_std"),
     ],
@@ -706,12 +743,17 @@ def test_certified_radius_by_hand():
     assert per_round == pytest.approx(two, rel=1e-12)
     scaled = certified_radius(0.64, 0.04, sigma=0.5, clip=rho / 2, lipschitz=2.0)
     assert scaled == pytest.approx(0.484652 / 4, abs=1e-6)  # sigma / L
-    many = certified_radius([1.0, 0.5, 0.64], [0.0, 0.5, 0.04], sigma=1.0, clip=rho,
-                            lipschitz=1.0)
+    many = certified_radius([1.0, 0.5, 0.64], [0.0, 0.5, 0.04], sigma=1.0, clip=rho, lipschitz=1.0)
     np.testing.assert_allclose(many, [np.inf, 0.0, 0.484652], atol=1e-6)
     # sqrt(2 (0.1^2 + 0.1^2)) gamma eta tau L_Z q/n = 0.2 * 10 * 0.01 * 30 * 3 * 0.05
-    lipschitz = attack_lipschitz(attacker_weights=[0.1, 0.1], scale=10.0, lr=0.01,
-                                 local_steps=30, poison_fraction=0.05, loss_lipschitz=3.0)
+    lipschitz = attack_lipschitz(
+        attacker_weights=[0.1, 0.1],
+        scale=10.0,
+        lr=0.01,
+        local_steps=30,
+        poison_fraction=0.05,
+        loss_lipschitz=3.0,
+    )
     assert lipschitz == pytest.approx(0.09, rel=1e-12)
 
 

@@ -338,9 +338,7 @@ def analysis_waiting_on_a_pipe(path):
 )
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 @pytest.mark.slow  # the quick tier leaves launches and large compiles out
-def test_interrupted_while_reading_a_run_report_and_analysis_stop_in_one_line(
-    tmp_path, make, sig
-):
+def test_interrupted_while_reading_a_run_report_and_analysis_stop_in_one_line(tmp_path, make, sig):
     """The signal arrives while the command is provably inside its work: reading a pipe."""
     (module, *args), pipe_path = make(tmp_path / "run")
     before = sorted(os.listdir(tmp_path / "run"))

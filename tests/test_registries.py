@@ -35,8 +35,11 @@ def test_a_block_is_the_factorys_keyword_arguments_with_defaults():
     assert registry.block("stand_in") == {"strength": 1.0}
     with pytest.raises(RegistryError, match=r"^defense\.stand_in\.strength must be >= 0, got -1"):
         registry.build("stand_in", {"strength": -1.0}, mode="filter", clients_per_round=5)
-    with pytest.raises(RegistryError, match=r"defense\.stand_in\.strenght is not a field .*"
-                       r"did you mean defense\.stand_in\.strength"):
+    with pytest.raises(
+        RegistryError,
+        match=r"defense\.stand_in\.strenght is not a field .*"
+        r"did you mean defense\.stand_in\.strength",
+    ):
         registry.build("stand_in", {"strenght": 2.0}, mode="filter", clients_per_round=5)
     with pytest.raises(RegistryError, match="did you mean 'stand_in'"):
         registry.check_name("stand_ni")
@@ -109,8 +112,10 @@ def test_a_model_that_does_not_give_c_logits_or_has_no_head_is_refused():
         def __call__(self, x, train: bool = False, mask=None):
             return nn.Dense(3, name=models.HEAD)(x.reshape(len(x), -1))
 
-    for name, module, words in [("no_head_test", NoHead, "must name its output layer 'head'"),
-                                ("wrong_test", Wrong, "must give 10 logits per image")]:
+    for name, module, words in [
+        ("no_head_test", NoHead, "must name its output layer 'head'"),
+        ("wrong_test", Wrong, "must give 10 logits per image"),
+    ]:
         fedjax_poison.register_model(name, module)
         c = configuration.paper_config("fashion_mnist")
         c.model.name = name
@@ -142,16 +147,51 @@ def test_a_dataset_from_arrays_runs_with_the_models_that_take_any_shape():
 @pytest.mark.parametrize(
     "arrays, words",
     [
-        ((np.zeros((4, 6, 6), np.float32), np.zeros(4), np.zeros((2, 6, 6), np.uint8),
-          np.zeros(2)), "x_train must be uint8 images"),
-        ((np.zeros((4, 6, 6), np.uint8), np.zeros(3), np.zeros((2, 6, 6), np.uint8),
-          np.zeros(2)), "y_train must be 4 integer labels"),
-        ((np.zeros((4, 6, 6), np.uint8), -np.ones(4, int), np.zeros((2, 6, 6), np.uint8),
-          np.zeros(2, int)), "labels must lie in"),
-        ((np.zeros((0, 6, 6), np.uint8), np.zeros(0, int), np.zeros((2, 6, 6), np.uint8),
-          np.zeros(2, int)), "M >= 1"),
-        ((np.zeros((4, 6, 6), np.uint8), np.zeros(4, int), np.zeros((2, 5, 5), np.uint8),
-          np.zeros(2, int)), "differ in shape"),
+        (
+            (
+                np.zeros((4, 6, 6), np.float32),
+                np.zeros(4),
+                np.zeros((2, 6, 6), np.uint8),
+                np.zeros(2),
+            ),
+            "x_train must be uint8 images",
+        ),
+        (
+            (
+                np.zeros((4, 6, 6), np.uint8),
+                np.zeros(3),
+                np.zeros((2, 6, 6), np.uint8),
+                np.zeros(2),
+            ),
+            "y_train must be 4 integer labels",
+        ),
+        (
+            (
+                np.zeros((4, 6, 6), np.uint8),
+                -np.ones(4, int),
+                np.zeros((2, 6, 6), np.uint8),
+                np.zeros(2, int),
+            ),
+            "labels must lie in",
+        ),
+        (
+            (
+                np.zeros((0, 6, 6), np.uint8),
+                np.zeros(0, int),
+                np.zeros((2, 6, 6), np.uint8),
+                np.zeros(2, int),
+            ),
+            "M >= 1",
+        ),
+        (
+            (
+                np.zeros((4, 6, 6), np.uint8),
+                np.zeros(4, int),
+                np.zeros((2, 5, 5), np.uint8),
+                np.zeros(2, int),
+            ),
+            "differ in shape",
+        ),
     ],
 )
 def test_bad_arrays_are_refused_in_one_line(arrays, words):
@@ -200,10 +240,17 @@ def test_every_field_outside_the_blocks_has_a_line_of_meaning():
     from fedjax_poison.list import flatten
 
     c = configuration.paper_config("fashion_mnist").to_dict()
-    blocks = {f"{s}.{m}." for s, members in (
-        ("attack", attacks.ATTACKS), ("defense", defenses.DEFENSES),
-        ("defense", defenses.PRE_AGGREGATORS), ("model", models.MODELS),
-        ("data", partition.PARTITIONS)) for m in members}
+    blocks = {
+        f"{s}.{m}."
+        for s, members in (
+            ("attack", attacks.ATTACKS),
+            ("defense", defenses.DEFENSES),
+            ("defense", defenses.PRE_AGGREGATORS),
+            ("model", models.MODELS),
+            ("data", partition.PARTITIONS),
+        )
+        for m in members
+    }
     fields = [f for f, _ in flatten(c) if not any(f.startswith(b) for b in blocks)]
     missing = [f for f in fields if field_help.help_for(f) is None]
     assert not missing

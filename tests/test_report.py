@@ -245,4 +245,3 @@ def test_ctrl_c_in_the_report_command_is_one_line_and_status_130(tmp_path, monke
     assert command.main([str(tmp_path / "run")]) == 130
     err = capsys.readouterr().err
     assert err == "error: interrupted: the files written so far are whole\n"
-

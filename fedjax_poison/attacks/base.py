@@ -173,3 +173,8 @@ def check(ok: bool, field: str, need: str, got) -> None:
     """Raises AttackConfigError naming `attack.<field>` unless ok."""
     if not ok:
         raise AttackConfigError(f"attack.{field} must be {need}, got {got!r}")
+
+
+def check_knowledge(attack: str, knowledge: str) -> None:
+    """Refuses an `attack.<attack>.knowledge` that is not one of KNOWLEDGE."""
+    check(knowledge in KNOWLEDGE, f"{attack}.knowledge", f"one of {KNOWLEDGE}", knowledge)

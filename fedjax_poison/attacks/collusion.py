@@ -14,9 +14,9 @@ from jax import lax
 from jax.scipy.special import ndtri
 
 from fedjax_poison.attacks.base import (
-    KNOWLEDGE,
     Attack,
     check,
+    check_knowledge,
     clean_data,
     known_rows,
     moments,
@@ -25,10 +25,6 @@ from fedjax_poison.attacks.base import (
 from fedjax_poison.attacks.model_poisoning import finite
 
 PERTURBATIONS = ("unit_vec", "std", "sign")
-
-
-def _check_knowledge(rule: str, knowledge: str) -> None:
-    check(knowledge in KNOWLEDGE, f"{rule}.knowledge", f"one of {KNOWLEDGE}", knowledge)
 
 
 def alie_z(k: int, num_poisoned: jax.Array) -> jax.Array:
@@ -49,7 +45,7 @@ def alie(*, z: float = -1.0, knowledge: str = "honest") -> Attack:
     clients' own trained updates ('own', the paper's threat model); see base.KNOWLEDGE.
     """
     check(finite(z) and (z >= 0 or z == -1), "alie.z", ">= 0, or -1 for z_max", z)
-    _check_knowledge("alie", knowledge)
+    check_knowledge("alie", knowledge)
 
     def poison_updates(updates, ctx):
         mean, std = moments(updates, known_rows(ctx.poisoned, knowledge))
@@ -66,7 +62,7 @@ def ipm(*, epsilon: float = 0.5, knowledge: str = "honest") -> Attack:
     the true mean turns small or negative. Knows: the round's honest updates ('honest',
     the paper's omniscient attacker) or the poisoning clients' own ('own')."""
     check(finite(epsilon) and epsilon > 0, "ipm.epsilon", "a finite number > 0", epsilon)
-    _check_knowledge("ipm", knowledge)
+    check_knowledge("ipm", knowledge)
 
     def poison_updates(updates, ctx):
         mean, _ = moments(updates, known_rows(ctx.poisoned, knowledge))
@@ -128,7 +124,7 @@ def _min_max_or_sum(rule, kind, gamma_init, iters, knowledge) -> Attack:
     check(ok, f"{rule}.gamma_init", "a finite number > 0", gamma_init)
     ok = isinstance(iters, int) and 1 <= iters <= 100
     check(ok, f"{rule}.iters", "an integer in [1, 100]", iters)
-    _check_knowledge(rule, knowledge)
+    check_knowledge(rule, knowledge)
 
     def poison_updates(updates, ctx):
         rows = known_rows(ctx.poisoned, knowledge)

@@ -15,19 +15,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from fedjax_poison.attacks.base import (
-    KNOWLEDGE,
     Attack,
     check,
+    check_knowledge,
     clean_data,
     known_rows,
     moments,
     replace_rows,
 )
 from fedjax_poison.attacks.collusion import squared_distances
-
-
-def _check_knowledge(rule: str, knowledge: str) -> None:
-    check(knowledge in KNOWLEDGE, f"{rule}.knowledge", f"one of {KNOWLEDGE}", knowledge)
 
 
 def krum_scores(d2: jax.Array, alive: jax.Array, num_byzantine: jax.Array) -> jax.Array:
@@ -70,7 +66,7 @@ def fang_krum(*, halvings: int = 20, knowledge: str = "honest") -> Attack:
     knowledge), and how many clients poison."""
     ok = isinstance(halvings, int) and 0 <= halvings <= 60
     check(ok, "fang_krum.halvings", "an integer in [0, 60]", halvings)
-    _check_knowledge("fang_krum", knowledge)
+    check_knowledge("fang_krum", knowledge)
 
     def poison_updates(updates, ctx):
         k = updates.shape[0]
@@ -107,7 +103,7 @@ def fang_trim(*, b: float = 2.0, knowledge: str = "honest") -> Attack:
     where s_j < 0, else [mu_j - 4 sigma_j, mu_j - 3 sigma_j], mu and sigma from the
     poisoning clients' own updates. Knows: as `fang_krum`."""
     check(b > 1 and b < float("inf"), "fang_trim.b", "a finite number > 1", b)
-    _check_knowledge("fang_trim", knowledge)
+    check_knowledge("fang_trim", knowledge)
 
     def poison_updates(updates, ctx):
         known = known_rows(ctx.poisoned, knowledge)

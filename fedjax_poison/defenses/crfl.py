@@ -100,8 +100,13 @@ def attack_lipschitz(
     weights = np.asarray(attacker_weights, np.float64)
     if weights.ndim != 1 or not len(weights) or (weights < 0).any():
         raise CertificationError(f"attacker_weights must be R >= 1 weights >= 0, got {weights}")
-    for name, value in [("scale", scale), ("lr", lr), ("local_steps", local_steps),
-                        ("poison_fraction", poison_fraction), ("loss_lipschitz", loss_lipschitz)]:
+    for name, value in [
+        ("scale", scale),
+        ("lr", lr),
+        ("local_steps", local_steps),
+        ("poison_fraction", poison_fraction),
+        ("loss_lipschitz", loss_lipschitz),
+    ]:
         if not (np.isfinite(value) and value > 0):
             raise CertificationError(f"{name} must be a finite number > 0, got {value!r}")
     spread = math.sqrt(len(weights) * float(np.sum(weights**2)))

@@ -68,9 +68,7 @@ def same_cluster(d2: jax.Array, valid: jax.Array, key: jax.Array) -> jax.Array:
     return (shared | jnp.eye(k, dtype=bool)) & valid[:, None] & valid[None, :]
 
 
-def deepsight(
-    *, clients_per_round: int, mode: str, tau: float = 1 / 3, threshold: float = 0.01
-):
+def deepsight(*, clients_per_round: int, mode: str, tau: float = 1 / 3, threshold: float = 0.01):
     """DeepSight (module docstring): suspicious when TE <= median TE / 2; clusters whose
     suspicious fraction is >= `tau` (1/3, the paper's) rejected; the others clipped to the
     median norm of all valid updates and averaged. `threshold`: the NEUP factor (0.01).

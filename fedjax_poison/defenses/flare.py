@@ -37,8 +37,13 @@ def mmd_matrix(sets: jax.Array, valid: jax.Array, bandwidth: float) -> jax.Array
     return jnp.maximum(diag[:, None] + diag[None, :] - 2 * kernel, 0.0)
 
 
-def flare(*, clients_per_round: int, temperature: float = 1.0, neighbours: float = 0.5,
-          bandwidth: float = 0.0):
+def flare(
+    *,
+    clients_per_round: int,
+    temperature: float = 1.0,
+    neighbours: float = 0.5,
+    bandwidth: float = 0.0,
+):
     """FLARE over the output-layer changes (module docstring): each valid client's
     floor(`neighbours` n) nearest other valid clients by MMD each give a vote (rows tied at
     the cut share it); trust = softmax(votes / `temperature`) over the valid clients, the

@@ -123,8 +123,14 @@ def fldetector(
         zeros = jnp.zeros((window, p), jnp.float32)
         clients = jnp.zeros((num_clients, p), jnp.float32)
         return FLDetectorMemory(
-            s=zeros, y=zeros, pairs=jnp.int32(0), head=jnp.zeros(p), grad=jnp.zeros(p),
-            started=jnp.bool_(False), client_grad=clients, client_head=clients,
+            s=zeros,
+            y=zeros,
+            pairs=jnp.int32(0),
+            head=jnp.zeros(p),
+            grad=jnp.zeros(p),
+            started=jnp.bool_(False),
+            client_grad=clients,
+            client_head=clients,
             seen=jnp.zeros((num_clients,), bool),
             distances=jnp.zeros((num_clients, window), jnp.float32),
             count=jnp.zeros((num_clients,), jnp.int32),
@@ -148,7 +154,8 @@ def fldetector(
         count = memory.count[ids] + predicted
         used = jnp.arange(window)[None, :] >= window - jnp.minimum(count, window)[:, None]
         scores = jnp.sum(jnp.where(used, distances, 0.0), axis=1) / jnp.maximum(count, 1).clip(
-            max=window)
+            max=window
+        )
         scored = valid & (count > 0)
         key = jax.random.fold_in(jax.random.key(REFERENCE_STREAM), view.round)
         several = gap_clusters(scores, scored, key, gap_samples, max_clusters) >= 2
@@ -173,7 +180,8 @@ def fldetector(
             started=memory.started | any_valid,
             client_grad=memory.client_grad.at[ids].set(keep(grads, memory.client_grad[ids])),
             client_head=memory.client_head.at[ids].set(
-                keep(jnp.broadcast_to(head, grads.shape), memory.client_head[ids])),
+                keep(jnp.broadcast_to(head, grads.shape), memory.client_head[ids])
+            ),
             seen=memory.seen.at[ids].set(memory.seen[ids] | valid),
             distances=memory.distances.at[ids].set(distances),
             count=memory.count.at[ids].set(count),

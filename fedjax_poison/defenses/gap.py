@@ -71,8 +71,9 @@ def gap_clusters(values, valid, key, samples: int, max_clusters: int) -> jax.Arr
     real = jnp.log(jnp.maximum(inertias(scaled, valid, max_clusters), FLOOR))
     draws = jax.random.uniform(key, (samples, m))
     first = jnp.arange(m) < n  # the reference draws as many values as there are valid ones
-    fake = jnp.log(jnp.maximum(jax.vmap(inertias, (0, None, None))(draws, first, max_clusters),
-                               FLOOR))  # [B, K]
+    fake = jnp.log(
+        jnp.maximum(jax.vmap(inertias, (0, None, None))(draws, first, max_clusters), FLOOR)
+    )  # [B, K]
     gap = jnp.mean(fake, axis=0) - real
     s = jnp.std(fake, axis=0) * jnp.sqrt(1.0 + 1.0 / samples)
     top = jnp.minimum(max_clusters, n - 1)  # the largest k tried

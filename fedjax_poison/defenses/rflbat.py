@@ -64,6 +64,7 @@ def inliers(points: jax.Array, keep: jax.Array, factor: float) -> jax.Array:
 
 def inertia(points, members):
     """[] within-cluster sum of squares of the rows of points [k, 2] in each of `members`."""
+
     def one(mask):
         centre = jnp.sum(jnp.where(mask[:, None], points, 0.0), 0) / jnp.maximum(mask.sum(), 1)
         return jnp.sum(jnp.where(mask[:, None], (points - centre[None, :]) ** 2, 0.0))
@@ -84,7 +85,8 @@ def two_clusters(points, keep, key, samples: int, iters: int) -> jax.Array:
     hi = jnp.max(jnp.where(keep[:, None], points, -jnp.inf), axis=0)
     lo, hi = jnp.where(keep.any(), lo, 0.0), jnp.where(keep.any(), hi, 0.0)
     draws = lo[None, None, :] + (hi - lo)[None, None, :] * jax.random.uniform(
-        key, (samples,) + points.shape)
+        key, (samples,) + points.shape
+    )
     _, f1, f2 = jax.vmap(lambda p: split(p, keep, iters))(draws)
     log = lambda w: jnp.log(jnp.maximum(w, 1e-30))
     gap1, gap2 = jnp.mean(log(f1)) - log(w1), jnp.mean(log(f2)) - log(w2)
@@ -130,15 +132,15 @@ def rflbat(
         in1, _, _ = split(points, first, kmeans_iters)
         a0, a1 = agreement(updates, first & ~in1), agreement(updates, first & in1)
         chosen = jnp.where(a1 < a0, in1, jnp.where(a0 < a1, ~in1, True)) & first
-        chosen = jnp.where(two_clusters(points, first, key, gap_samples, kmeans_iters),
-                           chosen, first)
+        chosen = jnp.where(
+            two_clusters(points, first, key, gap_samples, kmeans_iters), chosen, first
+        )
         kept = inliers(points, chosen, eps2)
         d = jnp.sqrt(jnp.maximum(sq_distances(points), 0.0))
         total = jnp.sum(jnp.where(valid[None, :], d, 0.0), axis=1)
         med = masked_median(total, valid)
         scores = jnp.where(valid, total / jnp.where(med > 0, med, 1.0), 0.0)
         delta, weights = weighted_mean(updates, kept.astype(jnp.float32))
-        return flagging_verdict(updates, valid & ~kept, scores, mode, (delta, weights),
-                                valid=valid)
+        return flagging_verdict(updates, valid & ~kept, scores, mode, (delta, weights), valid=valid)
 
     return stateless(aggregate, flags_clients=True)
