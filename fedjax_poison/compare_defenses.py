@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from fedjax_poison import data, defenses, errors, files  # noqa: E402
+from fedjax_poison import attacks, data, defenses, errors, files  # noqa: E402
 from fedjax_poison.config import configuration, fields  # noqa: E402
 from fedjax_poison.results import figures, report, stats, tables  # noqa: E402
 from fedjax_poison.results import matrix_figures as figures_compare  # noqa: E402
@@ -360,15 +360,24 @@ def compare(config, workdir: str, attack_names, defense_names, seeds, stop=None)
     return table
 
 
-def choose(given: list[str] | None, default: list[str], flag: str) -> list[str]:
-    """The names of --{flag}: `default` when not given; empty or repeated names are refused."""
+EVERY_ATTACK = [name for name in attacks.ATTACKS if name != "none"]  # 'none' is always a row
+EVERY_RULE = list(defenses.DEFENSES)
+
+
+def choose(
+    given: list[str] | None, default: list[str], flag: str, every: list[str] | None = None
+) -> list[str]:
+    """The names of --{flag}: `default` when not given, `every` for 'all'; empty or repeated
+    names are refused."""
     if given is None:
         return default
     names = [n.strip() for n in given]
+    if every is not None and names == ["all"]:
+        return list(every)
     if not names or not all(names):
+        ways = "names separated by commas" + (", 'all'" if every is not None else "")
         raise configuration.ConfigError(
-            f"--{flag}={','.join(given)} names an empty value: give names separated by commas, "
-            f"or leave --{flag} out"
+            f"--{flag}={','.join(given)} names an empty value: give {ways}, or leave --{flag} out"
         )
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -394,8 +403,12 @@ def _cli() -> None:
     """Command line (flags are defined only when this module is the program)."""
     config = config_flags.DEFINE_config_file("config", None, "Config file (a get_config).")
     workdir = flags.DEFINE_string("workdir", None, "Where the run and the tables go.")
-    names = flags.DEFINE_list("defenses", list(defenses.DEFENSES), "Defenses (columns).")
-    attack_names = flags.DEFINE_list("attacks", None, "Attacks (rows); default attack.name.")
+    names = flags.DEFINE_list(
+        "defenses", list(defenses.DEFENSES), "Defenses (columns); 'all': every rule (the default)."
+    )
+    attack_names = flags.DEFINE_list(
+        "attacks", None, "Attacks (rows); 'all': every registered one; default attack.name."
+    )
     seeds = flags.DEFINE_list("seeds", None, "Seeds; default the config's seed.")
     flags.mark_flags_as_required(["config", "workdir"])
 
@@ -410,8 +423,8 @@ def _cli() -> None:
         if STOP is not None:
             STOP.resume = shlex.join([sys.executable, "-m", __spec__.name, *sys.argv[1:]])
         try:
-            chosen = choose(attack_names.value, [c.attack.name], "attacks")
-            columns = choose(names.value, list(defenses.DEFENSES), "defenses")
+            chosen = choose(attack_names.value, [c.attack.name], "attacks", EVERY_ATTACK)
+            columns = choose(names.value, EVERY_RULE, "defenses", EVERY_RULE)
             chosen_seeds = seed_values(seeds.value, c.seed)
             sharding.use_cpu_devices(c.mesh.cpu_devices)  # as launch.py: one per core
             compare(c, path, chosen, columns, chosen_seeds, stop=STOP)

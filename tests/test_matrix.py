@@ -127,6 +127,20 @@ def test_plan_refuses_other_sweeps_and_no_runnable_defense():
         compare_defenses.plan(tiny_config(), ["sign_flip"], ["fedavg", "medain"], [0])
 
 
+def test_all_names_every_attack_and_every_rule():
+    every = compare_defenses.choose
+    attacks = every(["all"], ["label_flip"], "attacks", compare_defenses.EVERY_ATTACK)
+    rules = every(["all"], ["fedavg"], "defenses", compare_defenses.EVERY_RULE)
+    assert len(attacks) >= 22 and "none" not in attacks and {"chameleon", "alie"} <= set(attacks)
+    assert len(rules) >= 31 and {"fedavg", "pca", "crfl"} <= set(rules)
+    run, notes = compare_defenses.plan(tiny_config(), attacks, rules, [0])
+    assert run.sweep.attack == ("none", *attacks)
+    assert set(run.sweep.defense) | set(notes) == set(rules)  # each runs or says why not
+    with pytest.raises(configuration.ConfigError, match="names an empty value: give names .*'all'"):
+        every([""], ["fedavg"], "defenses", compare_defenses.EVERY_RULE)
+    assert every(["all"], ["0"], "seeds") == ["all"]  # no 'all' where there is no list of all
+
+
 NEWEST_RULES = ["fldetector", "flare", "deepsight", "rflbat", "lasa", "crfl"]
 
 
