@@ -3,6 +3,7 @@ clean runs apart, draw identical curves once, and keep legends off the data."""
 
 import io
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from matplotlib.collections import PolyCollection
@@ -66,6 +67,24 @@ def test_the_title_says_what_ran():
         assert words in title
     assert "dirichlet partition (alpha 0.5)" in title and "50 clients (5 a round)" in title
     assert "defense fedavg" in title and "4 rounds" in title and "2 seeds" in title
+
+
+def test_the_title_wraps_between_its_items():
+    fig = plt.figure(figsize=(4, 3))  # 44 characters a line
+    figures.suptitle(fig, "What\nfashion_mnist, IID partition, 50 clients (5 a round), 20 rounds")
+    lines = fig.get_suptitle().split("\n")
+    assert lines == ["What", "fashion_mnist, IID partition,", "50 clients (5 a round), 20 rounds"]
+    plt.close(fig)
+
+
+def test_accuracy_axes_fit_their_data_and_recall_axes_span_0_to_1():
+    run, table, by_seed = build(sweep(), lambda e, r: 0.5, accuracy_of=lambda e, r: 0.86 - 0.01 * e)
+    fig = report.build_figures(run, table, by_seed)["curves"]
+    accuracy, recall = fig.axes[:2]
+    low, high = accuracy.get_ylim()
+    assert 0.6 < low < 0.83 and 0.86 < high <= 1.02  # 0.83 to 0.86 and their bands, not squeezed
+    assert recall.get_ylim() == (-0.02, 1.02)
+    plt.close(fig)
 
 
 def test_a_swept_alpha_is_in_the_legend_not_the_title():

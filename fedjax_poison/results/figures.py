@@ -122,9 +122,7 @@ def title(run: tables.Run, rows, what: str) -> str:
     parts.append(f"{c.get('num_rounds') or done} rounds")
     seeds = max(r["seeds"] for r in rows)
     parts.append(f"{seeds} seed{'s' if seeds > 1 else ''}")
-    return "\n".join(
-        [what[0].upper() + what[1:], *textwrap.wrap(", ".join(p for p in parts if p), 110)]
-    )
+    return what[0].upper() + what[1:] + "\n" + ", ".join(p for p in parts if p)
 
 
 def used(table, row) -> list[int]:
@@ -171,9 +169,15 @@ def same_curve(a: stats.Curve, b: stats.Curve) -> bool:
 
 
 def format_axes(ax, metric: str, rounds: bool = True) -> None:
-    """Metric label, [0, 1] scale, integer round ticks."""
+    """Metric label, integer round ticks; recalls and rates on [0, 1], accuracies on the
+    range of what was drawn (0.80 and 0.85 apart, not one line), within [0, 1]."""
     ax.set_ylabel(LABELS.get(metric, metric))
-    ax.set_ylim(-0.02, 1.02)
+    lo, hi = ax.dataLim.intervaly if ax.has_data() else (np.inf, -np.inf)
+    if metric.endswith("accuracy") and np.isfinite(lo) and np.isfinite(hi):
+        pad = 0.1 * max(hi - lo, 0.05)
+        ax.set_ylim(max(-0.02, lo - pad), min(1.02, hi + pad))
+    else:
+        ax.set_ylim(-0.02, 1.02)
     if rounds:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
@@ -491,14 +495,24 @@ def rounds_figure(run: tables.Run, table, rows):
 
 
 def suptitle(fig, text: str) -> None:
-    """The figure's title, each line wrapped to the figure's width."""
+    """The figure's title, each line wrapped to the figure's width between its
+    comma-separated items ("20 rounds" stays on one line), inside an item only where it
+    alone is too wide."""
     width = max(40, int(fig.get_figwidth() * 11))  # characters of the title's font
-    lines = [
-        w
-        for line in text.split("\n")
-        for w in textwrap.wrap(line, width, break_on_hyphens=False) or [""]
-    ]
-    fig.suptitle("\n".join(lines))
+    fig.suptitle("\n".join(w for line in text.split("\n") for w in wrap_items(line, width)))
+
+
+def wrap_items(line: str, width: int) -> list[str]:
+    """`line` in lines of at most `width` characters, broken after its ', ' separators."""
+    lines: list[str] = []
+    for item in line.split(", "):
+        if lines and len(lines[-1]) + 2 + len(item) <= width:
+            lines[-1] += ", " + item
+            continue
+        if lines:
+            lines[-1] += ","
+        lines += textwrap.wrap(item, width, break_on_hyphens=False) or [""]
+    return lines or [""]
 
 
 def save(fig, name: str, writer) -> list[str]:
