@@ -164,7 +164,8 @@ class Checkpoints:
         ):
             raise CheckpointError(
                 f"checkpoint {step} in {self.directory} does not fit this config's state "
-                "(another model or defense?): use another --workdir"
+                "(another model or defense, or experiment groups of another version of "
+                "fedjax_poison?): use another --workdir"
             )
         states = jax.tree.unflatten(treedef, arrays.pop("states"))
         return RunState(**meta, states=states, **arrays)
