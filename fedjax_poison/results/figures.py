@@ -464,11 +464,16 @@ def merged_lines(entries, keys, names) -> list[tuple]:
 
 
 def draw_lines(axes, metrics, lines) -> list:
-    """Each [label, style, curves] on the axes of its metrics; their legend handles."""
-    for _, style, curves in lines:
+    """Each [label, style, curves] on the axes of its metrics; their legend handles.
+
+    Lines drawn first are drawn wider (3 points down to 1.6), so that where two runs follow
+    the same path (a schedule that attacks early, then not) the one beneath still shows."""
+    widths = np.linspace(3.0, 1.6, len(lines)) if len(lines) > 1 else [1.6]
+    styles = [{"linewidth": w, **style} for (_, style, _), w in zip(lines, widths)]
+    for (_, _, curves), style in zip(lines, styles):
         for ax, m in zip(axes, metrics):
             draw_curve(ax, curves[m], style)
-    return [Line2D([], [], label=label, **style) for label, style, _ in lines]
+    return [Line2D([], [], label=label, **style) for (label, _, _), style in zip(lines, styles)]
 
 
 def rounds_figure(run: tables.Run, table, rows):
