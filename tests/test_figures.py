@@ -232,6 +232,23 @@ def test_a_matrix_of_many_defenses_stacks_its_panels():
     assert [t.get_text() for t in success.get_xticklabels()] == list(names)
 
 
+def test_a_matrix_of_sixteen_defenses_gives_each_panel_a_row_of_its_own():
+    names = tuple(f"rule{i}" for i in range(16))
+    settings = [
+        {"attack": a, "defense": d, "seed": 0, "flips": "6:0" if a == "label_flip" else ""}
+        for a in ("none", "label_flip")
+        for d in names
+    ]
+    run, table, by_seed = build(settings, lambda e, r: 0.5)
+    fig = report.build_figures(run, table, by_seed)["matrix"]
+    panels = [ax for ax in fig.axes if ax.images]
+    fig.canvas.draw()
+    assert panels[1].get_position().y1 < panels[0].get_position().y0  # one panel a row
+    width = panels[0].get_window_extent().width / fig.dpi / len(names)
+    assert width >= 0.4  # inches a cell: room for its two lines of text
+    assert fig.get_figwidth() * figures.DPI <= 2000
+
+
 def test_an_untargeted_attack_is_shown_by_its_accuracy():
     settings = sweep(seeds=(0,), attack="sign_flip", flips="")
     run, table, by_seed = build(settings, lambda e, r: 0.5)

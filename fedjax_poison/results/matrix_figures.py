@@ -89,9 +89,9 @@ def heatmap(ax, cells: dict, attacks, defenses, metric: str) -> None:
 
 def matrix_figure(run: tables.Run, table, rows):
     """Attacks x defenses heatmaps, one panel per measure (accuracy, success, and each
-    against the clean twin), two panels a row; a set of panels per value of the other
-    swept settings that vary within an attack (flips that come with the attack do not
-    split it)."""
+    against the clean twin), two panels a row (one, for more than 11 defenses); a set of
+    panels per value of the other swept settings that vary within an attack (flips that
+    come with the attack do not split it)."""
     names = tables.class_names(run.config.get("dataset", ""))
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
@@ -102,9 +102,11 @@ def matrix_figure(run: tables.Run, table, rows):
     metrics = [
         m for m in PANELS if any(shown(m, r) and math.isfinite(r[f"{m}_mean"]) for r in rows)
     ] or ["accuracy"]
-    ncols = min(2, len(metrics))
+    # Two panels a row while a cell keeps room for "0.85 / ±0.04" (0.4 in); one a row beyond.
+    ncols = min(2, len(metrics)) if 4.5 / len(defenses) >= 0.4 else 1
+    cell = min(1.0, 4.5 / len(defenses)) if ncols == 2 else min(0.8, 11.5 / len(defenses))
     per_combo = -(-len(metrics) // ncols)
-    panel = (1.8 + min(1.0, 4.5 / len(defenses)) * len(defenses), 0.9 + 0.45 * len(attacks))
+    panel = (1.8 + cell * len(defenses), 0.9 + 0.45 * len(attacks))
     size = (min(MAX_WIDTH, ncols * panel[0]), 1.0 + panel[1] * per_combo * len(combos))
     fig, axes = plt.subplots(
         per_combo * len(combos), ncols, squeeze=False, layout="constrained", figsize=size
