@@ -247,6 +247,12 @@ def test_a_matrix_of_sixteen_defenses_gives_each_panel_a_row_of_its_own():
     width = panels[0].get_window_extent().width / fig.dpi / len(names)
     assert width >= 0.4  # inches a cell: room for its two lines of text
     assert fig.get_figwidth() * figures.DPI <= 2000
+    assert any(t.get_text().startswith("0.80") for t in panels[0].texts)
+    many = [dict(s, defense=f"{s['defense']}_{n}") for s in settings for n in range(3)]
+    run, table, by_seed = build(many, lambda e, r: 0.5)  # 48 defenses: colours only
+    fig = report.build_figures(run, table, by_seed)["matrix"]
+    assert fig.get_figwidth() * figures.DPI <= 2000
+    assert not [t for ax in fig.axes if ax.images for t in ax.texts]
 
 
 def test_an_untargeted_attack_is_shown_by_its_accuracy():

@@ -52,9 +52,9 @@ def color_scale(values: np.ndarray, diverging: str | None):
     return low - pad, high + pad, "viridis"
 
 
-def heatmap(ax, cells: dict, attacks, defenses, metric: str) -> None:
-    """One measure per attack x defense, mean ± CI95; differences marked 'n.s.' where
-    their interval holds 0."""
+def heatmap(ax, cells: dict, attacks, defenses, metric: str, numbers: bool = True) -> None:
+    """One measure per attack x defense, mean ± CI95 written in the cells (numbers), the
+    differences marked 'n.s.' where their interval holds 0."""
     values = np.full((len(attacks), len(defenses)), np.nan)
     texts = np.full(values.shape, "–", dtype=object)
     for i, a in enumerate(attacks):
@@ -76,7 +76,7 @@ def heatmap(ax, cells: dict, attacks, defenses, metric: str) -> None:
                 texts[i, j] += f"\n({r['diverged']} diverged)" if r["diverged"] else ""
     vmin, vmax, cmap = color_scale(values, PANELS[metric][1])
     image = ax.imshow(np.ma.masked_invalid(values), vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
-    for (i, j), text in np.ndenumerate(texts):
+    for (i, j), text in np.ndenumerate(texts if numbers else np.empty((0, 0))):
         v = values[i, j]
         rgb = image.cmap(image.norm(v))[:3] if math.isfinite(v) else (1, 1, 1)
         dark = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 0.5
@@ -91,7 +91,8 @@ def matrix_figure(run: tables.Run, table, rows):
     """Attacks x defenses heatmaps, one panel per measure (accuracy, success, and each
     against the clean twin), two panels a row (one, for more than 11 defenses); a set of
     panels per value of the other swept settings that vary within an attack (flips that
-    come with the attack do not split it)."""
+    come with the attack do not split it). Cells under 0.3 in (over 38 defenses) show
+    colours only: matrix.md/csv hold the numbers."""
     names = tables.class_names(run.config.get("dataset", ""))
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
@@ -119,7 +120,7 @@ def matrix_figure(run: tables.Run, table, rows):
             if n >= len(metrics):
                 ax.set_visible(False)
                 continue
-            heatmap(ax, cells, attacks, defenses, metrics[n])
+            heatmap(ax, cells, attacks, defenses, metrics[n], numbers=cell >= 0.3)
             ax.set_title(f"{settings + ': ' if settings else ''}{PANELS[metrics[n]][0]}")
     seeds = max(r["seeds"] for r in rows)
     what = "attacks x defenses, stable measures"
