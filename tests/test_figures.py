@@ -215,16 +215,21 @@ def test_matrix_of_attacks_and_defenses_says_which_cell_diverged():
     assert np.ma.is_masked(image[2, 1]) and image[0, 0] == pytest.approx(0.8)
 
 
-def test_a_matrix_of_many_defenses_stacks_its_panels():
-    names = ("fedavg", "median", "krum", "pca", "flame", "dnc", "signguard", "nnm+krum")
+def matrix_of(defenses, attacks=("none", "label_flip")):
+    """The matrix figure of attacks x defenses (one seed) and its heatmap panels."""
     settings = [
         {"attack": a, "defense": d, "seed": 0, "flips": "6:0" if a == "label_flip" else ""}
-        for a in ("none", "label_flip")
-        for d in names
+        for a in attacks
+        for d in defenses
     ]
     run, table, by_seed = build(settings, lambda e, r: 0.5)
     fig = report.build_figures(run, table, by_seed)["matrix"]
-    panels = [ax for ax in fig.axes if ax.images]
+    return fig, [ax for ax in fig.axes if ax.images]
+
+
+def test_a_matrix_of_many_defenses_stacks_its_panels():
+    names = ("fedavg", "median", "krum", "pca", "flame", "dnc", "signguard", "nnm+krum")
+    fig, panels = matrix_of(names)
     accuracy, success = panels[:2]
     assert panels[2].get_position().y1 < accuracy.get_position().y0  # two panels a row
     width, _ = fig.get_size_inches()
@@ -234,25 +239,16 @@ def test_a_matrix_of_many_defenses_stacks_its_panels():
 
 def test_a_matrix_of_sixteen_defenses_gives_each_panel_a_row_of_its_own():
     names = tuple(f"rule{i}" for i in range(16))
-    settings = [
-        {"attack": a, "defense": d, "seed": 0, "flips": "6:0" if a == "label_flip" else ""}
-        for a in ("none", "label_flip")
-        for d in names
-    ]
-    run, table, by_seed = build(settings, lambda e, r: 0.5)
-    fig = report.build_figures(run, table, by_seed)["matrix"]
-    panels = [ax for ax in fig.axes if ax.images]
+    fig, panels = matrix_of(names)
     fig.canvas.draw()
     assert panels[1].get_position().y1 < panels[0].get_position().y0  # one panel a row
     width = panels[0].get_window_extent().width / fig.dpi / len(names)
     assert width >= 0.4  # inches a cell: room for its two lines of text
     assert fig.get_figwidth() * figures.DPI <= 2000
     assert any(t.get_text().startswith("0.80") for t in panels[0].texts)
-    many = [dict(s, defense=f"{s['defense']}_{n}") for s in settings for n in range(3)]
-    run, table, by_seed = build(many, lambda e, r: 0.5)  # 48 defenses: colours only
-    fig = report.build_figures(run, table, by_seed)["matrix"]
+    fig, panels = matrix_of(tuple(f"rule{i}" for i in range(48)))  # colours only
     assert fig.get_figwidth() * figures.DPI <= 2000
-    assert not [t for ax in fig.axes if ax.images for t in ax.texts]
+    assert not [t for ax in panels for t in ax.texts]
 
 
 def test_an_untargeted_attack_is_shown_by_its_accuracy():
