@@ -404,7 +404,7 @@ def _cli() -> None:
     config = config_flags.DEFINE_config_file("config", None, "Config file (a get_config).")
     workdir = flags.DEFINE_string("workdir", None, "Where the run and the tables go.")
     names = flags.DEFINE_list(
-        "defenses", list(defenses.DEFENSES), "Defenses (columns); 'all': every rule (the default)."
+        "defenses", EVERY_RULE, "Defenses (columns); 'all': every rule (the default)."
     )
     attack_names = flags.DEFINE_list(
         "attacks", None, "Attacks (rows); 'all': every registered one; default attack.name."

@@ -145,10 +145,12 @@ def experiment_groups(
     by_cell: dict = {}
     for e, cell in enumerate(cells):
         by_cell.setdefault(cell, []).append(e)
-    round_up = lambda n: -(-n // multiple) * multiple
+    ceil_div = lambda a, b: -(-a // b)
+    round_up = lambda n: ceil_div(n, multiple) * multiple
     largest = max(len(members) for members in by_cell.values())
-    cap = round_up(min(max_parallel or largest, largest))
-    size = round_up(max(-(-len(m) // -(-len(m) // cap)) for m in by_cell.values()))
+    cap = round_up(min(max_parallel or largest, largest))  # the widest a group may be
+    # each cell in ceil(n / cap) groups, as even as they come; the widest sets the size
+    size = round_up(max(ceil_div(len(m), ceil_div(len(m), cap)) for m in by_cell.values()))
     groups = [
         members[i : i + size] for members in by_cell.values() for i in range(0, len(members), size)
     ]

@@ -76,15 +76,21 @@ def heatmap(ax, cells: dict, attacks, defenses, metric: str, numbers: bool = Tru
                 texts[i, j] += f"\n({r['diverged']} diverged)" if r["diverged"] else ""
     vmin, vmax, cmap = color_scale(values, PANELS[metric][1])
     image = ax.imshow(np.ma.masked_invalid(values), vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
-    for (i, j), text in np.ndenumerate(texts if numbers else np.empty((0, 0))):
-        v = values[i, j]
-        rgb = image.cmap(image.norm(v))[:3] if math.isfinite(v) else (1, 1, 1)
-        dark = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 0.5
-        ax.text(j, i, text, ha="center", va="center", fontsize=7, color="w" if dark else "k")
+    if numbers:
+        write_cells(ax, image, values, texts)
     ax.grid(False)
     ax.set_xticks(range(len(defenses)), defenses, rotation=30, ha="right")
     ax.set_yticks(range(len(attacks)), attacks)
     ax.figure.colorbar(image, ax=ax, shrink=0.8)
+
+
+def write_cells(ax, image, values: np.ndarray, texts: np.ndarray) -> None:
+    """Each cell's text on its heatmap, white on dark colours, black on light ones."""
+    for (i, j), text in np.ndenumerate(texts):
+        v = values[i, j]
+        rgb = image.cmap(image.norm(v))[:3] if math.isfinite(v) else (1, 1, 1)
+        dark = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 0.5
+        ax.text(j, i, text, ha="center", va="center", fontsize=7, color="w" if dark else "k")
 
 
 def matrix_figure(run: tables.Run, table, rows):
